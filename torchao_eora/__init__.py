@@ -1,0 +1,38 @@
+"""torchao-eora: training-free eigenspace low-rank compensation (EoRA) for compressed LLMs, on torchao.
+
+    from torchao.quantization import quantize_
+    from torchao_eora import EoRAConfig, RTNConfig, calibrate, eora_config
+
+    config = EoRAConfig(rank=64, base=RTNConfig(bits=3, group_size=64))
+    calib = calibrate(model, batches, config)      # sequential, layer by layer
+    quantize_(model, eora_config(calib))           # linear weights become QuantWithLowRank
+"""
+
+import torchao.core.config as _ao_config
+
+from .calibration import Calibration, SecondMoment, calibrate
+from .compression import CompressedWeight, Compressor
+from .config import EoRAConfig, eora_config
+from .rtn import RTNConfig
+from .solver import LowRankFactors, eora_factors, svd_factors, weighted_error
+from .tensor import QuantWithLowRank
+
+# Let torchao's config_from_dict (and so transformers' TorchAoConfig) rebuild our configs by name.
+_ao_config.ALLOWED_AO_MODULES.add("torchao_eora")
+
+__all__ = [
+    "Calibration",
+    "CompressedWeight",
+    "Compressor",
+    "EoRAConfig",
+    "LowRankFactors",
+    "QuantWithLowRank",
+    "RTNConfig",
+    "SecondMoment",
+    "calibrate",
+    "eora_config",
+    "eora_factors",
+    "svd_factors",
+    "weighted_error",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,78 @@
+"""What a base compressor produces, and the interface every compressor (RTN, GPTQ, pruning) implements.
+
+A compressed weight is stored in torchao's portable "unpacked to int8" intx layout (the fields of
+``torchao``'s ``IntxUnpackedToInt8Tensor``): ``qdata`` int8 holding values in ``[qmin, qmax]`` of an intN type,
+per-group ``scale`` and ``zero_point``, dequantized as ``(qdata - zero_point) * scale``. A compressor that only
+prunes returns a dense ``qdata`` in floating point with no scale (bits is None).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+from torchao.quantization.quant_primitives import _DTYPE_TO_QVALUE_BOUNDS, dequantize_affine
+
+__all__ = ["CompressedWeight", "Compressor", "check_group_size"]
+
+
+@dataclass
+class CompressedWeight:
+    """A compressed (out x in) weight: intx values with per-group affine parameters, or a dense pruned weight."""
+
+    qdata: torch.Tensor
+    scale: torch.Tensor | None = None
+    zero_point: torch.Tensor | None = None
+    bits: int | None = None
+    group_size: int | None = None
+
+    @property
+    def target_dtype(self) -> torch.dtype | None:
+        return None if self.bits is None else getattr(torch, f"int{self.bits}")
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense compressed weight ``W_c``."""
+        return dequantize_weight(self.qdata, self.scale, self.zero_point, self.target_dtype, self.group_size, dtype)
+
+
+def dequantize_weight(
+    qdata: torch.Tensor,
+    scale: torch.Tensor | None,
+    zero_point: torch.Tensor | None,
+    target_dtype: torch.dtype | None,
+    group_size: int | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Dequantize with torchao's own primitive so our layout means exactly what torchao's means."""
+    if target_dtype is None:
+        return qdata.to(dtype)
+    qmin, qmax = _DTYPE_TO_QVALUE_BOUNDS[target_dtype]
+    return dequantize_affine(
+        qdata, [1, group_size], scale, zero_point, torch.int8, qmin, qmax, output_dtype=dtype
+    )
+
+
+@runtime_checkable
+class Compressor(Protocol):
+    """A base compression method: ``compress(W, C)`` -> ``CompressedWeight``.
+
+    ``second_moment`` is the calibration ``X^T X / n`` of the layer's inputs (GPTQ's Hessian up to a factor 2),
+    or None when the caller has none; compressors that need it set ``needs_calibration = True``.
+    """
+
+    needs_calibration: bool
+
+    def compress(self, weight: torch.Tensor, second_moment: torch.Tensor | None = None) -> CompressedWeight: ...
+
+    def describe(self) -> str: ...
+
+
+def check_group_size(group_size: int, in_features: int) -> None:
+    """Groups run along the input dimension and must tile it exactly."""
+    if group_size < 1 or in_features % group_size:
+        divisors = [g for g in (16, 32, 64, 128, 256) if in_features % g == 0]
+        raise ValueError(
+            f"group_size {group_size} does not divide in_features={in_features}; "
+            f"use one that does, e.g. {divisors or [in_features]}"
+        )

@@ -1,0 +1,185 @@
+"""Closed-form low-rank compensation of a compression error: the math of EoRA in one place.
+
+For one linear layer with weight ``W`` (out x in), compressed weight ``W_c`` and calibration inputs ``X``
+(tokens x in), EoRA finds ``B`` (out x r) and ``A`` (r x in) minimising
+
+    || (dW - B A) X^T ||_F      with  dW = W - W_c,
+
+which only depends on the second moment ``C = X^T X`` (a global scale of ``C`` does not change ``B A``).
+Writing ``C = Q Q^T`` turns this into a plain Eckart-Young problem on ``dW Q``: the optimum keeps the top-r
+singular triplets of ``dW Q`` (arXiv 2410.21271).
+
+Two forms reach the same optimum:
+
+* ``"eigen"`` (the paper's): eigendecompose ``C = U diag(l) U^T``, ``Q = U diag(sqrt l)``, truncate the SVD of
+  ``dW Q`` and map back with the pseudo-inverse of ``Q``. Costs an ``in x in`` eigendecomposition, which every
+  module reading the same input (q/k/v, gate/up) can share.
+* ``"inverse_free"``: the left singular vectors of ``dW Q`` are the eigenvectors of ``dW C dW^T`` (out x out), and
+  ``A = S^-1/2 U_r^T dW``; never inverts ``C`` and is cheaper when ``in > out``.
+
+Both split the singular values evenly, ``B = U_r S^1/2`` and ``A = S^1/2 V_r^T Q^+``, which keeps ``A`` and ``B``
+on the same scale (it matters once the adapters are themselves quantized).
+
+Plain SVD of ``dW`` (ZeroQuant-V2's LoRC) is the ``C = I`` special case and the baseline EoRA must beat.
+Everything runs in fp64: ``dW`` is tiny relative to ``W`` and ``C`` can be badly conditioned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+__all__ = [
+    "Eigen",
+    "LowRankFactors",
+    "eigen_of",
+    "eora_factors",
+    "svd_factors",
+    "weighted_error",
+    "check_rank",
+]
+
+Form = Literal["auto", "eigen", "inverse_free"]
+
+# Eigen/singular values below this fraction (times the dimension) of the largest are treated as zero. This is
+# what keeps dead input channels, fewer tokens than in_features and round-off negative eigenvalues from turning
+# into inf/NaN adapters (GPTQModel PR #3014).
+_REL_EPS = torch.finfo(torch.float32).eps
+
+
+@dataclass(frozen=True)
+class LowRankFactors:
+    """``B @ A`` approximates the compression error; ``A`` is (rank x in), ``B`` is (out x rank), fp32."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+
+@dataclass(frozen=True)
+class Eigen:
+    """Eigendecomposition of a second moment, keeping only numerically positive directions: ``C ~ U diag(l) U^T``."""
+
+    values: torch.Tensor  # (k,) fp64, positive, descending
+    vectors: torch.Tensor  # (in, k) fp64
+
+
+def check_rank(rank: int, out_features: int, in_features: int) -> None:
+    """Reject ranks that give no compression or make no sense, with a message that says what to use."""
+    limit = min(out_features, in_features)
+    if not isinstance(rank, int) or rank < 1 or rank >= limit:
+        raise ValueError(
+            f"rank must be an integer with 1 <= rank < min(out_features, in_features) = {limit} for a "
+            f"{out_features}x{in_features} layer, got {rank!r}. A rank of {limit} or more stores more than the "
+            f"dense error itself; pick a smaller rank (64 is a good start) or skip this layer."
+        )
+
+
+def eigen_of(second_moment: torch.Tensor) -> Eigen:
+    """Eigendecompose a (symmetrised) second moment in fp64 and drop numerically-zero or negative directions."""
+    c = second_moment.to(torch.float64)
+    c = 0.5 * (c + c.T)  # accumulated sums are symmetric only up to round-off
+    values, vectors = torch.linalg.eigh(c)
+    values, vectors = values.flip(0), vectors.flip(1)
+    if not torch.isfinite(values).all():
+        raise ValueError("second moment has non-finite entries: the calibration activations contained NaN/inf")
+    top = values[0].clamp_min(0.0)
+    keep = values > c.shape[0] * _REL_EPS * top
+    if not keep.any():
+        raise ValueError("second moment is zero: the calibration activations of this layer are all zero")
+    return Eigen(values[keep], vectors[:, keep])
+
+
+def _truncate(u: torch.Tensor, s: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the top ``rank`` singular pairs, zeroing numerically-null ones so no division blows up."""
+    u, s = u[:, :rank], s[:rank]
+    if s.numel() and s[0] > 0:
+        s = torch.where(s > max(u.shape[0], 1) * _REL_EPS * s[0], s, torch.zeros_like(s))
+    else:
+        s = torch.zeros_like(s)
+    return u, s
+
+
+def _pad(factors_a: torch.Tensor, factors_b: torch.Tensor, rank: int) -> LowRankFactors:
+    """Zero-pad to exactly ``rank`` when the problem has lower numerical rank (shapes stay predictable)."""
+    missing = rank - factors_a.shape[0]
+    if missing > 0:
+        factors_a = torch.cat([factors_a, factors_a.new_zeros(missing, factors_a.shape[1])])
+        factors_b = torch.cat([factors_b, factors_b.new_zeros(factors_b.shape[0], missing)], dim=1)
+    return LowRankFactors(A=factors_a.float().contiguous(), B=factors_b.float().contiguous())
+
+
+def svd_factors(delta: torch.Tensor, rank: int) -> LowRankFactors:
+    """Plain truncated SVD of the compression error (ZeroQuant-V2 LoRC): the data-free baseline, ``C = I``."""
+    check_rank(rank, *delta.shape)
+    u, s, vh = torch.linalg.svd(delta.to(torch.float64), full_matrices=False)
+    u, s = _truncate(u, s, rank)
+    root = s.sqrt()
+    return _pad(root[:, None] * vh[: s.numel()], u * root, rank)
+
+
+def eora_factors(
+    delta: torch.Tensor,
+    second_moment: torch.Tensor | None = None,
+    rank: int = 64,
+    *,
+    form: Form = "auto",
+    eigen: Eigen | None = None,
+) -> LowRankFactors:
+    """EoRA: the rank-``rank`` ``B @ A`` minimising ``||(delta - B A) X^T||_F`` given ``C = X^T X``.
+
+    Args:
+        delta: compression error ``W - W_c`` (out x in), ideally fp32 or fp64.
+        second_moment: ``C`` (in x in). May be omitted when ``eigen`` is given.
+        rank: target rank, ``1 <= rank < min(out, in)``.
+        form: ``"eigen"`` (paper), ``"inverse_free"``, or ``"auto"``: the eigen form when ``eigen`` is already
+            computed (shared by modules with the same input) or ``in <= out``, else the inverse-free form.
+        eigen: a precomputed :func:`eigen_of` of ``C`` to reuse across modules that read the same input.
+    """
+    out_features, in_features = delta.shape
+    check_rank(rank, out_features, in_features)
+    if second_moment is None and eigen is None:
+        raise ValueError("eora_factors needs the calibration second moment (or its eigendecomposition)")
+    if form == "auto":
+        form = "eigen" if eigen is not None or in_features <= out_features else "inverse_free"
+    d = delta.to(torch.float64)
+
+    if form == "eigen":
+        eig = eigen if eigen is not None else eigen_of(second_moment)
+        root = eig.values.sqrt()
+        u, s, vh = torch.linalg.svd(d @ (eig.vectors * root), full_matrices=False)
+        u, s = _truncate(u, s, rank)
+        half = s.sqrt()
+        # A = S^1/2 V^T Q^+, with Q^+ = diag(1/sqrt l) U^T on the kept eigen-directions.
+        a = (half[:, None] * vh[: s.numel()] / root) @ eig.vectors.T
+        return _pad(a, u * half, rank)
+
+    if form == "inverse_free":
+        if second_moment is None:
+            c = (eigen.vectors * eigen.values) @ eigen.vectors.T
+        else:
+            c = second_moment.to(torch.float64)
+            c = 0.5 * (c + c.T)
+        m = d @ c @ d.T
+        values, vectors = torch.linalg.eigh(0.5 * (m + m.T))
+        values, vectors = values.flip(0).clamp_min(0.0), vectors.flip(1)
+        u, s = _truncate(vectors, values.sqrt(), rank)  # eigenvalues of dW C dW^T are s^2
+        half = s.sqrt()
+        inv_half = torch.where(half > 0, 1.0 / half, torch.zeros_like(half))
+        a = inv_half[:, None] * (u.T @ d)  # = S^1/2 V^T Q^+ on the range of C
+        return _pad(a, u * half, rank)
+
+    raise ValueError(f"form must be 'auto', 'eigen' or 'inverse_free', got {form!r}")
+
+
+def weighted_error(delta: torch.Tensor, factors: LowRankFactors | None, second_moment: torch.Tensor) -> float:
+    """``||(delta - B A) X^T||_F`` computed from ``C = X^T X`` alone: ``sqrt(tr(E C E^T))``."""
+    e = delta.to(torch.float64)
+    if factors is not None:
+        e = e - factors.B.double() @ factors.A.double()
+    return float(torch.einsum("oi,ij,oj->", e, second_moment.to(torch.float64), e).clamp_min(0).sqrt())

@@ -1,0 +1,229 @@
+"""``QuantWithLowRank``: a compressed weight plus a residual low-rank path, ``y = W_c x + B (A x)``.
+
+The base weight uses torchao's portable intx fields (``qdata`` int8 holding intN values, per-group ``scale`` and
+``zero_point``, as in ``IntxUnpackedToInt8Tensor``), or a dense pruned ``qdata`` with no scale. ``A`` (r x in) and
+``B`` (out x r) are plain tensors in the compute dtype. Every inner tensor is a plain contiguous tensor so the
+subclass flattens one level deep (torch.compile, state_dict, safetensors).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import return_and_correct_aliasing
+from torchao.utils import TorchAOBaseTensor, fill_defaults
+
+from .compression import CompressedWeight, dequantize_weight
+from .solver import LowRankFactors
+
+__all__ = ["QuantWithLowRank"]
+
+aten = torch.ops.aten
+_FLOAT_TYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class QuantWithLowRank(TorchAOBaseTensor):
+    """A compressed linear weight with an EoRA residual: behaves as the dense ``W_c + B @ A`` in ``F.linear``.
+
+    Tensor fields: ``qdata`` (out x in; int8 intN values, or floating point for a pruned-only base), ``A``
+    (rank x in), ``B`` (out x rank), and optional ``scale`` / ``zero_point`` (out x in/group_size).
+    Attributes: ``target_dtype`` (``torch.int2`` .. ``torch.int8``, or None for a dense base), ``group_size``,
+    ``dtype`` (the compute / dequantized dtype).
+    """
+
+    tensor_data_names = ["qdata", "A", "B"]
+    tensor_attribute_names = ["target_dtype", "group_size", "dtype"]
+    optional_tensor_data_names = ["scale", "zero_point"]
+
+    def __new__(
+        cls,
+        qdata: torch.Tensor,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        target_dtype: Optional[torch.dtype],
+        group_size: Optional[int],
+        dtype: torch.dtype,
+        scale: Optional[torch.Tensor] = None,
+        zero_point: Optional[torch.Tensor] = None,
+    ):
+        return torch.Tensor._make_wrapper_subclass(
+            cls, qdata.shape, dtype=dtype, device=qdata.device, requires_grad=False
+        )
+
+    def __init__(
+        self,
+        qdata: torch.Tensor,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        target_dtype: Optional[torch.dtype],
+        group_size: Optional[int],
+        dtype: torch.dtype,
+        scale: Optional[torch.Tensor] = None,
+        zero_point: Optional[torch.Tensor] = None,
+    ):
+        super().__init__()
+        out_features, in_features = qdata.shape
+        if A.shape[1] != in_features or B.shape[0] != out_features or A.shape[0] != B.shape[1]:
+            raise ValueError(
+                f"low-rank factors do not fit a {out_features}x{in_features} weight: A {tuple(A.shape)}, "
+                f"B {tuple(B.shape)}; expected A (r x {in_features}) and B ({out_features} x r)"
+            )
+        if target_dtype is not None and (scale is None or zero_point is None or qdata.dtype != torch.int8):
+            raise ValueError("an intx base needs int8 qdata plus scale and zero_point")
+        self.qdata = qdata
+        self.A = A
+        self.B = B
+        self.target_dtype = target_dtype
+        self.group_size = group_size
+        self.scale = scale
+        self.zero_point = zero_point
+
+    # ---- construction and views -------------------------------------------------------------------------------
+
+    @classmethod
+    def from_parts(
+        cls, base: CompressedWeight, factors: LowRankFactors, dtype: torch.dtype = torch.float32
+    ) -> "QuantWithLowRank":
+        """Assemble from a compressed base and low-rank factors; floating fields are cast to ``dtype``."""
+        qdata = base.qdata.contiguous() if base.bits is not None else base.qdata.to(dtype).contiguous()
+        return cls(
+            qdata,
+            factors.A.to(dtype).contiguous(),
+            factors.B.to(dtype).contiguous(),
+            base.target_dtype,
+            base.group_size,
+            dtype,
+            None if base.scale is None else base.scale.to(dtype).contiguous(),
+            None if base.zero_point is None else base.zero_point.contiguous(),
+        )
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def bits(self) -> Optional[int]:
+        return None if self.target_dtype is None else int(str(self.target_dtype).removeprefix("torch.int"))
+
+    def base(self) -> CompressedWeight:
+        return CompressedWeight(self.qdata, self.scale, self.zero_point, self.bits, self.group_size)
+
+    def dequantize_base(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The compressed weight ``W_c`` alone."""
+        return dequantize_weight(
+            self.qdata, self.scale, self.zero_point, self.target_dtype, self.group_size, dtype or self.dtype
+        )
+
+    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The dense effective weight ``W_c + B @ A`` (what a merged, plain checkpoint would hold)."""
+        dtype = dtype or self.dtype
+        return self.dequantize_base(dtype) + (self.B.to(dtype) @ self.A.to(dtype))
+
+    def describe_base(self) -> str:
+        if self.target_dtype is None:
+            return f"dense {self.qdata.dtype}".replace("torch.", "")
+        return f"int{self.bits} g{self.group_size}"
+
+    def _quantization_type(self) -> str:
+        return f"base={self.describe_base()}, rank={self.rank}, shape={tuple(self.shape)}, dtype={self.dtype}"
+
+    def __repr__(self) -> str:
+        return f"QuantWithLowRank({self._quantization_type()}, device={self.device})"
+
+
+implements = QuantWithLowRank.implements
+implements_torch_function = QuantWithLowRank.implements_torch_function
+
+
+def _low_rank_linear(x: torch.Tensor, weight: QuantWithLowRank, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    # Flatten to 2-D once so 2-D and 3-D inputs give the same graph (the fusion pass matches one pattern).
+    x2 = x.reshape(-1, x.shape[-1])
+    w_c = weight.dequantize_base(x.dtype)
+    y = F.linear(x2, w_c, bias)
+    if weight.rank:
+        y = y + (x2 @ weight.A.to(x.dtype).t()) @ weight.B.to(x.dtype).t()
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+@implements(aten.linear.default)
+@implements_torch_function(F.linear)
+def _(func, types, args, kwargs):
+    x, weight, bias = fill_defaults(args, 3, [None])
+    return _low_rank_linear(x, weight, bias)
+
+
+# Paths that reach the weight outside F.linear (decompositions, user code) see the dense effective weight:
+# always correct, never the fast path.
+@implements(aten.t.default)
+def _(func, types, args, kwargs):
+    return args[0].dequantize().t()
+
+
+@implements([aten.mm.default, aten.matmul.default])
+def _(func, types, args, kwargs):
+    a, b = args[0], args[1]
+    a = a.dequantize() if isinstance(a, QuantWithLowRank) else a
+    b = b.dequantize() if isinstance(b, QuantWithLowRank) else b
+    return func(a, b)
+
+
+@implements(aten.addmm.default)
+def _(func, types, args, kwargs):
+    bias, a, b = args[0], args[1], args[2]
+    a = a.dequantize() if isinstance(a, QuantWithLowRank) else a
+    b = b.dequantize() if isinstance(b, QuantWithLowRank) else b
+    return func(bias, a, b, **kwargs)
+
+
+@implements(aten._to_copy.default)
+def _(func, types, args, kwargs):
+    """``.to(device)`` moves every field; ``.to(dtype)`` recasts the floating fields (int values stay int8)."""
+    self: QuantWithLowRank = args[0]
+    to = self._get_to_kwargs(*args[1:], **kwargs)
+    device, dtype = to["device"], to["dtype"]
+    if dtype not in _FLOAT_TYPES:
+        raise TypeError(f"QuantWithLowRank computes in a floating dtype ({_FLOAT_TYPES}), got {dtype}")
+
+    def floating(t):
+        return None if t is None else t.to(device=device, dtype=dtype)
+
+    qdata = self.qdata.to(device) if self.target_dtype is not None else floating(self.qdata)
+    zero_point = None if self.zero_point is None else self.zero_point.to(device)
+    new = QuantWithLowRank(
+        qdata, floating(self.A), floating(self.B), self.target_dtype, self.group_size, dtype,
+        floating(self.scale), zero_point,
+    )
+    return return_and_correct_aliasing(func, args, kwargs, new)
+
+
+@implements(aten.slice.Tensor)
+def _(func, types, args, kwargs):
+    """Row (output) or column (input) slices for tensor parallelism; columns must align with quant groups."""
+    self: QuantWithLowRank = args[0]
+    _, dim, start, end, step = fill_defaults(args, 5, [0, None, None, 1])
+    size = self.shape[dim]
+    start, end = (start or 0), min(size if end is None else end, size)
+    if step != 1:
+        raise NotImplementedError("QuantWithLowRank only supports contiguous slices (step 1)")
+    if dim == 0:
+        rows = slice(start, end)
+        new = QuantWithLowRank(
+            self.qdata[rows], self.A, self.B[rows], self.target_dtype, self.group_size, self.dtype,
+            None if self.scale is None else self.scale[rows],
+            None if self.zero_point is None else self.zero_point[rows],
+        )
+    elif dim == 1:
+        g = self.group_size or 1
+        if start % g or end % g:
+            raise ValueError(f"column slice [{start}:{end}] must align with group_size {g}")
+        cols, groups = slice(start, end), slice(start // g, end // g)
+        new = QuantWithLowRank(
+            self.qdata[:, cols], self.A[:, cols], self.B, self.target_dtype, self.group_size, self.dtype,
+            None if self.scale is None else self.scale[:, groups],
+            None if self.zero_point is None else self.zero_point[:, groups],
+        )
+    else:
+        raise IndexError(f"QuantWithLowRank is 2-D; cannot slice dim {dim}")
+    return return_and_correct_aliasing(func, args, kwargs, new._apply_fn_to_data(torch.Tensor.contiguous))
