@@ -87,9 +87,9 @@ def _eora_transform(module: torch.nn.Module, config: EoRAConfig, **kwargs) -> to
         name = calib.name_of(module)
         if name is None:
             return module  # not a calibrated layer (lm_head, vision tower, ...): leave it alone
-    elif config.method == "eora" and not getattr(_eora_transform, "_warned", False):
+    elif config.method == "eora" and not getattr(config, "_warned_data_free", False):
         log.warning("EoRAConfig(method='eora') without calibration statistics: falling back to data-free SVD")
-        _eora_transform._warned = True
+        config._warned_data_free = True  # once per quantize_ call, not once per layer
 
     weight = module.weight.detach()
     w32 = weight.float()

@@ -11,14 +11,17 @@ singular triplets of ``dW Q`` (arXiv 2410.21271).
 
 Two forms reach the same optimum:
 
-* ``"eigen"`` (the paper's): eigendecompose ``C = U diag(l) U^T``, ``Q = U diag(sqrt l)``, truncate the SVD of
-  ``dW Q`` and map back with the pseudo-inverse of ``Q``. Costs an ``in x in`` eigendecomposition, which every
-  module reading the same input (q/k/v, gate/up) can share.
-* ``"inverse_free"``: the left singular vectors of ``dW Q`` are the eigenvectors of ``dW C dW^T`` (out x out), and
-  ``A = S^-1/2 U_r^T dW``; never inverts ``C`` and is cheaper when ``in > out``.
+* ``"eigen"`` (the paper's): eigendecompose ``C = U diag(l) U^T``, ``Q = U diag(sqrt l)`` and truncate the SVD
+  of ``dW Q`` to ``U_r S_r V_r^T``. Costs an ``in x in`` eigendecomposition, which every module reading the same
+  input (q/k/v, gate/up) can share.
+* ``"inverse_free"``: ``U_r`` and ``S_r^2`` are the top eigenpairs of ``dW C dW^T`` (out x out); cheaper when
+  ``in > out``.
 
-Both split the singular values evenly, ``B = U_r S^1/2`` and ``A = S^1/2 V_r^T Q^+``, which keeps ``A`` and ``B``
-on the same scale (it matters once the adapters are themselves quantized).
+Both then set ``B = U_r S_r^1/2`` and ``A = S_r^-1/2 U_r^T dW``. On the range of ``C`` this equals the paper's
+``A = S_r^1/2 V_r^T Q^-1`` (since ``U_r^T dW Q = S_r V_r^T``) but it never inverts ``Q``: tiny or round-off
+negative eigenvalues (dead channels, fewer tokens than in_features) cannot blow up into inf/NaN (the failure of
+GPTQModel PR #3014), and no eigenvalue cut-off trades accuracy for safety. ``B A = U_r U_r^T dW`` in both forms.
+The split ``S^1/2 | S^1/2`` keeps ``A`` and ``B`` on the same scale, which matters once they are quantized.
 
 Plain SVD of ``dW`` (ZeroQuant-V2's LoRC) is the ``C = I`` special case and the baseline EoRA must beat.
 Everything runs in fp64: ``dW`` is tiny relative to ``W`` and ``C`` can be badly conditioned.
@@ -43,10 +46,9 @@ __all__ = [
 
 Form = Literal["auto", "eigen", "inverse_free"]
 
-# Eigen/singular values below this fraction (times the dimension) of the largest are treated as zero. This is
-# what keeps dead input channels, fewer tokens than in_features and round-off negative eigenvalues from turning
-# into inf/NaN adapters (GPTQModel PR #3014).
-_REL_EPS = torch.finfo(torch.float32).eps
+# Singular values below this fraction (times the dimension) of the largest are numerically zero: their
+# directions carry no error worth fitting, and dividing by their square root would only amplify round-off.
+_REL_EPS = torch.finfo(torch.float64).eps
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,7 @@ class LowRankFactors:
 
 @dataclass(frozen=True)
 class Eigen:
-    """Eigendecomposition of a second moment, keeping only numerically positive directions: ``C ~ U diag(l) U^T``."""
+    """Eigendecomposition of a second moment without its null space: ``C ~ U diag(l) U^T`` with ``l > 0``."""
 
     values: torch.Tensor  # (k,) fp64, positive, descending
     vectors: torch.Tensor  # (in, k) fp64
@@ -81,15 +83,13 @@ def check_rank(rank: int, out_features: int, in_features: int) -> None:
 
 
 def eigen_of(second_moment: torch.Tensor) -> Eigen:
-    """Eigendecompose a (symmetrised) second moment in fp64 and drop numerically-zero or negative directions."""
+    """Eigendecompose a (symmetrised) second moment in fp64, dropping zero and round-off negative directions."""
     c = second_moment.to(torch.float64)
-    c = 0.5 * (c + c.T)  # accumulated sums are symmetric only up to round-off
-    values, vectors = torch.linalg.eigh(c)
-    values, vectors = values.flip(0), vectors.flip(1)
-    if not torch.isfinite(values).all():
+    if not torch.isfinite(c).all():
         raise ValueError("second moment has non-finite entries: the calibration activations contained NaN/inf")
-    top = values[0].clamp_min(0.0)
-    keep = values > c.shape[0] * _REL_EPS * top
+    values, vectors = torch.linalg.eigh(0.5 * (c + c.T))  # accumulated sums are symmetric only up to round-off
+    values, vectors = values.flip(0), vectors.flip(1)
+    keep = values > c.shape[0] * _REL_EPS * values[0].clamp_min(0.0)
     if not keep.any():
         raise ValueError("second moment is zero: the calibration activations of this layer are all zero")
     return Eigen(values[keep], vectors[:, keep])
@@ -112,6 +112,13 @@ def _pad(factors_a: torch.Tensor, factors_b: torch.Tensor, rank: int) -> LowRank
         factors_a = torch.cat([factors_a, factors_a.new_zeros(missing, factors_a.shape[1])])
         factors_b = torch.cat([factors_b, factors_b.new_zeros(factors_b.shape[0], missing)], dim=1)
     return LowRankFactors(A=factors_a.float().contiguous(), B=factors_b.float().contiguous())
+
+
+def _balanced(delta: torch.Tensor, u: torch.Tensor, s: torch.Tensor, rank: int) -> LowRankFactors:
+    """``B = U S^1/2``, ``A = S^-1/2 U^T dW`` (null singular directions get zero rows, not a division by 0)."""
+    half = s.sqrt()
+    inv_half = torch.where(half > 0, 1.0 / half, torch.zeros_like(half))
+    return _pad(inv_half[:, None] * (u.T @ delta), u * half, rank)
 
 
 def svd_factors(delta: torch.Tensor, rank: int) -> LowRankFactors:
@@ -152,12 +159,8 @@ def eora_factors(
     if form == "eigen":
         eig = eigen if eigen is not None else eigen_of(second_moment)
         root = eig.values.sqrt()
-        u, s, vh = torch.linalg.svd(d @ (eig.vectors * root), full_matrices=False)
-        u, s = _truncate(u, s, rank)
-        half = s.sqrt()
-        # A = S^1/2 V^T Q^+, with Q^+ = diag(1/sqrt l) U^T on the kept eigen-directions.
-        a = (half[:, None] * vh[: s.numel()] / root) @ eig.vectors.T
-        return _pad(a, u * half, rank)
+        u, s, _ = torch.linalg.svd(d @ (eig.vectors * root), full_matrices=False)
+        return _balanced(d, *_truncate(u, s, rank), rank)
 
     if form == "inverse_free":
         if second_moment is None:
@@ -168,11 +171,7 @@ def eora_factors(
         m = d @ c @ d.T
         values, vectors = torch.linalg.eigh(0.5 * (m + m.T))
         values, vectors = values.flip(0).clamp_min(0.0), vectors.flip(1)
-        u, s = _truncate(vectors, values.sqrt(), rank)  # eigenvalues of dW C dW^T are s^2
-        half = s.sqrt()
-        inv_half = torch.where(half > 0, 1.0 / half, torch.zeros_like(half))
-        a = inv_half[:, None] * (u.T @ d)  # = S^1/2 V^T Q^+ on the range of C
-        return _pad(a, u * half, rank)
+        return _balanced(d, *_truncate(vectors, values.sqrt(), rank), rank)  # eigenvalues of dW C dW^T are s^2
 
     raise ValueError(f"form must be 'auto', 'eigen' or 'inverse_free', got {form!r}")
 

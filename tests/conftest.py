@@ -1,0 +1,42 @@
+import os
+import warnings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch a hub
+warnings.filterwarnings("ignore", message=".*_stable_hash_for_caching.*")
+
+import pytest
+import torch
+
+
+def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64, vocab: int = 128):
+    """A small random Llama: every code path of a real one, in milliseconds."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def token_batches(n_batches=2, batch=4, seq=32, vocab=128, seed=0, pad_first=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_batches):
+        ids = torch.randint(0, vocab, (batch, seq), generator=g)
+        mask = torch.ones_like(ids)
+        if pad_first:
+            mask[0, seq - pad_first:] = 0
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+@pytest.fixture
+def model():
+    return tiny_llama()
+
+
+@pytest.fixture
+def batches():
+    return token_batches()

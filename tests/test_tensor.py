@@ -1,0 +1,119 @@
+"""QuantWithLowRank behaves exactly like the dense W_c + B A it stands for, eagerly and compiled."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from torchao_eora import QuantWithLowRank, RTNConfig, svd_factors
+from torchao_eora.compression import CompressedWeight
+
+
+def _weight(out_features=48, in_features=64, rank=8, bits=3, dtype=torch.float32, dense=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_features, in_features, generator=g)
+    if dense:  # a pruned-only base keeps a floating qdata and no scale
+        base = CompressedWeight(w * (torch.rand(w.shape, generator=g) > 0.5))
+    else:
+        base = RTNConfig(bits=bits, group_size=32).compress(w)
+    factors = svd_factors(w - base.dequantize(), rank)
+    return w, QuantWithLowRank.from_parts(base, factors, dtype=dtype)
+
+
+@pytest.mark.parametrize("shape", [(5, 64), (2, 7, 64)])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dense", [False, True])
+def test_linear_matches_dense_reference(shape, bias, dense):
+    _, q = _weight(dense=dense)
+    x = torch.randn(shape)
+    b = torch.randn(48) if bias else None
+    ref = F.linear(x.double(), q.dequantize_base().double() + q.B.double() @ q.A.double(), None if b is None else b.double())
+    out = F.linear(x, q, b)
+    assert out.shape == (*shape[:-1], 48)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_low_rank_path_reduces_error_and_rank0_is_base():
+    w, q = _weight(rank=16)
+    base_err = (w - q.dequantize_base()).norm()
+    assert (w - q.dequantize()).norm() < base_err
+    q0 = QuantWithLowRank.from_parts(q.base(), type(svd_factors(w, 1))(q.A[:0], q.B[:, :0]))
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(F.linear(x, q0), F.linear(x, q.dequantize_base()))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_compile_fullgraph_matches_eager(bias):
+    _, q = _weight()
+    lin = torch.nn.Linear(64, 48, bias=bias)
+    lin.weight = torch.nn.Parameter(q, requires_grad=False)
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        eager = lin(x)
+        compiled = torch.compile(lin, fullgraph=True)(x)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_state_dict_round_trip_is_exact():
+    _, q = _weight()
+    lin = torch.nn.Linear(64, 48, bias=False)
+    lin.weight = torch.nn.Parameter(q, requires_grad=False)
+    sd = lin.state_dict()
+    other = torch.nn.Linear(64, 48, bias=False)
+    other.weight = torch.nn.Parameter(_weight(seed=1)[1], requires_grad=False)
+    other.load_state_dict(sd, assign=True)
+    for name in ("qdata", "A", "B", "scale", "zero_point"):
+        assert torch.equal(getattr(other.weight, name), getattr(q, name))
+    x = torch.randn(4, 64)
+    assert torch.equal(other(x), lin(x))
+
+
+def test_to_dtype_casts_floating_fields_and_keeps_int_values():
+    _, q = _weight()
+    h = q.to(torch.bfloat16)
+    assert isinstance(h, QuantWithLowRank) and h.dtype == torch.bfloat16
+    assert h.A.dtype == h.B.dtype == h.scale.dtype == torch.bfloat16
+    assert torch.equal(h.qdata, q.qdata) and h.qdata.dtype == torch.int8
+    x = torch.randn(4, 64)
+    torch.testing.assert_close(F.linear(x.bfloat16(), h).float(), F.linear(x, q), rtol=3e-2, atol=3e-1)
+    with pytest.raises(TypeError, match="floating"):
+        q.to(torch.int32)
+
+
+def test_to_device_and_detach_keep_subclass():
+    _, q = _weight()
+    moved = q.to("cpu")
+    assert isinstance(moved, QuantWithLowRank)
+    assert isinstance(q.detach(), QuantWithLowRank)
+
+
+def test_dequantize_and_repr():
+    w, q = _weight(rank=8, bits=3)
+    assert q.dequantize().shape == w.shape
+    r = repr(q)
+    assert "rank=8" in r and "int3 g32" in r
+
+
+def test_slices_for_tensor_parallel():
+    _, q = _weight()
+    x = torch.randn(3, 64)
+    dense = q.dequantize()
+    rows = q[8:24]
+    assert isinstance(rows, QuantWithLowRank)
+    torch.testing.assert_close(F.linear(x, rows), x @ dense[8:24].T, rtol=1e-5, atol=1e-5)
+    cols = torch.ops.aten.slice.Tensor(q, 1, 32, 64)
+    torch.testing.assert_close(F.linear(x[:, 32:], cols), x[:, 32:] @ dense[:, 32:].T, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="align"):
+        torch.ops.aten.slice.Tensor(q, 1, 16, 64)
+
+
+def test_matmul_paths_use_effective_weight():
+    _, q = _weight()
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(torch.mm(x, q.t()), x @ q.dequantize().T)
+    torch.testing.assert_close(torch.addmm(torch.ones(48), x, q.t()), 1 + x @ q.dequantize().T)
+
+
+def test_mismatched_factors_are_rejected():
+    _, q = _weight()
+    with pytest.raises(ValueError, match="do not fit"):
+        QuantWithLowRank(q.qdata, q.A[:, :32], q.B, q.target_dtype, q.group_size, q.dtype, q.scale, q.zero_point)
