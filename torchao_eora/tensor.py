@@ -133,6 +133,17 @@ class QuantWithLowRank(TorchAOBaseTensor):
         return f"QuantWithLowRank({self._quantization_type()}, device={self.device})"
 
 
+def _register_with_torchao_safetensors() -> None:
+    """torchao (and transformers through it) only (de)serializes tensor subclasses it has been told about."""
+    from torchao.prototype.safetensors import safetensors_utils
+
+    if "QuantWithLowRank" not in safetensors_utils.ALLOWED_TENSORS_SUBCLASSES:
+        safetensors_utils.ALLOWED_TENSORS_SUBCLASSES.append("QuantWithLowRank")
+    safetensors_utils.ALLOWED_CLASSES["QuantWithLowRank"] = QuantWithLowRank
+
+
+_register_with_torchao_safetensors()
+
 implements = QuantWithLowRank.implements
 implements_torch_function = QuantWithLowRank.implements_torch_function
 

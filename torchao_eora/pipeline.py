@@ -1,0 +1,108 @@
+"""The end-to-end job shared by the CLI and the benchmarks: calibration data -> calibrate -> quantize_ -> evaluate."""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass, field, replace
+from typing import Sequence
+
+import torch
+from torchao.quantization import quantize_
+
+from .calibration import Calibration, calibrate, decoder_linear_filter
+from .config import EoRAConfig
+from .data import bbc_articles, calibration_batches, token_stream, wikipedia_split
+from .eval import perplexity, zero_shot
+
+__all__ = ["CALIBRATION_SOURCES", "calibration_texts", "compress", "evaluate", "Timer", "peak_memory_gib"]
+
+CALIBRATION_SOURCES = ("wikipedia", "bbc")
+
+
+def calibration_texts(source: str) -> list[str]:
+    """Calibration text: Wikipedia articles disjoint from the evaluation ones, or BBC News (another domain)."""
+    if source == "wikipedia":
+        return wikipedia_split()[0]
+    if source == "bbc":
+        return bbc_articles()
+    raise ValueError(f"calibration source must be one of {CALIBRATION_SOURCES}, got {source!r}")
+
+
+def peak_memory_gib() -> float:
+    """Peak resident memory of this process (CPU) or peak allocated memory (CUDA), in GiB."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+@dataclass
+class Timer:
+    """Wall-clock seconds per named phase."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def __call__(self, name: str):
+        timer = self
+
+        class _Phase:
+            def __enter__(self):
+                self.start = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.seconds[name] = timer.seconds.get(name, 0.0) + time.perf_counter() - self.start
+
+        return _Phase()
+
+
+def compress(
+    model: torch.nn.Module,
+    tokenizer,
+    config: EoRAConfig,
+    *,
+    source: str = "wikipedia",
+    n_samples: int = 128,
+    seq_len: int = 512,
+    batch_size: int = 8,
+    mode: str = "sequential",
+    calibration: Calibration | None = None,
+    timer: Timer | None = None,
+    progress: bool = True,
+) -> Calibration | None:
+    """Compress ``model`` in place with ``config``; calibrates first unless it needs no data or ``calibration`` is given.
+
+    Returns the calibration used (None for data-free methods).
+    """
+    timer = timer or Timer()
+    needs_data = config.method == "eora" or getattr(config.base, "needs_calibration", False)
+    if needs_data and calibration is None:
+        with timer("calibrate"):
+            batches = calibration_batches(tokenizer, calibration_texts(source), n_samples, seq_len, batch_size)
+            calibration = calibrate(model, batches, config, mode=mode, progress=progress)
+    with timer("quantize"):
+        if calibration is not None:
+            config = replace(config, calibration=calibration.bind(model))
+        quantize_(model, config, filter_fn=decoder_linear_filter(model))  # lm_head stays as it is
+    return calibration
+
+
+def evaluate(
+    model: torch.nn.Module,
+    tokenizer,
+    *,
+    eval_tokens: int = 20_000,
+    seq_len: int = 512,
+    tasks: Sequence[str] = ("piqa", "arc_easy", "hellaswag"),
+    task_limit: int | None = 500,
+    timer: Timer | None = None,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Held-out Wikipedia perplexity (articles calibration never sees) plus zero-shot accuracies."""
+    timer = timer or Timer()
+    metrics: dict[str, float] = {}
+    with timer("evaluate"):
+        tokens = token_stream(tokenizer, wikipedia_split()[1])
+        metrics["ppl"] = perplexity(model, tokens, seq_len=seq_len, max_tokens=eval_tokens, progress=progress)
+        if tasks:
+            metrics.update(zero_shot(model, tokenizer, tasks=tuple(tasks), limit=task_limit, progress=progress))
+    return metrics
