@@ -51,13 +51,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tasks", nargs="*", default=TASKS, help=f"zero-shot tasks (default {' '.join(TASKS)})")
     p.add_argument("--task-limit", type=int, default=200, help="documents per task (default 200)")
     p.add_argument("--quick", action="store_true",
-                   help="3 bits, ranks 32 64, 8 calibration windows, 4096 eval tokens, 20 docs per task")
+                   help="3 bits, ranks 32 64, 8 calibration windows, 4096 eval tokens, 10 docs per task")
     p.add_argument("--json", default=None, metavar="PATH", help="write the rows as JSON (rewritten after each row)")
     p.add_argument("--plot", default=None, metavar="PATH", help="PNG of perplexity against rank (needs matplotlib)")
     args = p.parse_args(argv)
     if args.quick:
         args.bits, args.ranks = [3], [32, 64]
-        args.calib_samples, args.eval_tokens, args.task_limit = 8, 4096, 20
+        args.calib_samples, args.eval_tokens, args.task_limit = 8, 4096, 10
     return args
 
 
