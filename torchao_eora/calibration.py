@@ -36,7 +36,7 @@ from .solver import Eigen, eigen_of
 if TYPE_CHECKING:
     from .config import EoRAConfig
 
-__all__ = ["SecondMoment", "Calibration", "calibrate", "decoder_linear_filter", "find_decoder_layers"]
+__all__ = ["SecondMoment", "Calibration", "calibrate", "find_decoder_layers"]
 
 log = logging.getLogger(__name__)
 Mode = Literal["sequential", "one-shot"]
@@ -230,12 +230,6 @@ def find_decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleLis
         f"{type(model).__name__} has no list of decoder layers to calibrate sequentially; "
         "use calibrate(..., mode='one-shot') for other architectures"
     )
-
-
-def decoder_linear_filter(model: torch.nn.Module):
-    """A ``quantize_`` filter selecting the linear layers inside the decoder blocks (not ``lm_head``)."""
-    prefix = find_decoder_layers(model)[0] + "."
-    return lambda module, name: isinstance(module, torch.nn.Linear) and name.startswith(prefix)
 
 
 def _linears(module: torch.nn.Module, prefix: str) -> dict[str, torch.nn.Linear]:

@@ -130,8 +130,9 @@ def cmd_quantize(args) -> int:
     rows = []
     if args.baseline:
         t = Timer()
-        rows.append(_row("original", evaluate(model, tokenizer, eval_tokens=args.eval_tokens, seq_len=args.seq_len,
-                                              tasks=tasks, task_limit=args.task_limit, timer=t)))
+        metrics = evaluate(model, tokenizer, eval_tokens=args.eval_tokens, seq_len=args.seq_len, tasks=tasks,
+                           task_limit=args.task_limit, timer=t)
+        rows.append(_row("original", metrics, t.seconds["evaluate"], peak_memory_gib()))
     timer = Timer()
     calib = Calibration.load(args.load_calibration, model) if args.load_calibration else None
     calib = compress(model, tokenizer, config, source=args.calib_source, n_samples=args.calib_samples,

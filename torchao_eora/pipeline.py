@@ -9,8 +9,9 @@ from typing import Sequence
 
 import torch
 from torchao.quantization import quantize_
+from tqdm.auto import tqdm
 
-from .calibration import Calibration, calibrate, decoder_linear_filter
+from .calibration import Calibration, calibrate, find_decoder_layers
 from .config import EoRAConfig
 from .data import bbc_articles, calibration_batches, token_stream, wikipedia_split
 from .eval import perplexity, zero_shot
@@ -82,7 +83,10 @@ def compress(
     with timer("quantize"):
         if calibration is not None:
             config = replace(config, calibration=calibration.bind(model))
-        quantize_(model, config, filter_fn=decoder_linear_filter(model))  # lm_head stays as it is
+        _, layers = find_decoder_layers(model)
+        # One decoder layer at a time, for a progress bar; lm_head and embeddings stay as they are.
+        for layer in tqdm(layers, desc=f"compressing ({config.describe()})", disable=not progress):
+            quantize_(layer, config)
     return calibration
 
 
