@@ -83,6 +83,9 @@ def test_save_load_round_trip_is_exact_and_atomic(tmp_path, model, batches):
     path = tmp_path / "calib.safetensors"
     calib.save(path)
     assert os.listdir(tmp_path) == ["calib.safetensors"]  # no temp file left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # the permissions of any file the user writes
     loaded = Calibration.load(path, model=tiny_llama())
     assert loaded.mode == "sequential" and loaded.group_of == calib.group_of
     assert loaded.config == calib.config

@@ -134,6 +134,7 @@ class Calibration:
         os.close(fd)
         try:
             save_file(tensors, tmp, metadata={"torchao_eora.calibration": json.dumps(meta)})
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -158,6 +159,12 @@ class Calibration:
         config = None if meta["config"] is None else config_from_dict(meta["config"])
         calib = cls(groups, meta["group_of"], meta["mode"], config)
         return calib.bind(model) if model is not None else calib
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 # ---- collecting statistics ------------------------------------------------------------------------------------
