@@ -6,13 +6,15 @@ import logging
 import types
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import torch
 from torchao.core.config import AOBaseConfig
 from torchao.quantization.transform_module import register_quantize_module_handler
 
 from .calibration import Calibration
+from .gptq import GPTQConfig
+from .pruning import PruneConfig
 from .rtn import RTNConfig
 from .solver import LowRankFactors, eora_factors, svd_factors
 from .tensor import QuantWithLowRank
@@ -29,7 +31,7 @@ class EoRAConfig(AOBaseConfig):
 
     Args:
         rank: rank of the residual path (``1 <= rank < min(out, in)``).
-        base: the compressor for ``W_c`` (``RTNConfig`` here; any ``Compressor``).
+        base: the compressor for ``W_c``: ``RTNConfig``, ``GPTQConfig`` or ``PruneConfig`` (any ``Compressor``).
         method: ``"eora"`` (activation-weighted, needs ``calibration``), ``"svd"`` (plain SVD of the error,
             data-free) or ``"none"`` (compression only: a rank-0 residual, for baselines).
         calibration: a ``Calibration`` from ``calibrate()``. Modules it did not see (e.g. ``lm_head``) are left
@@ -38,7 +40,7 @@ class EoRAConfig(AOBaseConfig):
     """
 
     rank: int = 64
-    base: RTNConfig = field(default_factory=RTNConfig)
+    base: Union[RTNConfig, GPTQConfig, PruneConfig] = field(default_factory=RTNConfig)
     method: Method = "eora"
     calibration: Optional[Calibration] = field(default=None, repr=False, compare=False)
     form: str = "auto"
