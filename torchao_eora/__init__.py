@@ -13,6 +13,11 @@ import torchao.core.config as _ao_config
 from .calibration import Calibration, SecondMoment, calibrate
 from .compression import CompressedWeight, Compressor
 from .config import EoRAConfig, eora_config
+from .gptq import GPTQConfig
+from .hf import load_pretrained, save_pretrained  # importing hf extends transformers' torchao quantizer
+from .merge import merge_low_rank
+from .peft_io import export_peft, import_peft
+from .pruning import PruneConfig
 from .rtn import RTNConfig
 from .solver import LowRankFactors, eora_factors, svd_factors, weighted_error
 from .tensor import QuantWithLowRank
@@ -25,13 +30,20 @@ __all__ = [
     "CompressedWeight",
     "Compressor",
     "EoRAConfig",
+    "GPTQConfig",
     "LowRankFactors",
+    "PruneConfig",
     "QuantWithLowRank",
     "RTNConfig",
     "SecondMoment",
     "calibrate",
     "eora_config",
     "eora_factors",
+    "export_peft",
+    "import_peft",
+    "load_pretrained",
+    "merge_low_rank",
+    "save_pretrained",
     "svd_factors",
     "weighted_error",
 ]

@@ -35,16 +35,48 @@ def _add_eval_args(p: argparse.ArgumentParser, tasks: str) -> None:
                    help="sequence length for calibration windows and perplexity windows (default 512)")
 
 
+def _sparsity(text: str) -> dict:
+    """``--sparsity``: ``"N:M"`` -> ``{"pattern": "N:M"}``; a fraction in (0, 1) -> ``{"ratio": r}``."""
+    from .pruning import parse_pattern
+
+    try:
+        if ":" in text:
+            parse_pattern(text)
+            return {"pattern": text}
+        ratio = float(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if not 0 < ratio < 1:
+        raise argparse.ArgumentTypeError(f"an unstructured sparsity must be a fraction in (0, 1), got {text}")
+    return {"ratio": ratio}
+
+
 def _add_compress_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("base compression")
-    g.add_argument("--bits", type=int, default=3, help="weight bits for round-to-nearest, 2..8 (default 3)")
+    g = p.add_argument_group("base compression",
+                             "quantize (--method), prune (--sparsity), or both: e.g. '--method gptq --bits 4 "
+                             "--sparsity 2:4 --prune sparsegpt' is the paper's GPTQ 4-bit + SparseGPT 2:4 (one joint "
+                             "sweep); '--method none --sparsity 2:4 --prune wanda' prunes only")
+    g.add_argument("--method", default="rtn", choices=["rtn", "gptq", "none"],
+                   help="base quantizer: rtn (round to nearest, data-free; default), gptq (calibrated, error "
+                        "feedback from the calibration second moment), none (no quantization: needs --sparsity)")
+    g.add_argument("--bits", type=int, default=3, help="weight bits for rtn/gptq, 2..8 (default 3)")
     g.add_argument("--group-size", type=int, default=64,
                    help="input channels per quantization group; must divide every in_features (default 64; "
                         "SmolLM2's 576 is not a multiple of 128)")
     g.add_argument("--symmetric", action="store_true", help="symmetric quantization (default: asymmetric)")
+    g.add_argument("--act-order", action="store_true",
+                   help="gptq only: visit columns by decreasing activation energy (static groups, same layout)")
+    g.add_argument("--percdamp", type=float, default=0.01,
+                   help="gptq/sparsegpt: Hessian damping as a fraction of its mean diagonal (default 0.01)")
+    g.add_argument("--sparsity", default=None, type=_sparsity, metavar="N:M|RATIO",
+                   help="prune before quantizing: an N:M pattern (keep N of every M input weights, e.g. 2:4) or "
+                        "an unstructured fraction in (0, 1), e.g. 0.5 (default: no pruning)")
+    g.add_argument("--prune", default=None, choices=["magnitude", "wanda", "sparsegpt"],
+                   help="pruning criterion with --sparsity: magnitude (|W|, data-free), wanda (|W| * ||x||), "
+                        "sparsegpt (OBS weight updates; default)")
     g = p.add_argument_group("compensation")
     g.add_argument("--rank", type=int, default=64, help="rank of the residual B @ A (default 64)")
-    g.add_argument("--method", default="eora", choices=["eora", "svd", "none"],
+    g.add_argument("--compensation", default="eora", choices=["eora", "svd", "none"],
                    help="eora: activation-weighted closed form (default); svd: plain SVD of the error, data-free; "
                         "none: compression only")
     g = p.add_argument_group("calibration")
@@ -87,6 +119,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--calib-samples", type=int, default=128, help="calibration windows of 512 tokens (default 128)")
     d.add_argument("--eval-tokens", type=int, default=20_000, help="held-out perplexity tokens (default 20000)")
     d.add_argument("--task-limit", type=int, default=200, help="documents per zero-shot task (default 200)")
+
+    x = sub.add_parser("export-peft", help="write a saved EoRA model's residuals as a PEFT LoRA adapter",
+                       description="Write adapter_model.safetensors + adapter_config.json (lora_A = A, lora_B = B, "
+                                   "lora_alpha = r) for PEFT, vLLM or SGLang, and the base-only quantized checkpoint "
+                                   "(rank-0 residuals) in OUT/base.")
+    x.add_argument("--model", required=True,
+                   help="directory written by `torchao-eora quantize --out` (safetensors only)")
+    x.add_argument("--out", required=True,
+                   help="adapter directory to write (replaced only once complete)")
+    x.add_argument("--base-model-name-or-path", default=None,
+                   help="base_model_name_or_path recorded in adapter_config.json (default: OUT/base)")
+    x.add_argument("--no-base", action="store_true",
+                   help="write only the adapter, not the base-only checkpoint in OUT/base")
     return parser
 
 
@@ -112,10 +157,34 @@ def _print_summary(rows: list[dict], tasks: Sequence[str]) -> None:
 
 
 def _config_from_args(args) -> "EoRAConfig":
+    """The ``EoRAConfig`` the quantize flags describe; inconsistent flags exit with a message."""
     from .config import EoRAConfig
+    from .gptq import GPTQConfig
+    from .pruning import PruneConfig
     from .rtn import RTNConfig
 
-    return EoRAConfig(rank=args.rank, base=RTNConfig(args.bits, args.group_size, args.symmetric), method=args.method)
+    def fail(message: str):
+        raise SystemExit(f"torchao-eora quantize: error: {message}")
+
+    if args.act_order and args.method != "gptq":
+        fail("--act-order applies to --method gptq only")
+    if args.sparsity is None and args.prune is not None:
+        fail(f"--prune {args.prune} needs --sparsity (e.g. --sparsity 2:4)")
+    if args.sparsity is None and args.method == "none":
+        fail("--method none quantizes nothing: add --sparsity N:M to prune only, or use --method rtn/gptq")
+    quantizer = None
+    if args.method == "rtn":
+        quantizer = RTNConfig(args.bits, args.group_size, args.symmetric)
+    elif args.method == "gptq":
+        quantizer = GPTQConfig(args.bits, args.group_size, args.symmetric, percdamp=args.percdamp,
+                               act_order=args.act_order)
+    base = quantizer
+    if args.sparsity is not None:
+        try:
+            base = PruneConfig(args.prune or "sparsegpt", quantizer=quantizer, percdamp=args.percdamp, **args.sparsity)
+        except ValueError as e:
+            fail(str(e))
+    return EoRAConfig(rank=args.rank, base=base, method=args.compensation)
 
 
 def cmd_quantize(args) -> int:
@@ -158,6 +227,10 @@ def cmd_eval(args) -> int:
     from .pipeline import Timer, evaluate, peak_memory_gib
 
     tasks = _tasks(args.tasks)
+    if args.model and os.path.isdir(args.model):  # e.g. a `quantize --out` directory: safetensors only, never pickle
+        from .hf import check_safetensors_only
+
+        check_safetensors_only(args.model)
     model, tokenizer = load_model(args.model, _dtype(args.dtype))
     timer = Timer()
     metrics = evaluate(model, tokenizer, eval_tokens=args.eval_tokens, seq_len=args.seq_len, tasks=tasks,
@@ -194,11 +267,26 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_export_peft(args) -> int:
+    from transformers import AutoTokenizer
+
+    from .hf import load_pretrained
+    from .peft_io import BASE_DIR, export_peft
+
+    model = load_pretrained(args.model)
+    has_tokenizer = os.path.exists(os.path.join(args.model, "tokenizer_config.json"))
+    tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True) if has_tokenizer else None
+    out = export_peft(model, args.out, args.base_model_name_or_path, save_base=not args.no_base, tokenizer=tokenizer)
+    print(f"PEFT adapter written to {out}" + ("" if args.no_base else f"; base-only checkpoint in {out / BASE_DIR}"))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     start = time.perf_counter()
-    code = {"quantize": cmd_quantize, "eval": cmd_eval, "demo": cmd_demo}[args.command](args)
+    commands = {"quantize": cmd_quantize, "eval": cmd_eval, "demo": cmd_demo, "export-peft": cmd_export_peft}
+    code = commands[args.command](args)
     print(f"done in {time.perf_counter() - start:.0f} s")
     return code
 
