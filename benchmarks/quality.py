@@ -231,6 +231,8 @@ def main(argv=None) -> int:
 
     def run(row: dict, base=None, calibration=None):
         """Evaluate one row: the original model (``base`` None) or ``base`` + ``row["method"]`` compensation."""
+        if any(all(r.get(k) == v for k, v in row.items()) for r in rows):
+            return calibration  # measured already (--resume)
         model = copy.deepcopy(original)
         timer = Timer()
         if base is not None:
