@@ -70,12 +70,12 @@ def load_model(
 
     p = smollm2_gguf_path() if path is None else pathlib.Path(path)
     if p.suffix == ".gguf":
-        kwargs = {"gguf_file": p.name}
+        tokenizer_kwargs = model_kwargs = {"gguf_file": p.name}
         p = p.parent
     else:
-        kwargs = {}
-    tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype, local_files_only=True, **kwargs)
+        tokenizer_kwargs, model_kwargs = {}, {"use_safetensors": True}  # never unpickle weights
+    tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True, **tokenizer_kwargs)
+    model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype, local_files_only=True, **model_kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer
