@@ -20,6 +20,15 @@ def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64, vocab: int = 12
     return LlamaForCausalLM(cfg).eval()
 
 
+def anisotropic_moment(n: int = 256, tokens: int = 2048, seed: int = 0) -> torch.Tensor:
+    """``X^T X / n`` of LLM-like inputs: correlated channels whose scales span two decades."""
+    g = torch.Generator().manual_seed(seed)
+    scales = torch.logspace(-1, 1, n)[torch.randperm(n, generator=g)]
+    mix = torch.eye(n) + 2 * torch.randn(n, n, generator=g) / n**0.5
+    x = (torch.randn(tokens, n, generator=g) @ mix) * scales
+    return (x.T @ x).double() / tokens
+
+
 def token_batches(n_batches=2, batch=4, seq=32, vocab=128, seed=0, pad_first=0):
     g = torch.Generator().manual_seed(seed)
     out = []

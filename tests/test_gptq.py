@@ -6,19 +6,11 @@ import torch
 from torchao.core.config import config_from_dict, config_to_dict
 from torchao.quantization.quant_primitives import _DTYPE_TO_QVALUE_BOUNDS
 
+from conftest import anisotropic_moment
 from torchao_eora import EoRAConfig, GPTQConfig, PruneConfig, QuantWithLowRank, RTNConfig, svd_factors, weighted_error
 from torchao_eora.gptq import GroupQuantizer, obs_sweep
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-def anisotropic_moment(n: int = 256, tokens: int = 2048, seed: int = 0) -> torch.Tensor:
-    """``X^T X / n`` of LLM-like inputs: correlated channels whose scales span two decades."""
-    g = torch.Generator().manual_seed(seed)
-    scales = torch.logspace(-1, 1, n)[torch.randperm(n, generator=g)]
-    mix = torch.eye(n) + 2 * torch.randn(n, n, generator=g) / n**0.5
-    x = (torch.randn(tokens, n, generator=g) @ mix) * scales
-    return (x.T @ x).double() / tokens
 
 
 def output_error(weight: torch.Tensor, compressed: torch.Tensor, moment: torch.Tensor) -> float:

@@ -6,20 +6,11 @@ import torch
 from torchao.quantization import quantize_
 from torchao.quantization.quant_primitives import _DTYPE_TO_QVALUE_BOUNDS
 
-from conftest import tiny_llama, token_batches
+from conftest import anisotropic_moment, tiny_llama, token_batches
 from torchao_eora import (
     EoRAConfig, GPTQConfig, PruneConfig, QuantWithLowRank, RTNConfig, calibrate, eora_config, eora_factors,
     svd_factors, weighted_error,
 )
-
-
-def anisotropic_moment(n: int = 256, tokens: int = 2048, seed: int = 0) -> torch.Tensor:
-    """``X^T X / n`` of LLM-like inputs: correlated channels whose scales span two decades."""
-    g = torch.Generator().manual_seed(seed)
-    scales = torch.logspace(-1, 1, n)[torch.randperm(n, generator=g)]
-    mix = torch.eye(n) + 2 * torch.randn(n, n, generator=g) / n**0.5
-    x = (torch.randn(tokens, n, generator=g) @ mix) * scales
-    return (x.T @ x).double() / tokens
 
 
 def zeros_per_group(w: torch.Tensor, m: int) -> torch.Tensor:

@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="eora-smollm2-3bit", help="output directory (default: eora-smollm2-3bit)")
     d.add_argument("--calib-samples", type=int, default=128, help="calibration windows of 512 tokens (default 128)")
     d.add_argument("--eval-tokens", type=int, default=20_000, help="held-out perplexity tokens (default 20000)")
-    d.add_argument("--task-limit", type=int, default=200, help="documents per zero-shot task (default 200)")
+    d.add_argument("--task-limit", type=int, default=100, help="documents per zero-shot task (default 100)")
 
     x = sub.add_parser("export-peft", help="write a saved EoRA model's residuals as a PEFT LoRA adapter",
                        description="Write adapter_model.safetensors + adapter_config.json (lora_A = A, lora_B = B, "
