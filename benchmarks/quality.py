@@ -77,7 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tasks", nargs="*", default=TASKS, help=f"zero-shot tasks (default {' '.join(TASKS)})")
     p.add_argument("--task-limit", type=int, default=200, help="documents per task (default 200)")
     p.add_argument("--quick", action="store_true",
-                   help="8 calibration windows; rtn suite: 3 bits, ranks 32 64, 4096 eval tokens, 5 docs per task; "
+                   help="8 calibration windows; rtn suite: 3 bits, ranks 32 64, 2048 eval tokens, 5 docs per task; "
                         "paper suite (13 rows): one-shot statistics shared by all rows, 2048 eval tokens, 5 docs per "
                         "task (aims at under 10 minutes on 2 cores; zero-shot at this size is only a smoke test)")
     p.add_argument("--json", default=None, metavar="PATH", help="write the rows as JSON (rewritten after each row)")
@@ -90,7 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.quick:
         args.calib_samples = 8
         if args.suite == "rtn":
-            args.bits, args.ranks, args.eval_tokens, args.task_limit = [3], [32, 64], 4096, 5
+            args.bits, args.ranks, args.eval_tokens, args.task_limit = [3], [32, 64], 2048, 5
         else:  # 13 evaluations: evaluation, not compression, dominates the time
             args.eval_tokens, args.task_limit = 2048, 5
     if args.calib_mode is None:

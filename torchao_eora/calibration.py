@@ -134,7 +134,7 @@ class Calibration:
         os.close(fd)
         try:
             save_file(tensors, tmp, metadata={"torchao_eora.calibration": json.dumps(meta)})
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
+            os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp creates 0600; give the file the usual permissions
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -161,7 +161,8 @@ class Calibration:
         return calib.bind(model) if model is not None else calib
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process umask (reading it means setting it, so set it back)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask

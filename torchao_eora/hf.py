@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 
 import torch
 
+from .calibration import current_umask
 from .config import EoRAConfig
 from .tensor import QuantWithLowRank
 
@@ -61,9 +62,7 @@ def atomic_directory(out_dir: str | os.PathLike) -> Iterator[Path]:
     out = Path(out_dir).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o777 & ~mask)  # mkdtemp creates 0700; give the directory the usual permissions
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp creates 0700; give the directory the usual permissions
     old = tmp.with_name(tmp.name + ".old")
     try:
         yield tmp
