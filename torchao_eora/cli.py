@@ -227,10 +227,6 @@ def cmd_eval(args) -> int:
     from .pipeline import Timer, evaluate, peak_memory_gib
 
     tasks = _tasks(args.tasks)
-    if args.model and os.path.isdir(args.model):  # e.g. a `quantize --out` directory: safetensors only, never pickle
-        from .hf import check_safetensors_only
-
-        check_safetensors_only(args.model)
     model, tokenizer = load_model(args.model, _dtype(args.dtype))
     timer = Timer()
     metrics = evaluate(model, tokenizer, eval_tokens=args.eval_tokens, seq_len=args.seq_len, tasks=tasks,

@@ -73,6 +73,9 @@ def load_model(
         tokenizer_kwargs = model_kwargs = {"gguf_file": p.name}
         p = p.parent
     else:
+        from .hf import check_safetensors_only
+
+        check_safetensors_only(p)  # a clear error for pickle-only directories, before transformers' generic one
         tokenizer_kwargs, model_kwargs = {}, {"use_safetensors": True}  # never unpickle weights
     tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True, **tokenizer_kwargs)
     model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype, local_files_only=True, **model_kwargs)
