@@ -117,8 +117,8 @@ def export_peft(
         raise ValueError("the model has no QuantWithLowRank weight with a residual (rank > 0) to export")
     tensors = {}
     for name, module in modules.items():
-        tensors[f"{_PREFIX}{name}.lora_A.weight"] = module.weight.A.detach().contiguous()
-        tensors[f"{_PREFIX}{name}.lora_B.weight"] = module.weight.B.detach().contiguous()
+        tensors[f"{_PREFIX}{name}.lora_A.weight"] = module.weight.dequantize_A().detach().contiguous()
+        tensors[f"{_PREFIX}{name}.lora_B.weight"] = module.weight.dequantize_B().detach().contiguous()
     if save_base:
         config = config if config is not None else eora_config_of(model)
         base_model_name_or_path = base_model_name_or_path or str(out / BASE_DIR)

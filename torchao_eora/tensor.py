@@ -116,10 +116,18 @@ class QuantWithLowRank(TorchAOBaseTensor):
             self.qdata, self.scale, self.zero_point, self.target_dtype, self.group_size, dtype or self.dtype
         )
 
+    def dequantize_A(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The down-projection ``A`` (rank x in) in a floating dtype; every consumer of A goes through here."""
+        return self.A.to(dtype or self.dtype)
+
+    def dequantize_B(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The up-projection ``B`` (out x rank) in a floating dtype; every consumer of B goes through here."""
+        return self.B.to(dtype or self.dtype)
+
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The dense effective weight ``W_c + B @ A`` (what a merged, plain checkpoint would hold)."""
         dtype = dtype or self.dtype
-        return self.dequantize_base(dtype) + (self.B.to(dtype) @ self.A.to(dtype))
+        return self.dequantize_base(dtype) + (self.dequantize_B(dtype) @ self.dequantize_A(dtype))
 
     def describe_base(self) -> str:
         if self.target_dtype is None:
@@ -154,7 +162,7 @@ def _low_rank_linear(x: torch.Tensor, weight: QuantWithLowRank, bias: Optional[t
     w_c = weight.dequantize_base(x.dtype)
     y = F.linear(x2, w_c, bias)
     if weight.rank:
-        y = y + (x2 @ weight.A.to(x.dtype).t()) @ weight.B.to(x.dtype).t()
+        y = y + (x2 @ weight.dequantize_A(x.dtype).t()) @ weight.dequantize_B(x.dtype).t()
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
