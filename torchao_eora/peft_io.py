@@ -45,10 +45,7 @@ def base_only(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     try:
         for module in _low_rank_modules(model).values():
             w = saved[module] = module.weight
-            empty_a, empty_b = w.A.new_zeros(0, w.A.shape[1]), w.B.new_zeros(w.B.shape[0], 0)
-            rank0 = QuantWithLowRank(
-                w.qdata, empty_a, empty_b, w.target_dtype, w.group_size, w.dtype, w.scale, w.zero_point
-            )
+            rank0 = w.with_factors(w.A.new_zeros(0, w.shape[1]), w.A.new_zeros(w.shape[0], 0))
             module.weight = torch.nn.Parameter(rank0, requires_grad=False)
         yield model
     finally:
@@ -190,11 +187,7 @@ def _with_residual(name: str, weight: torch.Tensor, A: torch.Tensor, B: torch.Te
             f"lora_A {tuple(A.shape)}, lora_B {tuple(B.shape)}"
         )
     if isinstance(weight, QuantWithLowRank):  # keep the compressed base, replace the residual
-        dtype = weight.dtype
-        return QuantWithLowRank(
-            weight.qdata, A.to(dtype).contiguous(), B.to(dtype).contiguous(), weight.target_dtype,
-            weight.group_size, dtype, weight.scale, weight.zero_point,
-        )
+        return weight.with_factors(A, B)
     if type(weight) in (torch.Tensor, torch.nn.Parameter) and weight.is_floating_point():  # a dense base
         dtype = weight.dtype
         return QuantWithLowRank(weight.detach().contiguous(), A.to(dtype), B.to(dtype), None, None, dtype)

@@ -99,6 +99,13 @@ class QuantWithLowRank(TorchAOBaseTensor):
             None if base.zero_point is None else base.zero_point.contiguous(),
         )
 
+    def with_factors(self, A: torch.Tensor, B: torch.Tensor) -> "QuantWithLowRank":
+        """The same compressed base with new full-precision factors (rank may change, even to 0)."""
+        return QuantWithLowRank(
+            self.qdata, A.to(self.dtype).contiguous(), B.to(self.dtype).contiguous(), self.target_dtype,
+            self.group_size, self.dtype, self.scale, self.zero_point,
+        )
+
     @property
     def rank(self) -> int:
         return self.A.shape[0]
