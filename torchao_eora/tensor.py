@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import return_and_correct_aliasing
 from torchao.utils import TorchAOBaseTensor, fill_defaults
 
 from .compression import CompressedWeight, dequantize_weight
+from .ops import quant_linear
 from .solver import LowRankFactors
 
 __all__ = ["QuantWithLowRank"]
@@ -166,8 +167,10 @@ implements_torch_function = QuantWithLowRank.implements_torch_function
 def _low_rank_linear(x: torch.Tensor, weight: QuantWithLowRank, bias: Optional[torch.Tensor]) -> torch.Tensor:
     # Flatten to 2-D once so 2-D and 3-D inputs give the same graph (the fusion pass matches one pattern).
     x2 = x.reshape(-1, x.shape[-1])
-    w_c = weight.dequantize_base(x.dtype)
-    y = F.linear(x2, w_c, bias)
+    if weight.target_dtype is None:  # a dense (pruned-only) base
+        y = F.linear(x2, weight.qdata.to(x.dtype), bias)
+    else:
+        y = quant_linear(x2, weight.qdata, weight.scale, weight.zero_point, weight.group_size, bias)
     if weight.rank:
         y = y + (x2 @ weight.dequantize_A(x.dtype).t()) @ weight.dequantize_B(x.dtype).t()
     return y.reshape(*x.shape[:-1], y.shape[-1])

@@ -1,0 +1,249 @@
+"""The custom ops and the Inductor fusion pass: what gets fused, that fusing changes nothing, and caching."""
+
+import warnings
+
+import pytest
+import torch
+import torch._inductor.config as inductor_config
+from torch._dynamo.utils import counters
+from torch._inductor.custom_graph_pass import CustomGraphPass
+from torch._inductor.utils import fresh_cache
+from torchao.quantization import quantize_
+
+from conftest import tiny_llama
+from torchao_eora import EoRAConfig, QuantWithLowRank, RTNConfig
+from torchao_eora.inductor_passes import FuseLowRankPass, fusion_pass_installed, install_fusion_pass
+from torchao_eora.ops import dequantize_intx, eora_linear, quant_linear
+from torchao_eora.solver import LowRankFactors
+
+OUT, IN, RANK, GROUP = 48, 96, 8, 32
+
+
+def _weight(seed=0, rank=RANK, bits=4):
+    g = torch.Generator().manual_seed(seed)
+    base = RTNConfig(bits=bits, group_size=GROUP).compress(torch.randn(OUT, IN, generator=g))
+    factors = LowRankFactors(torch.randn(rank, IN, generator=g) / 10, torch.randn(OUT, rank, generator=g) / 10)
+    return QuantWithLowRank.from_parts(base, factors)
+
+
+def _linear(bias: bool, rank=RANK) -> torch.nn.Linear:
+    lin = torch.nn.Linear(IN, OUT, bias=bias)
+    lin.weight = torch.nn.Parameter(_weight(rank=rank), requires_grad=False)
+    return lin
+
+
+def _compiled_with_pass(module, *inputs):
+    """Compile from scratch with the fusion pass; return (output, number of fusions)."""
+    torch._dynamo.reset()
+    counters.clear()
+    # A fresh cache: a graph cached by an earlier run would be reused without running the pass.
+    with torch.no_grad(), fresh_cache(), inductor_config.patch(post_grad_custom_pre_pass=FuseLowRankPass()):
+        out = torch.compile(module, fullgraph=True)(*inputs)
+    return out, counters["torchao_eora"]["fused_low_rank"]
+
+
+# ---- the ops -----------------------------------------------------------------------------------------------------
+
+
+def _fp64_fields():
+    w = _weight()
+    return w.qdata, w.scale.double(), w.zero_point, w.A.double(), w.B.double()
+
+
+def test_ops_compute_the_dequantized_reference_in_fp64():
+    qdata, scale, zero_point, A, B = _fp64_fields()
+    x = torch.randn(5, IN, dtype=torch.float64)
+    bias = torch.randn(OUT, dtype=torch.float64)
+    w_c = (qdata.double() - zero_point.double().repeat_interleave(GROUP, 1)) * scale.repeat_interleave(GROUP, 1)
+    torch.testing.assert_close(quant_linear(x, qdata, scale, zero_point, GROUP, bias), x @ w_c.T + bias)
+    fused = eora_linear(x, qdata, scale, zero_point, GROUP, A, B, bias)
+    torch.testing.assert_close(fused, x @ (w_c + B @ A).T + bias)
+
+
+@pytest.mark.parametrize("op", ["quant_linear", "eora_linear"])
+def test_ops_pass_torch_library_opcheck(op):
+    w = _weight()
+    x = torch.randn(3, IN, requires_grad=True)
+    bias = torch.randn(OUT, requires_grad=True)
+    if op == "quant_linear":
+        args = (x, w.qdata, w.scale, w.zero_point, GROUP, bias)
+        torch.library.opcheck(torch.ops.torchao_eora.quant_linear.default, args)
+    else:
+        A, B = w.dequantize_A().clone().requires_grad_(), w.dequantize_B().clone().requires_grad_()
+        args = (x, w.qdata, w.scale, w.zero_point, GROUP, A, B, bias)
+        torch.library.opcheck(torch.ops.torchao_eora.eora_linear.default, args)
+
+
+def test_op_gradients_match_autograd_through_the_dense_weight():
+    qdata, scale, zero_point, A, B = _fp64_fields()
+    w_c = dequantize_intx(qdata, scale, zero_point, GROUP, torch.float64)
+    x = torch.randn(4, IN, dtype=torch.float64, requires_grad=True)
+    A, B = A.requires_grad_(), B.requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, A, B: eora_linear(x, qdata, scale, zero_point, GROUP, A, B), (x, A, B))
+    grad = torch.randn(4, OUT, dtype=torch.float64)
+    (gx,) = torch.autograd.grad(quant_linear(x, qdata, scale, zero_point, GROUP), x, grad)
+    torch.testing.assert_close(gx, grad @ w_c)
+
+
+def test_ops_refuse_inputs_that_are_not_flat_or_do_not_fit():
+    w = _weight()
+    with pytest.raises(ValueError, match="2-D input"):
+        quant_linear(torch.randn(2, 3, IN), w.qdata, w.scale, w.zero_point, GROUP)
+    with pytest.raises(ValueError, match="shapes do not fit"):
+        quant_linear(torch.randn(2, IN + 1), w.qdata, w.scale, w.zero_point, GROUP)
+
+
+# ---- the pass on QuantWithLowRank --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [(5, IN), (2, 3, IN), (1, IN)])
+def test_low_rank_linear_is_fused_and_compiled_equals_eager(bias, shape):
+    lin = _linear(bias)
+    x = torch.randn(*shape)
+    out, fused = _compiled_with_pass(lin, x)
+    assert fused == 1
+    with torch.no_grad():
+        torch.testing.assert_close(out, lin(x), rtol=1e-5, atol=1e-5)
+
+
+def test_rank_zero_and_unpassed_compiles_are_not_fused():
+    _, fused = _compiled_with_pass(_linear(True, rank=0), torch.randn(4, IN))
+    assert fused == 0
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad(), fresh_cache():
+        torch.compile(_linear(True), fullgraph=True)(torch.randn(4, IN))
+    assert counters["torchao_eora"]["fused_low_rank"] == 0
+
+
+class _ExposesIntermediate(torch.nn.Module):
+    """Returns ``x A^T`` too: fusing would have to compute it twice, so the pass must leave the graph alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = _weight()
+
+    def forward(self, x):
+        w = self.w
+        t = x @ w.dequantize_A().t()
+        return quant_linear(x, w.qdata, w.scale, w.zero_point, GROUP) + t @ w.dequantize_B().t(), t
+
+
+def test_pattern_with_an_escaping_intermediate_is_not_fused():
+    module = _ExposesIntermediate()
+    x = torch.randn(4, IN)
+    (y, t), fused = _compiled_with_pass(module, x)
+    assert fused == 0
+    torch.testing.assert_close(y, module(x)[0])
+
+
+class _AddmmForm(torch.nn.Module):
+    """The residual's outer matmul already folded into ``addmm(base, x A^T, B^T)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = _weight()
+
+    def forward(self, x):
+        w = self.w
+        base = quant_linear(x, w.qdata, w.scale, w.zero_point, GROUP)
+        return torch.addmm(base, x @ w.dequantize_A().t(), w.dequantize_B().t())
+
+
+def test_addmm_form_is_fused():
+    module = _AddmmForm()
+    x = torch.randn(7, IN)
+    out, fused = _compiled_with_pass(module, x)
+    assert fused == 1
+    torch.testing.assert_close(out, module(x), rtol=1e-5, atol=1e-5)
+
+
+def test_whole_model_every_adapted_linear_is_fused():
+    model = tiny_llama()
+    quantize_(model, EoRAConfig(rank=8, base=RTNConfig(bits=4, group_size=32), method="svd"))
+    n_adapted = sum(isinstance(getattr(m, "weight", None), QuantWithLowRank) for m in model.modules())
+    ids = torch.randint(0, 128, (2, 16))
+    out, fused = _compiled_with_pass(model, ids)
+    assert fused == n_adapted == 15  # 7 per decoder layer, and lm_head (data-free SVD converts it too)
+    with torch.no_grad():
+        torch.testing.assert_close(out.logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+# ---- the pass on PEFT LoRA over a stock torchao base -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [(5, IN), (2, 3, IN)])
+def test_peft_lora_over_torchao_intx_base_is_fused(bias, shape):
+    peft = pytest.importorskip("peft")
+    from torchao.quantization import IntxWeightOnlyConfig
+    from torchao.quantization.granularity import PerGroup
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(IN, OUT, bias=bias)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    torch.manual_seed(0)
+    block = Block()
+    quantize_(block, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(GROUP)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT warns that merge() needs a TorchAoConfig; we never merge
+        lora = peft.get_peft_model(
+            block, peft.LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=["proj"], init_lora_weights=False)
+        )
+    x = torch.randn(*shape)
+    out, fused = _compiled_with_pass(lora, x)
+    assert fused == 1
+    with torch.no_grad():
+        reference = lora(x)
+    assert reference.abs().max() > 0.1
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+
+
+# ---- installation and caching ------------------------------------------------------------------------------------
+
+
+class _CountingPass(CustomGraphPass):
+    calls = 0
+
+    def __call__(self, graph):
+        type(self).calls += 1
+
+    def uuid(self):
+        return "counting-pass"
+
+
+def test_install_chains_an_existing_pass_and_is_idempotent():
+    with fresh_cache(), inductor_config.patch(post_grad_custom_pre_pass=_CountingPass()):
+        install_fusion_pass()
+        install_fusion_pass()
+        installed = inductor_config.post_grad_custom_pre_pass
+        assert fusion_pass_installed() and isinstance(installed.then, _CountingPass)
+        assert "counting-pass" in installed.uuid()
+        torch._dynamo.reset()
+        counters.clear()
+        _CountingPass.calls = 0
+        with torch.no_grad():
+            torch.compile(_linear(False), fullgraph=True)(torch.randn(3, IN))
+        assert _CountingPass.calls == 1 and counters["torchao_eora"]["fused_low_rank"] == 1
+    assert not fusion_pass_installed()
+
+
+def test_second_compile_hits_the_fx_graph_cache():
+    lin, x = _linear(True), torch.randn(4, IN)
+    with fresh_cache(), inductor_config.patch(fx_graph_cache=True, post_grad_custom_pre_pass=FuseLowRankPass()):
+        for _ in range(2):
+            torch._dynamo.reset()
+            counters.clear()
+            with torch.no_grad():
+                torch.compile(lin, fullgraph=True)(x)
+            first = counters["inductor"]["fxgraph_cache_miss"], counters["inductor"]["fxgraph_cache_hit"]
+            if _ == 0:
+                assert first == (1, 0) and counters["torchao_eora"]["fused_low_rank"] == 1
+        assert counters["inductor"]["fxgraph_cache_hit"] == 1
+        assert counters["torchao_eora"]["fused_low_rank"] == 0  # the cached, already fused graph was reused

@@ -1,0 +1,141 @@
+"""The two operators of the residual path, as ``torch.library`` custom ops usable eagerly and under torch.compile.
+
+- ``torchao_eora::quant_linear(x, qdata, scale, zero_point, group_size, bias)``: ``x @ W_c^T + bias`` for an intx
+  base in torchao's portable layout (``W_c = (qdata - zero_point) * scale`` per group along the input dim).
+- ``torchao_eora::eora_linear(x, qdata, scale, zero_point, group_size, A, B, bias)``: the same plus
+  ``(x @ A^T) @ B^T``, the residual path fused into the base matmul.
+
+``x`` is 2-D (callers flatten once). CPU runs a plain-PyTorch implementation; CUDA runs the Triton kernels in
+``torchao_eora.kernels``. Compiled graphs keep these ops opaque; the Inductor pass in
+``torchao_eora.inductor_passes`` rewrites ``quant_linear + mm(mm(x, A^T), B^T)`` into ``eora_linear``.
+Both ops are differentiable in ``x`` (and ``eora_linear`` in ``A`` and ``B``); the base stays frozen.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["quant_linear", "eora_linear", "dequantize_intx"]
+
+
+def dequantize_intx(qdata: Tensor, scale: Tensor, zero_point: Tensor, group_size: int, dtype: torch.dtype) -> Tensor:
+    """``(qdata - zero_point) * scale`` per group of ``group_size`` input columns.
+
+    The same arithmetic, in the same order and dtypes, as torchao's ``dequantize_affine`` (so results are
+    bit-identical), written out because torchao's refuses float64, which the reference tests use.
+    """
+    out_features, in_features = qdata.shape
+    groups = (out_features, in_features // group_size, group_size)
+    w = qdata.reshape(groups).to(dtype) - zero_point.reshape(*groups[:2], 1).to(dtype)
+    return (w * scale.reshape(*groups[:2], 1)).reshape(out_features, in_features).to(dtype)
+
+
+def _check(x: Tensor, qdata: Tensor, scale: Tensor, group_size: int) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"quant_linear takes a 2-D input (tokens x in_features); got shape {tuple(x.shape)}")
+    in_features = qdata.shape[1] * (2 if qdata.dtype == torch.uint8 else 1)
+    if x.shape[1] != in_features or scale.shape[1] * group_size != in_features:
+        raise ValueError(
+            f"shapes do not fit: x {tuple(x.shape)}, qdata {tuple(qdata.shape)}, scale {tuple(scale.shape)}, "
+            f"group_size {group_size}"
+        )
+
+
+# ---- base quantized linear --------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("torchao_eora::quant_linear", mutates_args=())
+def quant_linear(
+    x: Tensor, qdata: Tensor, scale: Tensor, zero_point: Tensor, group_size: int, bias: Optional[Tensor] = None
+) -> Tensor:
+    """``x @ W_c^T + bias`` (reference implementation: dequantize, then one matmul)."""
+    _check(x, qdata, scale, group_size)
+    w = dequantize_intx(qdata, scale, zero_point, group_size, x.dtype)
+    return torch.nn.functional.linear(x, w, bias)
+
+
+@quant_linear.register_fake
+def _(x, qdata, scale, zero_point, group_size, bias=None):
+    return x.new_empty(x.shape[0], qdata.shape[0])
+
+
+@quant_linear.register_kernel("cuda")
+def _(x, qdata, scale, zero_point, group_size, bias=None):
+    from .kernels.dequant_gemm import quant_linear_triton
+
+    return quant_linear_triton(x, qdata, scale, zero_point, group_size, bias)
+
+
+def _quant_linear_setup(ctx, inputs, output):
+    x, qdata, scale, zero_point, group_size, bias = inputs
+    ctx.save_for_backward(qdata, scale, zero_point)
+    ctx.group_size = group_size
+    ctx.x_dtype = x.dtype
+    ctx.bias_needs_grad = bias is not None and bias.requires_grad
+
+
+def _quant_linear_backward(ctx, grad):
+    qdata, scale, zero_point = ctx.saved_tensors
+    w = dequantize_intx(qdata, scale, zero_point, ctx.group_size, grad.dtype)
+    grad_bias = grad.sum(0) if ctx.bias_needs_grad else None
+    return grad @ w, None, None, None, None, grad_bias
+
+
+quant_linear.register_autograd(_quant_linear_backward, setup_context=_quant_linear_setup)
+
+
+# ---- fused base + residual -------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("torchao_eora::eora_linear", mutates_args=())
+def eora_linear(
+    x: Tensor,
+    qdata: Tensor,
+    scale: Tensor,
+    zero_point: Tensor,
+    group_size: int,
+    A: Tensor,
+    B: Tensor,
+    bias: Optional[Tensor] = None,
+) -> Tensor:
+    """``x @ W_c^T + (x @ A^T) @ B^T + bias`` (reference implementation; CUDA fuses it into one kernel)."""
+    _check(x, qdata, scale, group_size)
+    w = dequantize_intx(qdata, scale, zero_point, group_size, x.dtype)
+    y = torch.addmm(bias, x, w.t()) if bias is not None else x @ w.t()
+    return torch.addmm(y, x @ A.t(), B.t())
+
+
+@eora_linear.register_fake
+def _(x, qdata, scale, zero_point, group_size, A, B, bias=None):
+    return x.new_empty(x.shape[0], qdata.shape[0])
+
+
+@eora_linear.register_kernel("cuda")
+def _(x, qdata, scale, zero_point, group_size, A, B, bias=None):
+    from .kernels.dequant_gemm import quant_linear_triton
+
+    return quant_linear_triton(x, qdata, scale, zero_point, group_size, bias, A, B)
+
+
+def _eora_linear_setup(ctx, inputs, output):
+    x, qdata, scale, zero_point, group_size, A, B, bias = inputs
+    ctx.save_for_backward(x, qdata, scale, zero_point, A, B)
+    ctx.group_size = group_size
+    ctx.bias_needs_grad = bias is not None and bias.requires_grad
+
+
+def _eora_linear_backward(ctx, grad):
+    x, qdata, scale, zero_point, A, B = ctx.saved_tensors
+    w = dequantize_intx(qdata, scale, zero_point, ctx.group_size, grad.dtype)
+    grad_t = grad @ B  # d/d(x A^T)
+    grad_x = grad @ w + grad_t @ A
+    grad_A = grad_t.t() @ x if A.requires_grad else None
+    grad_B = grad.t() @ (x @ A.t()) if B.requires_grad else None
+    grad_bias = grad.sum(0) if ctx.bias_needs_grad else None
+    return grad_x, None, None, None, None, grad_A, grad_B, grad_bias
+
+
+eora_linear.register_autograd(_eora_linear_backward, setup_context=_eora_linear_setup)
