@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch._inductor.decomposition import register_decomposition
 
 __all__ = ["quant_linear", "eora_linear", "dequantize_intx"]
 
@@ -139,3 +140,25 @@ def _eora_linear_backward(ctx, grad):
 
 
 eora_linear.register_autograd(_eora_linear_backward, setup_context=_eora_linear_setup)
+
+
+# ---- CPU lowering under torch.compile ----------------------------------------------------------------------------
+# On CPU there is no hand-written kernel that beats Inductor's own C++ codegen of "dequantize + matmul" (it fuses the
+# dequantize into the GEMV at decode), so under torch.compile both ops lower to their decomposition there. On CUDA
+# (returning NotImplemented keeps the op) they stay opaque and run the Triton kernels.
+
+
+@register_decomposition([torch.ops.torchao_eora.quant_linear.default])
+def _quant_linear_cpu_lowering(x, qdata, scale, zero_point, group_size, bias=None):
+    if x.device.type != "cpu":
+        return NotImplemented
+    w = dequantize_intx(qdata, scale, zero_point, group_size, x.dtype)
+    return torch.addmm(bias, x, w.t()) if bias is not None else torch.mm(x, w.t())
+
+
+@register_decomposition([torch.ops.torchao_eora.eora_linear.default])
+def _eora_linear_cpu_lowering(x, qdata, scale, zero_point, group_size, A, B, bias=None):
+    if x.device.type != "cpu":
+        return NotImplemented
+    y = _quant_linear_cpu_lowering(x, qdata, scale, zero_point, group_size, bias)
+    return y + torch.mm(torch.mm(x, A.t()), B.t())

@@ -1,0 +1,269 @@
+"""Speed of the residual path: per-layer latency and end-to-end decode, fp vs quantized vs EoRA unfused vs fused.
+
+    python benchmarks/speed.py                           # CPU: SmolLM2 and Llama-3-8B layer shapes, SmolLM2 decode
+    python benchmarks/speed.py --quick                   # SmolLM2 shapes, M in {1, 16}, short decode (~3 min on CPU)
+    python benchmarks/speed.py --json speed.json         # also write the rows (machine and versions included)
+
+Per layer (one nn.Linear of each distinct shape of the model), for M tokens in {1, 16, 128, 2048}:
+  fp          dense weight (fp32 on CPU, bf16 on CUDA)
+  torchao     torchao's stock IntxWeightOnlyConfig weight (int4, same group size): the base quantized layer users know
+  base        our QuantWithLowRank with a rank-0 residual: the ``torchao_eora::quant_linear`` op alone
+  unfused     EoRA rank r: ``quant_linear(x) + (x A^T) B^T`` (eager; compiled without the fusion pass)
+  fused       EoRA rank r: ``torchao_eora::eora_linear`` (eager: the op called directly; compiled: the Inductor pass)
+Timings are medians: ``triton.testing.do_bench`` on CUDA, ``torch.utils.benchmark`` on CPU. Adapter values do not
+change speed, so layers are random and models use data-free SVD adapters.
+
+End to end: greedy decode of SmolLM2-135M with a static KV cache, the decode step under ``torch.compile``:
+fp vs torchao int4 vs base quantized vs EoRA unfused vs EoRA fused, tokens/s. lm_head stays dense (as in the
+product: calibration never covers it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+import time
+from typing import Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+import torch._inductor.config as inductor_config
+from torchao.quantization import IntxWeightOnlyConfig, quantize_
+from torchao.quantization.granularity import PerGroup
+
+from torchao_eora import EoRAConfig, QuantWithLowRank, RTNConfig
+from torchao_eora.inductor_passes import FuseLowRankPass
+from torchao_eora.ops import eora_linear
+from torchao_eora.report import format_table
+from torchao_eora.solver import LowRankFactors
+
+# (name, out_features, in_features) of every distinct linear shape of a decoder layer.
+SHAPES = {
+    "smollm2-135m": [("q/o", 576, 576), ("k/v", 192, 576), ("gate/up", 1536, 576), ("down", 576, 1536)],
+    "llama3-8b": [("q/o", 4096, 4096), ("k/v", 1024, 4096), ("gate/up", 14336, 4096), ("down", 4096, 14336)],
+}
+VARIANTS = ["fp", "torchao", "base", "unfused", "fused"]
+
+
+# ---- per-layer -----------------------------------------------------------------------------------------------------
+
+
+class _FusedOp(torch.nn.Module):
+    """Calls the fused op directly: the eager "fused" row (compiled, the pass produces the same call)."""
+
+    def __init__(self, weight: QuantWithLowRank):
+        super().__init__()
+        self.w = weight
+
+    def forward(self, x):
+        w = self.w
+        y = eora_linear(
+            x.reshape(-1, x.shape[-1]), w.qdata, w.scale, w.zero_point, w.group_size, w.dequantize_A(x.dtype),
+            w.dequantize_B(x.dtype),
+        )
+        return y.reshape(*x.shape[:-1], -1)
+
+
+def layer_variants(out_f: int, in_f: int, rank: int, bits: int, group: int, dtype, device) -> dict:
+    """The five modules of one shape, sharing one random weight."""
+    g = torch.Generator().manual_seed(0)
+    dense = torch.randn(out_f, in_f, generator=g) / in_f**0.5
+    fp = torch.nn.Linear(in_f, out_f, bias=False)
+    fp.weight = torch.nn.Parameter(dense, requires_grad=False)
+    torchao = copy.deepcopy(fp)
+    quantize_(torchao, IntxWeightOnlyConfig(weight_dtype=getattr(torch, f"int{bits}"), granularity=PerGroup(group)))
+    compressed = RTNConfig(bits=bits, group_size=group).compress(dense)
+    factors = LowRankFactors(torch.randn(rank, in_f, generator=g) / 100, torch.randn(out_f, rank, generator=g) / 100)
+    eora_weight = QuantWithLowRank.from_parts(compressed, factors, dtype)
+    mods = {"fp": fp.to(dtype), "torchao": torchao.to(dtype)}
+    for name, weight in (("base", eora_weight.with_factors(factors.A[:0], factors.B[:, :0])), ("unfused", eora_weight)):
+        m = torch.nn.Linear(in_f, out_f, bias=False, device="meta")
+        m.weight = torch.nn.Parameter(weight, requires_grad=False)
+        mods[name] = m
+    mods["fused"] = _FusedOp(eora_weight)
+    return {k: v.to(device) for k, v in mods.items()}
+
+
+def median_ms(fn: Callable[[], torch.Tensor], device: str, min_run_time: float) -> float:
+    """Median latency in milliseconds (do_bench on CUDA, torch.utils.benchmark on CPU)."""
+    if device == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    from torch.utils.benchmark import Timer
+
+    fn()
+    return Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def compiled(module: torch.nn.Module, fuse: bool) -> Callable:
+    """torch.compile the module; the fusion pass is read when the first call compiles, so patch around calls."""
+    fn = torch.compile(module, fullgraph=True)
+    patch = inductor_config.patch(post_grad_custom_pre_pass=FuseLowRankPass() if fuse else None)
+
+    def call(x):
+        with patch:
+            return fn(x)
+
+    return call
+
+
+def bench_layers(args, device: str, dtype) -> list[dict]:
+    rows = []
+    for model in args.models:
+        for name, out_f, in_f in SHAPES[model]:
+            torch._dynamo.reset()  # every variant compiles nn.Linear.forward once per M: start each shape afresh
+            group = args.group_size if in_f % args.group_size == 0 else 64
+            mods = layer_variants(out_f, in_f, args.rank, args.bits, group, dtype, device)
+            runners = {("eager", k): m for k, m in mods.items()}
+            runners.update({("compiled", k): compiled(m, fuse=(k == "fused")) for k, m in mods.items()})
+            runners[("compiled", "fused")] = compiled(mods["unfused"], fuse=True)  # the pass, not the direct call
+            for mode in args.modes:
+                for m_tokens in args.tokens:
+                    gflop = 2 * m_tokens * out_f * in_f / 1e9
+                    row = {"model": model, "layer": name, "shape": f"{out_f}x{in_f}", "mode": mode, "M": m_tokens}
+                    if device == "cpu" and gflop > args.max_gflop:
+                        rows.append({**row, "skipped": f"> {args.max_gflop} GFLOP on CPU"})
+                        continue
+                    x = torch.randn(m_tokens, in_f, device=device, dtype=dtype)
+                    with torch.no_grad():
+                        for variant in VARIANTS:
+                            run = runners[(mode, variant)]
+                            row[variant] = median_ms(lambda: run(x), device, args.min_run_time)
+                    row["fused/base"] = row["fused"] / row["base"]
+                    row["fused/unfused"] = row["fused"] / row["unfused"]
+                    rows.append(row)
+                    print(format_table([row], ["layer", "mode", "M", *VARIANTS, "fused/base", "fused/unfused"]),
+                          flush=True)
+    return rows
+
+
+# ---- end-to-end decode ---------------------------------------------------------------------------------------------
+
+
+def decode_models(rank: int, bits: int, group: int, dtype, device) -> dict:
+    from torchao_eora.data import load_model
+
+    fp, tokenizer = load_model(dtype=dtype)
+    fp = fp.to(device)
+    not_head = lambda module, fqn: isinstance(module, torch.nn.Linear) and "lm_head" not in fqn  # noqa: E731
+    models = {"fp": fp}
+    models["torchao"] = copy.deepcopy(fp)
+    quantize_(models["torchao"], IntxWeightOnlyConfig(getattr(torch, f"int{bits}"), PerGroup(group)), not_head)
+    base = RTNConfig(bits=bits, group_size=group)
+    models["base"] = copy.deepcopy(fp)
+    quantize_(models["base"], EoRAConfig(rank=rank, base=base, method="none"), not_head)
+    models["unfused"] = copy.deepcopy(fp)
+    quantize_(models["unfused"], EoRAConfig(rank=rank, base=base, method="svd"), not_head)
+    models["fused"] = models["unfused"]
+    return models
+
+
+def decode_tokens_per_s(model, prompt_len: int, new_tokens: int, fuse: bool, device: str) -> float:
+    """Greedy decode with a static cache; the one-token step compiled (fullgraph, static shapes)."""
+    from transformers import StaticCache
+
+    torch._dynamo.reset()
+    cache = StaticCache(config=model.config, max_cache_len=prompt_len + new_tokens + 8)
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt_len), device=device)
+    step = torch.compile(model.forward, fullgraph=True, dynamic=False)
+    patch = inductor_config.patch(post_grad_custom_pre_pass=FuseLowRankPass() if fuse else None)
+    with torch.no_grad(), patch:
+        out = model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(prompt_len, device=device))
+        token = out.logits[:, -1:].argmax(-1)
+        pos = prompt_len
+
+        def one():
+            nonlocal token, pos
+            logits = step(input_ids=token, past_key_values=cache,
+                          cache_position=torch.tensor([pos], device=device)).logits
+            token, pos = logits[:, -1:].argmax(-1), pos + 1
+
+        for _ in range(3):  # compile and warm up
+            one()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            one()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return new_tokens / (time.perf_counter() - start)
+
+
+def bench_decode(args, device: str, dtype) -> list[dict]:
+    models = decode_models(args.rank, args.bits, 64, dtype, device)
+    row = {"model": "smollm2-135m", "prompt": args.prompt_len, "new_tokens": args.new_tokens}
+    for variant in VARIANTS:
+        row[variant] = decode_tokens_per_s(models[variant], args.prompt_len, args.new_tokens, variant == "fused", device)
+        print(f"decode {variant}: {row[variant]:.1f} tokens/s", flush=True)
+    row["fused/base"] = row["fused"] / row["base"]
+    return [row]
+
+
+# ---- main ----------------------------------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", choices=sorted(SHAPES), default=["smollm2-135m", "llama3-8b"],
+                   help="whose layer shapes to time (default: both)")
+    p.add_argument("--tokens", nargs="+", type=int, default=[1, 16, 128, 2048],
+                   help="M, the number of tokens per matmul (default: 1 16 128 2048)")
+    p.add_argument("--modes", nargs="+", choices=["eager", "compiled"], default=["eager", "compiled"],
+                   help="eager and/or torch.compile (default: both)")
+    p.add_argument("--rank", type=int, default=64, help="EoRA rank (default 64)")
+    p.add_argument("--bits", type=int, default=4, help="base weight bits (default 4; speed is the same for 2-8 "
+                   "because values are stored in int8)")
+    p.add_argument("--group-size", type=int, default=128,
+                   help="quantization group size (default 128; 64 where it does not divide in_features)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="activation/compute dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--max-gflop", type=float, default=20.0,
+                   help="on CPU, skip layer timings above this many GFLOP per call (default 20)")
+    p.add_argument("--min-run-time", type=float, default=0.3, help="CPU: seconds of timing per measurement")
+    p.add_argument("--no-layers", action="store_true", help="skip the per-layer table")
+    p.add_argument("--no-decode", action="store_true", help="skip end-to-end decode")
+    p.add_argument("--prompt-len", type=int, default=32, help="decode: prompt tokens (default 32)")
+    p.add_argument("--new-tokens", type=int, default=64, help="decode: timed generated tokens (default 64)")
+    p.add_argument("--quick", action="store_true", help="SmolLM2 shapes, M in {1, 16}, 16 decoded tokens")
+    p.add_argument("--json", help="write rows, machine and versions to this JSON file")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.models, args.tokens, args.new_tokens = ["smollm2-135m"], [1, 16], 16
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch._dynamo.config.recompile_limit = 64  # five modules share nn.Linear.forward's code object
+    dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32}.get(args.dtype) or getattr(torch, args.dtype)
+    print(f"machine: {machine()}; torch {torch.__version__}; dtype {dtype}; rank {args.rank}; int{args.bits}")
+    layers = [] if args.no_layers else bench_layers(args, device, dtype)
+    decode = [] if args.no_decode else bench_decode(args, device, dtype)
+
+    if layers:
+        print("\nPer-layer latency, ms (median)\n")
+        cols = ["model", "layer", "shape", "mode", "M", *VARIANTS, "fused/base", "fused/unfused", "skipped"]
+        print(format_table(layers, cols, markdown=True))
+    if decode:
+        print("\nDecode, tokens/s (SmolLM2-135M, compiled step)\n")
+        print(format_table(decode, ["model", "prompt", "new_tokens", *VARIANTS, "fused/base"], markdown=True))
+    if args.json:
+        meta = {"machine": machine(), "device": device, "dtype": str(dtype), "torch": torch.__version__,
+                "python": sys.version.split()[0], "rank": args.rank, "bits": args.bits}
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "layers": layers, "decode": decode}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
