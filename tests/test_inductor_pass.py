@@ -247,3 +247,19 @@ def test_second_compile_hits_the_fx_graph_cache():
                 assert first == (1, 0) and counters["torchao_eora"]["fused_low_rank"] == 1
         assert counters["inductor"]["fxgraph_cache_hit"] == 1
         assert counters["torchao_eora"]["fused_low_rank"] == 0  # the cached, already fused graph was reused
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the Triton kernels behind the ops)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tokens", [1, 16, 300])
+def test_cuda_fused_kernel_under_compile_matches_eager(dtype, tokens):
+    lin = _linear(True).to("cuda", dtype)
+    x = torch.randn(tokens, IN, device="cuda", dtype=dtype)
+    out, fused = _compiled_with_pass(lin, x)
+    assert fused == 1
+    with torch.no_grad():
+        w = lin.weight
+        reference = x.double() @ w.dequantize(torch.float32).double().T + lin.bias.double()
+    err = (out.double() - reference).abs().max() / reference.abs().max()
+    assert err < (1.6e-2 if dtype == torch.bfloat16 else 2e-3)  # output rounding of the dtype, with headroom
