@@ -122,7 +122,9 @@ def bench_layers(args, device: str, dtype) -> list[dict]:
             mods = layer_variants(out_f, in_f, args.rank, args.bits, group, dtype, device)
             runners = {("eager", k): m for k, m in mods.items()}
             runners.update({("compiled", k): compiled(m, fuse=(k == "fused")) for k, m in mods.items()})
-            runners[("compiled", "fused")] = compiled(mods["unfused"], fuse=True)  # the pass, not the direct call
+            # Compiled "fused" is the pass on the unfused module. A separate copy: Dynamo would otherwise reuse the
+            # graph compiled for the same module without the pass (the Inductor config is not part of its guards).
+            runners[("compiled", "fused")] = compiled(copy.deepcopy(mods["unfused"]), fuse=True)
             for mode in args.modes:
                 for m_tokens in args.tokens:
                     gflop = 2 * m_tokens * out_f * in_f / 1e9
@@ -160,48 +162,54 @@ def decode_models(rank: int, bits: int, group: int, dtype, device) -> dict:
     quantize_(models["base"], EoRAConfig(rank=rank, base=base, method="none"), not_head)
     models["unfused"] = copy.deepcopy(fp)
     quantize_(models["unfused"], EoRAConfig(rank=rank, base=base, method="svd"), not_head)
-    models["fused"] = models["unfused"]
+    models["fused"] = copy.deepcopy(models["unfused"])  # its own module: Dynamo would reuse the unfused graph
     return models
 
 
-def decode_tokens_per_s(model, prompt_len: int, new_tokens: int, fuse: bool, device: str) -> float:
-    """Greedy decode with a static cache; the one-token step compiled (fullgraph, static shapes)."""
-    from transformers import StaticCache
+class Decoder:
+    """Greedy decode of one model with a static KV cache, the one-token step compiled (fullgraph, static shapes)."""
 
-    torch._dynamo.reset()
-    cache = StaticCache(config=model.config, max_cache_len=prompt_len + new_tokens + 8)
-    ids = torch.randint(0, model.config.vocab_size, (1, prompt_len), device=device)
-    step = torch.compile(model.forward, fullgraph=True, dynamic=False)
-    patch = inductor_config.patch(post_grad_custom_pre_pass=FuseLowRankPass() if fuse else None)
-    with torch.no_grad(), patch:
-        out = model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(prompt_len, device=device))
-        token = out.logits[:, -1:].argmax(-1)
-        pos = prompt_len
+    def __init__(self, model, prompt_len: int, max_new: int, fuse: bool, device: str):
+        from transformers import StaticCache
 
-        def one():
-            nonlocal token, pos
-            logits = step(input_ids=token, past_key_values=cache,
-                          cache_position=torch.tensor([pos], device=device)).logits
-            token, pos = logits[:, -1:].argmax(-1), pos + 1
+        self.model, self.device = model, device
+        self.cache = StaticCache(config=model.config, max_cache_len=prompt_len + max_new + 8)
+        self.step = torch.compile(model.forward, fullgraph=True, dynamic=False)
+        ids = torch.randint(0, model.config.vocab_size, (1, prompt_len), device=device)
+        positions = torch.arange(prompt_len, device=device)
+        # The pass is read when the step compiles, i.e. during the warm-up calls below.
+        with torch.no_grad(), inductor_config.patch(post_grad_custom_pre_pass=FuseLowRankPass() if fuse else None):
+            logits = model(input_ids=ids, past_key_values=self.cache, cache_position=positions).logits
+            self.token, self.pos = logits[:, -1:].argmax(-1), prompt_len
+            self.seconds(3)
 
-        for _ in range(3):  # compile and warm up
-            one()
-        if device == "cuda":
-            torch.cuda.synchronize()
+    @torch.no_grad()
+    def seconds(self, tokens: int) -> float:
+        """Wall time to decode ``tokens`` more tokens."""
+        sync = torch.cuda.synchronize if self.device == "cuda" else (lambda: None)
+        sync()
         start = time.perf_counter()
-        for _ in range(new_tokens):
-            one()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return new_tokens / (time.perf_counter() - start)
+        for _ in range(tokens):
+            position = torch.tensor([self.pos], device=self.device)
+            logits = self.step(input_ids=self.token, past_key_values=self.cache, cache_position=position).logits
+            self.token, self.pos = logits[:, -1:].argmax(-1), self.pos + 1
+        sync()
+        return time.perf_counter() - start
 
 
 def bench_decode(args, device: str, dtype) -> list[dict]:
+    """Tokens/s per variant; variants take turns in several rounds so machine drift hits them alike."""
     models = decode_models(args.rank, args.bits, 64, dtype, device)
-    row = {"model": "smollm2-135m", "prompt": args.prompt_len, "new_tokens": args.new_tokens}
-    for variant in VARIANTS:
-        row[variant] = decode_tokens_per_s(models[variant], args.prompt_len, args.new_tokens, variant == "fused", device)
-        print(f"decode {variant}: {row[variant]:.1f} tokens/s", flush=True)
+    rounds = 4
+    decoders = {v: Decoder(models[v], args.prompt_len, args.new_tokens, v == "fused", device) for v in VARIANTS}
+    seconds = {v: 0.0 for v in VARIANTS}
+    for _ in range(rounds):
+        for v, decoder in decoders.items():
+            seconds[v] += decoder.seconds(args.new_tokens // rounds)
+    row = {"model": "smollm2-135m", "prompt": args.prompt_len, "new_tokens": args.new_tokens // rounds * rounds}
+    for v in VARIANTS:
+        row[v] = row["new_tokens"] / seconds[v]
+        print(f"decode {v}: {row[v]:.1f} tokens/s", flush=True)
     row["fused/base"] = row["fused"] / row["base"]
     return [row]
 

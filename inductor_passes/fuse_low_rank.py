@@ -210,8 +210,10 @@ def fusion_pass_installed() -> bool:
 def install_fusion_pass() -> None:
     """Install the fusion as Inductor's ``post_grad_custom_pre_pass``, chaining any pass already there.
 
-    Idempotent. Affects later ``torch.compile`` calls in this process; use
-    ``torch._inductor.config.patch(post_grad_custom_pre_pass=FuseLowRankPass())`` for a scoped install.
+    Idempotent. Affects graphs compiled afterwards in this process; a module already compiled keeps its graph
+    (Dynamo's guards do not include Inductor's config), so install before the first call, or
+    ``torch._dynamo.reset()``. For a scoped install use
+    ``torch._inductor.config.patch(post_grad_custom_pre_pass=FuseLowRankPass())``.
     """
     if not fusion_pass_installed():
         inductor_config.post_grad_custom_pre_pass = FuseLowRankPass(then=inductor_config.post_grad_custom_pre_pass)
