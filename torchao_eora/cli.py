@@ -79,6 +79,14 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compensation", default="eora", choices=["eora", "svd", "none"],
                    help="eora: activation-weighted closed form (default); svd: plain SVD of the error, data-free; "
                         "none: compression only")
+    g.add_argument("--adapter-bits", type=int, default=None,
+                   help="quantize A and B to this many bits, 2..8 (4 recommended), torchao intx layout; default: "
+                        "adapters in the model dtype")
+    g.add_argument("--adapter-group-size", type=int, default=32,
+                   help="adapter values per scale (A: along in_features, B: along the rank); must divide the rank "
+                        "and every in_features (default 32)")
+    g.add_argument("--no-adapter-resolve", action="store_true",
+                   help="with --adapter-bits: quantize B as solved, without re-solving it against the quantized A")
     g = p.add_argument_group("calibration")
     g.add_argument("--calib-source", default="wikipedia", choices=["wikipedia", "bbc"],
                    help="calibration text: Wikipedia articles disjoint from the evaluation ones (default), or BBC News")
@@ -184,7 +192,11 @@ def _config_from_args(args) -> "EoRAConfig":
             base = PruneConfig(args.prune or "sparsegpt", quantizer=quantizer, percdamp=args.percdamp, **args.sparsity)
         except ValueError as e:
             fail(str(e))
-    return EoRAConfig(rank=args.rank, base=base, method=args.compensation)
+    try:
+        return EoRAConfig(rank=args.rank, base=base, method=args.compensation, adapter_bits=args.adapter_bits,
+                          adapter_group_size=args.adapter_group_size, adapter_resolve=not args.no_adapter_resolve)
+    except ValueError as e:
+        fail(str(e))
 
 
 def cmd_quantize(args) -> int:

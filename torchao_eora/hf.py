@@ -1,5 +1,6 @@
 """Hugging Face glue: save a compressed model as safetensors + a config.json carrying ``TorchAoConfig(EoRAConfig)``,
-load it back strictly, and teach transformers' torchao quantizer the two fields it does not know (``A``, ``B``).
+load it back strictly, and teach transformers' torchao quantizer the fields it does not know (``A``, ``B``, and the
+scales and zero points of quantized adapters).
 
 ``import torchao_eora`` calls :func:`extend_transformers_torchao`, so plain
 ``AutoModelForCausalLM.from_pretrained(dir)`` reloads our checkpoints, and
@@ -44,7 +45,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # QuantWithLowRank's fields beyond those transformers' torchao quantizer reloads (qdata, scale, zero_point, ...).
-_EXTRA_FIELDS = ("A", "B")
+# Longer names first: transformers 5.17 matches the names as one regex alternation, first branch wins, so
+# "_weight_A" listed before "_weight_A_scale" would claim (and mis-rename) the scale's key.
+_EXTRA_FIELDS = ("A_scale", "A_zero_point", "B_scale", "B_zero_point", "A", "B")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
@@ -260,9 +263,15 @@ def _low_rank_layout(prefix: str, meta: dict, shapes: dict, model_shape: tuple[i
     out_features, in_features = model_shape or shapes.get(prefix + "qdata") or (None, None)
     rank = (shapes.get(prefix + "A") or [None])[0]
     layout = {"qdata": (out_features, in_features), "A": (rank, in_features), "B": (out_features, rank)}
-    group_size = meta.get("_data", {}).get("group_size")
+    data = meta.get("_data", {})
+    group_size = data.get("group_size")
     if group_size and in_features:
         layout["scale"] = layout["zero_point"] = (out_features, in_features // group_size)
+    adapter_group_size = data.get("adapter_group_size")
+    if adapter_group_size and in_features and rank is not None:
+        layout["A_scale"] = layout["A_zero_point"] = (rank, in_features // adapter_group_size)
+    if adapter_group_size and rank is not None:
+        layout["B_scale"] = layout["B_zero_point"] = (out_features, rank // adapter_group_size)
     return {f: shape for f, shape in layout.items() if None not in shape}
 
 
@@ -272,7 +281,8 @@ def _low_rank_layout(prefix: str, meta: dict, shapes: dict, model_shape: tuple[i
 def extend_transformers_torchao() -> bool:
     """Teach transformers' ``TorchAoHfQuantizer`` about ``QuantWithLowRank``; idempotent, called at import.
 
-    * Reload: add ``_<param>_A`` / ``_<param>_B`` to the serialized names it collects per parameter
+    * Reload: add ``_<param>_A`` / ``_<param>_B`` (and ``_A_scale``, ``_A_zero_point``, ``_B_scale``,
+      ``_B_zero_point`` of quantized adapters) to the serialized names it collects per parameter
       (``serialized_names`` in transformers >= 5.2x, ``get_weight_conversions`` in 5.17).
     * Before loading an EoRA checkpoint: :func:`check_checkpoint`, so a missing, extra or mis-shaped tensor fails
       with its name (instead of a generic conversion error, a warning, or nothing at all).

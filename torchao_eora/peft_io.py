@@ -5,6 +5,10 @@ A layer ``y = W_c x + B (A x)`` is a LoRA layer on the compressed base ``W_c`` w
 ``adapter_model.safetensors`` + ``adapter_config.json`` (the format PEFT, vLLM and SGLang load) beside a base-only
 checkpoint (the same model with rank-0 residuals); :func:`import_peft` folds any PEFT LoRA adapter back into
 ``QuantWithLowRank`` weights.
+
+PEFT has no integer adapters: quantized adapters (``EoRAConfig(adapter_bits=...)``) are exported dequantized, as
+floating ``lora_A`` / ``lora_B`` in the model dtype holding exactly the values the layer computes with (same outputs,
+none of the size saving); an imported adapter is always full precision.
 """
 
 from __future__ import annotations
@@ -95,7 +99,7 @@ def export_peft(
     """Write the EoRA residuals of ``model`` as a PEFT LoRA adapter, atomically.
 
     ``out_dir`` receives ``adapter_model.safetensors`` (``base_model.model.<module>.lora_A.weight`` = ``A``,
-    ``...lora_B.weight`` = ``B``) and ``adapter_config.json`` (``lora_alpha = r``, per-module ``rank_pattern`` /
+    ``...lora_B.weight`` = ``B``, dequantized to the model dtype when the adapters are intx) and ``adapter_config.json`` (``lora_alpha = r``, per-module ``rank_pattern`` /
     ``alpha_pattern`` when ranks differ). With ``save_base``, ``out_dir/base`` receives the base-only checkpoint:
     this model with rank-0 residuals, loadable with ``from_pretrained`` after ``import torchao_eora``.
     ``PeftModel.from_pretrained(base, out_dir)`` then computes what ``model`` computes; ``model`` keeps its residuals.

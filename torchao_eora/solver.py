@@ -24,6 +24,10 @@ GPTQModel PR #3014), and no eigenvalue cut-off trades accuracy for safety. ``B A
 The split ``S^1/2 | S^1/2`` keeps ``A`` and ``B`` on the same scale, which matters once they are quantized.
 
 Plain SVD of ``dW`` (ZeroQuant-V2's LoRC) is the ``C = I`` special case and the baseline EoRA must beat.
+
+Quantized adapters (:func:`resolve_B`): once ``A`` is rounded to ``A_q``, the best ``B`` for that ``A_q`` is again a
+least-squares problem in the same activation-weighted norm, ``B = dW C A_q^T (A_q C A_q^T)^+``, so ``B`` absorbs
+``A``'s rounding error before it is quantized itself.
 Everything runs in fp64: ``dW`` is tiny relative to ``W`` and ``C`` can be badly conditioned.
 """
 
@@ -39,6 +43,7 @@ __all__ = [
     "LowRankFactors",
     "eigen_of",
     "eora_factors",
+    "resolve_B",
     "svd_factors",
     "weighted_error",
     "check_rank",
@@ -185,6 +190,23 @@ def eora_factors(
         return _balanced(d, *_truncate(vectors, values.sqrt(), rank), rank)  # eigenvalues of dW C dW^T are s^2
 
     raise ValueError(f"form must be 'auto', 'eigen' or 'inverse_free', got {form!r}")
+
+
+def resolve_B(delta: torch.Tensor, A: torch.Tensor, second_moment: torch.Tensor | None = None) -> torch.Tensor:
+    """The ``B`` (out x r) minimising ``||(delta - B A) X^T||_F`` for a fixed ``A`` (r x in), ``C = X^T X``.
+
+    ``B = delta C A^T (A C A^T)^+`` (``C = I`` when ``second_moment`` is None: the plain Frobenius norm). Used after
+    ``A`` is quantized, so that ``B`` compensates ``A``'s rounding error. The pseudo-inverse (eigenvalues of the
+    small ``r x r`` matrix below ``r * eps * max`` dropped) keeps zero rows of ``A`` (rank-deficient errors, dead
+    channels) from dividing by zero: their columns of ``B`` come out zero. Returns fp32.
+    """
+    d, a = delta.to(torch.float64), A.to(torch.float64)
+    ca = a.T if second_moment is None else second_moment.to(torch.float64) @ a.T  # C A^T (in x r), C symmetric
+    gram = a @ ca  # A C A^T (r x r)
+    values, vectors = torch.linalg.eigh(0.5 * (gram + gram.T))
+    limit = max(gram.shape[0], 1) * _REL_EPS * values.abs().max().clamp_min(0.0) if values.numel() else 0.0
+    inv = torch.where(values > limit, 1.0 / values, torch.zeros_like(values))
+    return ((d @ ca) @ (vectors * inv) @ vectors.T).float().contiguous()
 
 
 def weighted_error(delta: torch.Tensor, factors: LowRankFactors | None, second_moment: torch.Tensor) -> float:

@@ -2,8 +2,10 @@
 
 The base weight uses torchao's portable intx fields (``qdata`` int8 holding intN values, per-group ``scale`` and
 ``zero_point``, as in ``IntxUnpackedToInt8Tensor``), or a dense pruned ``qdata`` with no scale. ``A`` (r x in) and
-``B`` (out x r) are plain tensors in the compute dtype. Every inner tensor is a plain contiguous tensor so the
-subclass flattens one level deep (torch.compile, state_dict, safetensors).
+``B`` (out x r) are plain tensors in the compute dtype, or, quantized (``adapter_dtype`` set), int8 tensors holding
+intN values with their own per-group ``A_scale`` / ``A_zero_point`` and ``B_scale`` / ``B_zero_point`` (the same
+layout as the base; ``A`` grouped along ``in``, ``B`` along the rank). Every inner tensor is a plain contiguous
+tensor so the subclass flattens one level deep (torch.compile, state_dict, safetensors).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import return_and_correct_aliasing
 from torchao.utils import TorchAOBaseTensor, fill_defaults
 
+from .adapter_quant import QuantizedFactors
 from .compression import CompressedWeight, dequantize_weight
 from .ops import quant_linear
 from .solver import LowRankFactors
@@ -30,13 +33,18 @@ class QuantWithLowRank(TorchAOBaseTensor):
 
     Tensor fields: ``qdata`` (out x in; int8 intN values, or floating point for a pruned-only base), ``A``
     (rank x in), ``B`` (out x rank), and optional ``scale`` / ``zero_point`` (out x in/group_size).
+    Quantized adapters add ``A_scale`` / ``A_zero_point`` (rank x in/adapter_group_size) and ``B_scale`` /
+    ``B_zero_point`` (out x rank/adapter_group_size); ``A`` and ``B`` are then int8.
     Attributes: ``target_dtype`` (``torch.int2`` .. ``torch.int8``, or None for a dense base), ``group_size``,
-    ``dtype`` (the compute / dequantized dtype).
+    ``dtype`` (the compute / dequantized dtype), ``adapter_dtype`` (``torch.int2`` .. ``torch.int8``, or None for
+    full-precision adapters) and ``adapter_group_size``.
     """
 
     tensor_data_names = ["qdata", "A", "B"]
     tensor_attribute_names = ["target_dtype", "group_size", "dtype"]
-    optional_tensor_data_names = ["scale", "zero_point"]
+    # New fields go at the end (constructor order = these lists): other code builds this class positionally.
+    optional_tensor_data_names = ["scale", "zero_point", "A_scale", "A_zero_point", "B_scale", "B_zero_point"]
+    optional_tensor_attribute_names = ["adapter_dtype", "adapter_group_size"]
 
     def __new__(
         cls,
@@ -48,6 +56,12 @@ class QuantWithLowRank(TorchAOBaseTensor):
         dtype: torch.dtype,
         scale: Optional[torch.Tensor] = None,
         zero_point: Optional[torch.Tensor] = None,
+        A_scale: Optional[torch.Tensor] = None,
+        A_zero_point: Optional[torch.Tensor] = None,
+        B_scale: Optional[torch.Tensor] = None,
+        B_zero_point: Optional[torch.Tensor] = None,
+        adapter_dtype: Optional[torch.dtype] = None,
+        adapter_group_size: Optional[int] = None,
     ):
         return torch.Tensor._make_wrapper_subclass(
             cls, qdata.shape, dtype=dtype, device=qdata.device, requires_grad=False
@@ -63,6 +77,12 @@ class QuantWithLowRank(TorchAOBaseTensor):
         dtype: torch.dtype,
         scale: Optional[torch.Tensor] = None,
         zero_point: Optional[torch.Tensor] = None,
+        A_scale: Optional[torch.Tensor] = None,
+        A_zero_point: Optional[torch.Tensor] = None,
+        B_scale: Optional[torch.Tensor] = None,
+        B_zero_point: Optional[torch.Tensor] = None,
+        adapter_dtype: Optional[torch.dtype] = None,
+        adapter_group_size: Optional[int] = None,
     ):
         super().__init__()
         out_features, in_features = qdata.shape
@@ -73,6 +93,14 @@ class QuantWithLowRank(TorchAOBaseTensor):
             )
         if target_dtype is not None and (scale is None or zero_point is None or qdata.dtype != torch.int8):
             raise ValueError("an intx base needs int8 qdata plus scale and zero_point")
+        adapter_fields = (A_scale, A_zero_point, B_scale, B_zero_point)
+        if adapter_dtype is not None and (
+            any(t is None for t in adapter_fields) or A.dtype != torch.int8 or B.dtype != torch.int8
+            or not adapter_group_size
+        ):
+            raise ValueError("intx adapters need int8 A and B, A/B scale and zero_point, and adapter_group_size")
+        if adapter_dtype is None and any(t is not None for t in adapter_fields):
+            raise ValueError("adapter scales or zero points given without adapter_dtype")
         self.qdata = qdata
         self.A = A
         self.B = B
@@ -80,28 +108,45 @@ class QuantWithLowRank(TorchAOBaseTensor):
         self.group_size = group_size
         self.scale = scale
         self.zero_point = zero_point
+        self.A_scale = A_scale
+        self.A_zero_point = A_zero_point
+        self.B_scale = B_scale
+        self.B_zero_point = B_zero_point
+        self.adapter_dtype = adapter_dtype
+        self.adapter_group_size = adapter_group_size
 
     # ---- construction and views -------------------------------------------------------------------------------
 
     @classmethod
     def from_parts(
-        cls, base: CompressedWeight, factors: LowRankFactors, dtype: torch.dtype = torch.float32
+        cls,
+        base: CompressedWeight,
+        factors: LowRankFactors | QuantizedFactors,
+        dtype: torch.dtype = torch.float32,
     ) -> "QuantWithLowRank":
-        """Assemble from a compressed base and low-rank factors; floating fields are cast to ``dtype``."""
+        """Assemble from a compressed base and low-rank factors (full precision, or intx ``QuantizedFactors``);
+        floating fields are cast to ``dtype``."""
         qdata = base.qdata.contiguous() if base.bits is not None else base.qdata.to(dtype).contiguous()
-        return cls(
-            qdata,
-            factors.A.to(dtype).contiguous(),
-            factors.B.to(dtype).contiguous(),
+        base_fields = (
             base.target_dtype,
             base.group_size,
             dtype,
             None if base.scale is None else base.scale.to(dtype).contiguous(),
             None if base.zero_point is None else base.zero_point.contiguous(),
         )
+        if isinstance(factors, QuantizedFactors):
+            qa, qb = factors.A, factors.B
+            return cls(
+                qdata, qa.qdata.contiguous(), qb.qdata.contiguous(), *base_fields,
+                qa.scale.to(dtype).contiguous(), qa.zero_point.contiguous(),
+                qb.scale.to(dtype).contiguous(), qb.zero_point.contiguous(),
+                qa.target_dtype, factors.group_size,
+            )
+        return cls(qdata, factors.A.to(dtype).contiguous(), factors.B.to(dtype).contiguous(), *base_fields)
 
     def with_factors(self, A: torch.Tensor, B: torch.Tensor) -> "QuantWithLowRank":
-        """The same compressed base with new full-precision factors (rank may change, even to 0)."""
+        """The same compressed base with new full-precision factors (rank may change, even to 0); quantized
+        adapters are replaced too (the result has full-precision ones)."""
         return QuantWithLowRank(
             self.qdata, A.to(self.dtype).contiguous(), B.to(self.dtype).contiguous(), self.target_dtype,
             self.group_size, self.dtype, self.scale, self.zero_point,
@@ -113,7 +158,12 @@ class QuantWithLowRank(TorchAOBaseTensor):
 
     @property
     def bits(self) -> Optional[int]:
-        return None if self.target_dtype is None else int(str(self.target_dtype).removeprefix("torch.int"))
+        return _bits_of(self.target_dtype)
+
+    @property
+    def adapter_bits(self) -> Optional[int]:
+        """Bit width of quantized adapters, or None for full-precision ``A`` and ``B``."""
+        return _bits_of(self.adapter_dtype)
 
     def base(self) -> CompressedWeight:
         return CompressedWeight(self.qdata, self.scale, self.zero_point, self.bits, self.group_size)
@@ -126,11 +176,19 @@ class QuantWithLowRank(TorchAOBaseTensor):
 
     def dequantize_A(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The down-projection ``A`` (rank x in) in a floating dtype; every consumer of A goes through here."""
-        return self.A.to(dtype or self.dtype)
+        if self.adapter_dtype is None:
+            return self.A.to(dtype or self.dtype)
+        return dequantize_weight(
+            self.A, self.A_scale, self.A_zero_point, self.adapter_dtype, self.adapter_group_size, dtype or self.dtype
+        )
 
     def dequantize_B(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The up-projection ``B`` (out x rank) in a floating dtype; every consumer of B goes through here."""
-        return self.B.to(dtype or self.dtype)
+        if self.adapter_dtype is None:
+            return self.B.to(dtype or self.dtype)
+        return dequantize_weight(
+            self.B, self.B_scale, self.B_zero_point, self.adapter_dtype, self.adapter_group_size, dtype or self.dtype
+        )
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The dense effective weight ``W_c + B @ A`` (what a merged, plain checkpoint would hold)."""
@@ -142,11 +200,23 @@ class QuantWithLowRank(TorchAOBaseTensor):
             return f"dense {self.qdata.dtype}".replace("torch.", "")
         return f"int{self.bits} g{self.group_size}"
 
+    def describe_adapters(self) -> str:
+        if self.adapter_dtype is None:
+            return str(self.dtype).replace("torch.", "")
+        return f"int{self.adapter_bits} g{self.adapter_group_size}"
+
     def _quantization_type(self) -> str:
-        return f"base={self.describe_base()}, rank={self.rank}, shape={tuple(self.shape)}, dtype={self.dtype}"
+        return (
+            f"base={self.describe_base()}, rank={self.rank}, adapters={self.describe_adapters()}, "
+            f"shape={tuple(self.shape)}, dtype={self.dtype}"
+        )
 
     def __repr__(self) -> str:
         return f"QuantWithLowRank({self._quantization_type()}, device={self.device})"
+
+
+def _bits_of(dtype: Optional[torch.dtype]) -> Optional[int]:
+    return None if dtype is None else int(str(dtype).removeprefix("torch.int"))
 
 
 def _register_with_torchao_safetensors() -> None:
@@ -218,40 +288,54 @@ def _(func, types, args, kwargs):
     def floating(t):
         return None if t is None else t.to(device=device, dtype=dtype)
 
+    def moved(t):
+        return None if t is None else t.to(device)
+
     qdata = self.qdata.to(device) if self.target_dtype is not None else floating(self.qdata)
-    zero_point = None if self.zero_point is None else self.zero_point.to(device)
+    quantized_adapters = self.adapter_dtype is not None
+    A, B = (moved(self.A), moved(self.B)) if quantized_adapters else (floating(self.A), floating(self.B))
     new = QuantWithLowRank(
-        qdata, floating(self.A), floating(self.B), self.target_dtype, self.group_size, dtype,
-        floating(self.scale), zero_point,
+        qdata, A, B, self.target_dtype, self.group_size, dtype, floating(self.scale), moved(self.zero_point),
+        floating(self.A_scale), moved(self.A_zero_point), floating(self.B_scale), moved(self.B_zero_point),
+        self.adapter_dtype, self.adapter_group_size,
     )
     return return_and_correct_aliasing(func, args, kwargs, new)
 
 
 @implements(aten.slice.Tensor)
 def _(func, types, args, kwargs):
-    """Row (output) or column (input) slices for tensor parallelism; columns must align with quant groups."""
+    """Row (output) or column (input) slices for tensor parallelism; columns must align with quant groups.
+
+    Rows cut ``qdata`` and ``B`` (with ``B``'s per-row groups); columns cut ``qdata`` and ``A`` (with ``A``'s
+    groups along ``in``, so they must align with ``adapter_group_size`` too).
+    """
     self: QuantWithLowRank = args[0]
     _, dim, start, end, step = fill_defaults(args, 5, [0, None, None, 1])
     size = self.shape[dim]
     start, end = (start or 0), min(size if end is None else end, size)
     if step != 1:
         raise NotImplementedError("QuantWithLowRank only supports contiguous slices (step 1)")
+    def cut(t, index):
+        return None if t is None else t[index]
+
     if dim == 0:
         rows = slice(start, end)
         new = QuantWithLowRank(
             self.qdata[rows], self.A, self.B[rows], self.target_dtype, self.group_size, self.dtype,
-            None if self.scale is None else self.scale[rows],
-            None if self.zero_point is None else self.zero_point[rows],
+            cut(self.scale, rows), cut(self.zero_point, rows), self.A_scale, self.A_zero_point,
+            cut(self.B_scale, rows), cut(self.B_zero_point, rows), self.adapter_dtype, self.adapter_group_size,
         )
     elif dim == 1:
-        g = self.group_size or 1
-        if start % g or end % g:
-            raise ValueError(f"column slice [{start}:{end}] must align with group_size {g}")
-        cols, groups = slice(start, end), slice(start // g, end // g)
+        g, ag = self.group_size or 1, self.adapter_group_size or 1
+        for what, size in (("group_size", g), ("adapter_group_size", ag)):
+            if start % size or end % size:
+                raise ValueError(f"column slice [{start}:{end}] must align with {what} {size}")
+        cols, groups, adapter_groups = slice(start, end), slice(start // g, end // g), slice(start // ag, end // ag)
         new = QuantWithLowRank(
             self.qdata[:, cols], self.A[:, cols], self.B, self.target_dtype, self.group_size, self.dtype,
-            None if self.scale is None else self.scale[:, groups],
-            None if self.zero_point is None else self.zero_point[:, groups],
+            cut(self.scale, (slice(None), groups)), cut(self.zero_point, (slice(None), groups)),
+            cut(self.A_scale, (slice(None), adapter_groups)), cut(self.A_zero_point, (slice(None), adapter_groups)),
+            self.B_scale, self.B_zero_point, self.adapter_dtype, self.adapter_group_size,
         )
     else:
         raise IndexError(f"QuantWithLowRank is 2-D; cannot slice dim {dim}")

@@ -1,0 +1,75 @@
+"""Model size in bytes, every weight counted: the number to put beside perplexity when adapters cost memory.
+
+Two honest numbers, because our intx layout (torchao's ``IntxUnpackedToInt8Tensor`` fields) keeps each intN value
+in an int8:
+
+* ``stored``: bytes as held, in memory and in the safetensors file (the file adds only its JSON header): every
+  plain tensor and every inner tensor of a tensor subclass, at its element size.
+* ``packed``: the same, with intN values counted at N bits (``ceil(numel * N / 8)``): what a bit-packed format
+  (e.g. torchao's int4 packings, two values a byte) would need for those fields. Scales, zero points and floating
+  tensors count as stored.
+
+Parameters and persistent buffers are counted (what ``state_dict`` holds); tied weights once.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .tensor import QuantWithLowRank
+
+__all__ = ["model_bytes"]
+
+
+def _inner_tensors(t: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Plain tensors a (possibly nested) tensor subclass is made of, by field name."""
+    if type(t) in (torch.Tensor, torch.nn.Parameter) or not hasattr(t, "__tensor_flatten__"):
+        return {"": t}
+    names, _ = t.__tensor_flatten__()
+    out = {}
+    for name in names:
+        out.update({f"{name}.{k}" if k else name: v for k, v in _inner_tensors(getattr(t, name)).items()})
+    return out
+
+
+def _int_bits(t: torch.Tensor, field: str) -> int | None:
+    """Bits per value of an intN field stored unpacked in int8, or None when the field is stored as it is."""
+    if isinstance(t, QuantWithLowRank):
+        return {"qdata": t.bits, "A": t.adapter_bits, "B": t.adapter_bits}.get(field)
+    target = getattr(t, "target_dtype", None)  # torchao's IntxUnpackedToInt8Tensor
+    if field == "qdata" and isinstance(target, torch.dtype) and str(target).startswith("torch.int"):
+        return int(str(target).removeprefix("torch.int"))
+    return None
+
+
+def model_bytes(model: torch.nn.Module) -> dict[str, int]:
+    """Bytes of every parameter and persistent buffer of ``model`` (tied weights once).
+
+    Returns:
+        ``{"stored": ..., "packed": ..., "base": ..., "adapters": ..., "other": ...,
+        "packed_base": ..., "packed_adapters": ...}``: totals as stored and as bit-packed (see the module
+        docstring); ``base`` is the compressed weights of ``QuantWithLowRank`` layers (values, scales, zero
+        points), ``adapters`` their ``A`` and ``B`` with any scales and zero points, ``other`` everything else
+        (embeddings, norms, uncompressed layers). ``stored == base + adapters + other``.
+    """
+    sizes = dict.fromkeys(("stored", "packed", "base", "adapters", "other", "packed_base", "packed_adapters"), 0)
+    seen: set[int] = set()
+    for tensor in model.state_dict(keep_vars=True).values():  # keep_vars: the objects themselves, so ties dedupe
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        for field, inner in _inner_tensors(tensor).items():
+            stored = inner.numel() * inner.element_size()
+            bits = _int_bits(tensor, field)
+            packed = stored if bits is None else math.ceil(inner.numel() * bits / 8)
+            if isinstance(tensor, QuantWithLowRank):
+                part = "adapters" if field.split("_")[0] in ("A", "B") else "base"
+                sizes[part] += stored
+                sizes[f"packed_{part}"] += packed
+            else:
+                sizes["other"] += stored
+            sizes["stored"] += stored
+            sizes["packed"] += packed
+    return sizes
