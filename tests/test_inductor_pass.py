@@ -159,9 +159,12 @@ def test_addmm_form_is_fused():
     torch.testing.assert_close(out, module(x), rtol=1e-5, atol=1e-5)
 
 
-def test_whole_model_every_adapted_linear_is_fused():
+@pytest.mark.parametrize("adapter_bits", [None, 4])
+def test_whole_model_every_adapted_linear_is_fused(adapter_bits):
     model = tiny_llama()
-    quantize_(model, EoRAConfig(rank=8, base=RTNConfig(bits=4, group_size=32), method="svd"))
+    config = EoRAConfig(rank=16, base=RTNConfig(bits=4, group_size=32), method="svd", adapter_bits=adapter_bits,
+                        adapter_group_size=16)
+    quantize_(model, config)  # int4 adapters: the pass fuses their dequantized values like any other A, B
     n_adapted = sum(isinstance(getattr(m, "weight", None), QuantWithLowRank) for m in model.modules())
     ids = torch.randint(0, 128, (2, 16))
     out, fused = _compiled_with_pass(model, ids)
