@@ -24,12 +24,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import os
-import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -44,6 +41,8 @@ from torchao_eora.eval import perplexity
 from torchao_eora.finetune import fold_adapters, make_trainable
 from torchao_eora.pipeline import Timer, calibration_texts, compress
 from torchao_eora.report import format_table
+
+from results_io import environment, write_json  # benchmarks/ is on sys.path when run as a script
 
 INITS = ("lora", "svd", "eora")
 LABELS = {"lora": "QLoRA init (Kaiming A, B = 0)", "svd": "SVD init (LoftQ, 1 iter)", "eora": "EoRA init"}
@@ -111,25 +110,6 @@ def lr_factor(step: int, args: argparse.Namespace) -> float:
         return 1.0
     progress = (step - args.warmup) / max(1, args.steps - args.warmup - 1)
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def environment() -> dict:
-    import torchao
-    import transformers
-
-    return {
-        "machine": f"{platform.machine()} {os.cpu_count()} cores (CPU only)",
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__, "torchao": torchao.__version__, "transformers": transformers.__version__,
-    }
-
-
-def write_json(path: str, payload: dict) -> None:
-    """Atomic rewrite, so a run killed half-way still leaves every finished start readable."""
-    fd, tmp = tempfile.mkstemp(dir=Path(path).resolve().parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, path)
 
 
 def moving_average(values: list[float], window: int) -> list[float]:

@@ -32,11 +32,8 @@ import copy
 import hashlib
 import json
 import os
-import platform
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -47,6 +44,8 @@ from torchao_eora.compression import CompressedWeight
 from torchao_eora.data import load_model
 from torchao_eora.pipeline import Timer, compress, evaluate
 from torchao_eora.report import format_table
+
+from results_io import environment, write_json  # benchmarks/ is on sys.path when run as a script
 from torchao_eora.size import model_bytes
 
 TASKS = ["piqa", "arc_easy", "hellaswag"]
@@ -164,25 +163,6 @@ class CompressOnce:
         if key not in self._memo:
             self._memo[key] = self.base.compress(weight, second_moment)
         return self._memo[key]
-
-
-def environment() -> dict:
-    import torchao
-    import transformers
-
-    return {
-        "machine": f"{platform.machine()} {os.cpu_count()} cores" + (
-            f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else " (CPU only)"),
-        "torch": torch.__version__, "torchao": torchao.__version__, "transformers": transformers.__version__,
-    }
-
-
-def write_json(path: str, payload: dict) -> None:
-    """Atomic rewrite, so a run killed half-way still leaves every finished row readable."""
-    fd, tmp = tempfile.mkstemp(dir=Path(path).resolve().parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, path)
 
 
 # Settings that change the numbers: rows measured under other values cannot be mixed into one table.

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import sys
@@ -41,6 +40,8 @@ from torchao_eora.inductor_passes import FuseLowRankPass
 from torchao_eora.ops import eora_linear
 from torchao_eora.report import format_table
 from torchao_eora.solver import LowRankFactors
+
+from results_io import environment, write_json  # benchmarks/ is on sys.path when run as a script
 
 # (name, out_features, in_features) of every distinct linear shape of a decoder layer.
 SHAPES = {
@@ -268,8 +269,8 @@ def main(argv=None) -> int:
     if args.json:
         meta = {"machine": machine(), "device": device, "dtype": str(dtype), "torch": torch.__version__,
                 "python": sys.version.split()[0], "rank": args.rank, "bits": args.bits}
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "layers": layers, "decode": decode}, f, indent=1)
+        write_json(args.json, {"meta": meta, "environment": environment(), "args": vars(args), "layers": layers,
+                               "decode": decode})
     return 0
 
 

@@ -49,7 +49,7 @@ def base_only(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     try:
         for module in _low_rank_modules(model).values():
             w = saved[module] = module.weight
-            rank0 = w.with_factors(w.A.new_zeros(0, w.shape[1]), w.A.new_zeros(w.shape[0], 0))
+            rank0 = w.with_factors(w.qdata.new_zeros(0, w.shape[1], dtype=w.dtype), w.qdata.new_zeros(w.shape[0], 0, dtype=w.dtype))
             module.weight = torch.nn.Parameter(rank0, requires_grad=False)
         yield model
     finally:

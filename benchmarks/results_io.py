@@ -1,0 +1,35 @@
+"""What every benchmark writes beside its numbers: the machine and versions, and an atomic JSON file."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+import torch
+
+from torchao_eora.calibration import current_umask
+
+
+def environment() -> dict:
+    """Machine, threads and library versions, for the JSON next to every table."""
+    import torchao
+    import transformers
+
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else " (CPU only)"
+    return {
+        "machine": f"{platform.machine()} {os.cpu_count()} cores{gpu}",
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__, "torchao": torchao.__version__, "transformers": transformers.__version__,
+    }
+
+
+def write_json(path: str, payload: dict) -> None:
+    """Atomic rewrite, so a run killed half-way still leaves every finished row readable."""
+    fd, tmp = tempfile.mkstemp(dir=Path(path).resolve().parent, suffix=".tmp")
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's 0600 would make results unreadable to others
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=1)
+    os.replace(tmp, path)
