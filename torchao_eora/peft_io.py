@@ -49,7 +49,8 @@ def base_only(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     try:
         for module in _low_rank_modules(model).values():
             w = saved[module] = module.weight
-            rank0 = w.with_factors(w.qdata.new_zeros(0, w.shape[1], dtype=w.dtype), w.qdata.new_zeros(w.shape[0], 0, dtype=w.dtype))
+            empty = dict(dtype=w.dtype, device=w.device)
+            rank0 = w.with_factors(torch.zeros(0, w.shape[1], **empty), torch.zeros(w.shape[0], 0, **empty))
             module.weight = torch.nn.Parameter(rank0, requires_grad=False)
         yield model
     finally:
