@@ -149,7 +149,7 @@ def bench_layers(args, device: str, dtype) -> list[dict]:
 # ---- end-to-end decode ---------------------------------------------------------------------------------------------
 
 
-def decode_models(rank: int, bits: int, group: int, dtype, device) -> dict:
+def decode_models(rank: int, bits: int, group: int, dtype, device, adapter_bits=None) -> dict:
     from torchao_eora.data import load_model
 
     fp, tokenizer = load_model(dtype=dtype)
@@ -162,7 +162,8 @@ def decode_models(rank: int, bits: int, group: int, dtype, device) -> dict:
     models["base"] = copy.deepcopy(fp)
     quantize_(models["base"], EoRAConfig(rank=rank, base=base, method="none"), not_head)
     models["unfused"] = copy.deepcopy(fp)
-    quantize_(models["unfused"], EoRAConfig(rank=rank, base=base, method="svd"), not_head)
+    eora = EoRAConfig(rank=rank, base=base, method="svd", adapter_bits=adapter_bits, adapter_group_size=64)
+    quantize_(models["unfused"], eora, not_head)
     models["fused"] = copy.deepcopy(models["unfused"])  # its own module: Dynamo would reuse the unfused graph
     return models
 
@@ -200,14 +201,15 @@ class Decoder:
 
 def bench_decode(args, device: str, dtype) -> list[dict]:
     """Tokens/s per variant; variants take turns in several rounds so machine drift hits them alike."""
-    models = decode_models(args.rank, args.bits, 64, dtype, device)
+    models = decode_models(args.rank, args.bits, 64, dtype, device, args.adapter_bits)
     rounds = 4
     decoders = {v: Decoder(models[v], args.prompt_len, args.new_tokens, v == "fused", device) for v in VARIANTS}
     seconds = {v: 0.0 for v in VARIANTS}
     for _ in range(rounds):
         for v, decoder in decoders.items():
             seconds[v] += decoder.seconds(args.new_tokens // rounds)
-    row = {"model": "smollm2-135m", "prompt": args.prompt_len, "new_tokens": args.new_tokens // rounds * rounds}
+    row = {"model": "smollm2-135m", "adapters": f"int{args.adapter_bits}" if args.adapter_bits else str(dtype),
+           "prompt": args.prompt_len, "new_tokens": args.new_tokens // rounds * rounds}
     for v in VARIANTS:
         row[v] = row["new_tokens"] / seconds[v]
         print(f"decode {v}: {row[v]:.1f} tokens/s", flush=True)
@@ -244,6 +246,8 @@ def main(argv=None) -> int:
     p.add_argument("--min-run-time", type=float, default=0.3, help="CPU: seconds of timing per measurement")
     p.add_argument("--no-layers", action="store_true", help="skip the per-layer table")
     p.add_argument("--no-decode", action="store_true", help="skip end-to-end decode")
+    p.add_argument("--adapter-bits", type=int, default=None,
+                   help="decode: quantize the EoRA adapters to this many bits (default: full precision)")
     p.add_argument("--prompt-len", type=int, default=32, help="decode: prompt tokens (default 32)")
     p.add_argument("--new-tokens", type=int, default=64, help="decode: timed generated tokens (default 64)")
     p.add_argument("--quick", action="store_true", help="SmolLM2 shapes, M in {1, 16}, 16 decoded tokens")
@@ -265,7 +269,7 @@ def main(argv=None) -> int:
         print(format_table(layers, cols, markdown=True))
     if decode:
         print("\nDecode, tokens/s (SmolLM2-135M, compiled step)\n")
-        print(format_table(decode, ["model", "prompt", "new_tokens", *VARIANTS, "fused/base"], markdown=True))
+        print(format_table(decode, ["model", "adapters", "prompt", "new_tokens", *VARIANTS, "fused/base"], markdown=True))
     if args.json:
         meta = {"machine": machine(), "device": device, "dtype": str(dtype), "torch": torch.__version__,
                 "python": sys.version.split()[0], "rank": args.rank, "bits": args.bits}

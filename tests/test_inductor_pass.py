@@ -97,7 +97,7 @@ def test_ops_refuse_inputs_that_are_not_flat_or_do_not_fit():
 
 
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("shape", [(5, IN), (2, 3, IN), (1, IN)])
+@pytest.mark.parametrize("shape", [(5, IN), (2, 3, IN)])
 def test_low_rank_linear_is_fused_and_compiled_equals_eager(bias, shape):
     lin = _linear(bias)
     x = torch.randn(*shape)
@@ -105,6 +105,20 @@ def test_low_rank_linear_is_fused_and_compiled_equals_eager(bias, shape):
     assert fused == 1
     with torch.no_grad():
         torch.testing.assert_close(out, lin(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_one_token_on_cpu_lowers_to_a_reduction_over_the_int8_weight(bias):
+    """Decode on CPU: dequantize + multiply + sum in one Inductor kernel, no fp32 weight copy and no GEMV call."""
+    from torch._inductor.utils import run_and_get_code
+
+    lin, x = _linear(bias, rank=0), torch.randn(1, IN)
+    torch._dynamo.reset()
+    with torch.no_grad(), fresh_cache():
+        out, (code, *_) = run_and_get_code(torch.compile(lin, fullgraph=True), x)
+        torch.testing.assert_close(out, lin(x), rtol=1e-5, atol=1e-5)
+    assert "extern_kernels.mm" not in code and "extern_kernels.addmm" not in code
+    assert "int8_t" in code  # the kernel reads the int8 values themselves
 
 
 def test_rank_zero_and_unpassed_compiles_are_not_fused():

@@ -143,9 +143,22 @@ eora_linear.register_autograd(_eora_linear_backward, setup_context=_eora_linear_
 
 
 # ---- CPU lowering under torch.compile ----------------------------------------------------------------------------
-# On CPU there is no hand-written kernel that beats Inductor's own C++ codegen of "dequantize + matmul" (it fuses the
-# dequantize into the GEMV at decode), so under torch.compile both ops lower to their decomposition there. On CUDA
-# (returning NotImplemented keeps the op) they stay opaque and run the Triton kernels.
+# On CPU there is no hand-written kernel that beats Inductor's own C++ codegen of "dequantize + matmul", so under
+# torch.compile both ops lower to their decomposition there; for one token (decode) the base becomes a reduction that
+# Inductor fuses with the dequantize. On CUDA (returning NotImplemented keeps the op) they stay opaque and run the
+# Triton kernels. A single CPU token therefore never reaches the fusion pass: there is nothing left to fuse.
+
+
+def _one_token(x: Tensor) -> bool:
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return statically_known_true(x.shape[0] == 1)
+
+
+def _matvec(x: Tensor, w: Tensor) -> Tensor:
+    """``x @ w.T`` for one token as multiply + sum, which Inductor fuses with whatever produced ``w`` (the
+    dequantize): one pass over the int8 weight instead of writing an fp32 copy and calling a GEMV."""
+    return (w * x).sum(-1, dtype=torch.float32).to(x.dtype).unsqueeze(0)
 
 
 @register_decomposition([torch.ops.torchao_eora.quant_linear.default])
@@ -153,6 +166,8 @@ def _quant_linear_cpu_lowering(x, qdata, scale, zero_point, group_size, bias=Non
     if x.device.type != "cpu":
         return NotImplemented
     w = dequantize_intx(qdata, scale, zero_point, group_size, x.dtype)
+    if _one_token(x):
+        return _matvec(x, w) if bias is None else _matvec(x, w) + bias
     return torch.addmm(bias, x, w.t()) if bias is not None else torch.mm(x, w.t())
 
 
@@ -161,4 +176,4 @@ def _eora_linear_cpu_lowering(x, qdata, scale, zero_point, group_size, A, B, bia
     if x.device.type != "cpu":
         return NotImplemented
     y = _quant_linear_cpu_lowering(x, qdata, scale, zero_point, group_size, bias)
-    return y + torch.mm(torch.mm(x, A.t()), B.t())
+    return y + torch.mm(torch.mm(x, A.t()), B.t())  # as reductions these small products measured slower
