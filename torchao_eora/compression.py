@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
-from torchao.quantization.quant_primitives import _DTYPE_TO_QVALUE_BOUNDS, dequantize_affine
+
+from .ops import dequantize_intx
 
 __all__ = ["CompressedWeight", "Compressor", "check_group_size"]
 
@@ -44,13 +45,11 @@ def dequantize_weight(
     group_size: int | None,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """Dequantize with torchao's own primitive so our layout means exactly what torchao's means."""
+    """``W_c`` in ``dtype``: the dense pruned weight, or the intx values dequantized by the same arithmetic the
+    ``quant_linear`` op uses (bit-identical to torchao's ``dequantize_affine``)."""
     if target_dtype is None:
         return qdata.to(dtype)
-    qmin, qmax = _DTYPE_TO_QVALUE_BOUNDS[target_dtype]
-    return dequantize_affine(
-        qdata, [1, group_size], scale, zero_point, torch.int8, qmin, qmax, output_dtype=dtype
-    )
+    return dequantize_intx(qdata, scale, zero_point, group_size, dtype)
 
 
 @runtime_checkable

@@ -5,9 +5,10 @@
 - ``torchao_eora::eora_linear(x, qdata, scale, zero_point, group_size, A, B, bias)``: the same plus
   ``(x @ A^T) @ B^T``, the residual path fused into the base matmul.
 
-``x`` is 2-D (callers flatten once). CPU runs a plain-PyTorch implementation; CUDA runs the Triton kernels in
-``torchao_eora.kernels``. Compiled graphs keep these ops opaque; the Inductor pass in
-``torchao_eora.inductor_passes`` rewrites ``quant_linear + mm(mm(x, A^T), B^T)`` into ``eora_linear``.
+``x`` is 2-D (callers flatten once). CPU runs a plain-PyTorch implementation eagerly and lowers to its
+decomposition under torch.compile (see the end of this file); CUDA runs the Triton kernels in
+``torchao_eora.kernels`` and stays opaque, and the Inductor pass in ``torchao_eora.inductor_passes`` rewrites
+``quant_linear + mm(mm(x, A^T), B^T)`` into ``eora_linear``.
 Both ops are differentiable in ``x`` (and ``eora_linear`` in ``A`` and ``B``); the base stays frozen.
 """
 
@@ -74,7 +75,6 @@ def _quant_linear_setup(ctx, inputs, output):
     x, qdata, scale, zero_point, group_size, bias = inputs
     ctx.save_for_backward(qdata, scale, zero_point)
     ctx.group_size = group_size
-    ctx.x_dtype = x.dtype
     ctx.bias_needs_grad = bias is not None and bias.requires_grad
 
 
