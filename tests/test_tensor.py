@@ -5,10 +5,12 @@ import torch
 import torch.nn.functional as F
 
 from torchao_eora import QuantWithLowRank, RTNConfig, svd_factors
+from torchao_eora.adapter_quant import quantize_factors
 from torchao_eora.compression import CompressedWeight
 
 
-def _weight(out_features=48, in_features=64, rank=8, bits=3, dtype=torch.float32, dense=False, seed=0):
+def _weight(out_features=48, in_features=64, rank=8, bits=3, dtype=torch.float32, dense=False, seed=0,
+            adapter_bits=None):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(out_features, in_features, generator=g)
     if dense:  # a pruned-only base keeps a floating qdata and no scale
@@ -16,6 +18,8 @@ def _weight(out_features=48, in_features=64, rank=8, bits=3, dtype=torch.float32
     else:
         base = RTNConfig(bits=bits, group_size=32).compress(w)
     factors = svd_factors(w - base.dequantize(), rank)
+    if adapter_bits is not None:  # intx adapters in groups of 8 (what EoRAConfig(adapter_bits=...) builds)
+        factors = quantize_factors(w - base.dequantize(), factors, adapter_bits, 8)
     return w, QuantWithLowRank.from_parts(base, factors, dtype=dtype)
 
 
@@ -104,6 +108,48 @@ def test_slices_for_tensor_parallel():
     torch.testing.assert_close(F.linear(x[:, 32:], cols), x[:, 32:] @ dense[:, 32:].T, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="align"):
         torch.ops.aten.slice.Tensor(q, 1, 16, 64)
+
+
+@pytest.mark.parametrize("adapter_bits", [None, 4], ids=["fp-adapters", "int4-adapters"])
+@pytest.mark.parametrize(
+    "dim, split",
+    [
+        (0, lambda q: q.chunk(2, dim=0)),
+        (0, lambda q: q.split(20, dim=0)),  # uneven: 20, 20, 8
+        (0, lambda q: q.split([8, 40], dim=0)),
+        (1, lambda q: q.chunk(2, dim=1)),
+        (1, lambda q: q.split(32, dim=-1)),
+        (1, lambda q: q.split([32, 32], dim=1)),
+    ],
+    ids=["chunk0", "split0", "sizes0", "chunk1", "split-1", "sizes1"],
+)
+def test_chunk_and_split_for_tensor_parallel(dim, split, adapter_bits):
+    """Tensor-parallel sharding: every piece is a QuantWithLowRank equal to the matching slice of the dense weight,
+    and the shards' outputs recombine into the full layer's output."""
+    _, q = _weight(adapter_bits=adapter_bits)
+    assert (q.adapter_dtype is not None) == (adapter_bits is not None)
+    pieces = split(q)
+    dense = q.dequantize()
+    assert all(isinstance(p, QuantWithLowRank) for p in pieces)
+    assert all(p.adapter_dtype == q.adapter_dtype for p in pieces)
+    assert torch.equal(torch.cat([p.dequantize() for p in pieces], dim=dim), dense)
+    x = torch.randn(3, 64)
+    if dim == 0:  # column-parallel: outputs concatenate
+        assert torch.equal(torch.cat([F.linear(x, p) for p in pieces], dim=-1), F.linear(x, q))
+    else:  # row-parallel: each shard sees its input columns, partial outputs add up
+        xs = x.split([p.shape[1] for p in pieces], dim=-1)
+        total = sum(F.linear(xi, p) for xi, p in zip(xs, pieces))
+        torch.testing.assert_close(total, F.linear(x, q), rtol=1e-5, atol=1e-5)
+
+
+def test_split_not_aligned_to_groups_is_rejected():
+    _, q = _weight()
+    with pytest.raises(ValueError, match="align with group_size 32"):
+        q.chunk(4, dim=1)  # 16 columns: half a quantization group
+    _, d = _weight(dense=True, adapter_bits=4)  # no base groups; the adapters' groups of 8 still bind
+    with pytest.raises(ValueError, match="align with adapter_group_size 8"):
+        d.split([4, 60], dim=1)
+    assert torch.equal(torch.cat([p.dequantize() for p in d.split(24, dim=1)], dim=1), d.dequantize())
 
 
 def test_matmul_paths_use_effective_weight():

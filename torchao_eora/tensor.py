@@ -10,6 +10,7 @@ tensor so the subclass flattens one level deep (torch.compile, state_dict, safet
 
 from __future__ import annotations
 
+import itertools
 from typing import Optional
 
 import torch
@@ -302,19 +303,17 @@ def _(func, types, args, kwargs):
     return return_and_correct_aliasing(func, args, kwargs, new)
 
 
-@implements(aten.slice.Tensor)
-def _(func, types, args, kwargs):
-    """Row (output) or column (input) slices for tensor parallelism; columns must align with quant groups.
+def _piece(self: QuantWithLowRank, dim: int, start: int, end: int) -> QuantWithLowRank:
+    """Rows or columns ``[start:end]`` of ``self`` as a contiguous ``QuantWithLowRank`` (tensor parallelism).
 
     Rows cut ``qdata`` and ``B`` (with ``B``'s per-row groups); columns cut ``qdata`` and ``A`` (with ``A``'s
-    groups along ``in``, so they must align with ``adapter_group_size`` too).
+    groups along ``in``), so column bounds must align with ``group_size`` and ``adapter_group_size``: a group's
+    scale cannot be shared by two shards.
     """
-    self: QuantWithLowRank = args[0]
-    _, dim, start, end, step = fill_defaults(args, 5, [0, None, None, 1])
-    size = self.shape[dim]
-    start, end = (start or 0), min(size if end is None else end, size)
-    if step != 1:
-        raise NotImplementedError("QuantWithLowRank only supports contiguous slices (step 1)")
+    if not -2 <= dim < 2:
+        raise IndexError(f"QuantWithLowRank is 2-D; cannot slice dim {dim}")
+    dim %= 2
+
     def cut(t, index):
         return None if t is None else t[index]
 
@@ -325,7 +324,7 @@ def _(func, types, args, kwargs):
             cut(self.scale, rows), cut(self.zero_point, rows), self.A_scale, self.A_zero_point,
             cut(self.B_scale, rows), cut(self.B_zero_point, rows), self.adapter_dtype, self.adapter_group_size,
         )
-    elif dim == 1:
+    else:
         g, ag = self.group_size or 1, self.adapter_group_size or 1
         for what, size in (("group_size", g), ("adapter_group_size", ag)):
             if start % size or end % size:
@@ -337,6 +336,33 @@ def _(func, types, args, kwargs):
             cut(self.A_scale, (slice(None), adapter_groups)), cut(self.A_zero_point, (slice(None), adapter_groups)),
             self.B_scale, self.B_zero_point, self.adapter_dtype, self.adapter_group_size,
         )
-    else:
-        raise IndexError(f"QuantWithLowRank is 2-D; cannot slice dim {dim}")
-    return return_and_correct_aliasing(func, args, kwargs, new._apply_fn_to_data(torch.Tensor.contiguous))
+    return new._apply_fn_to_data(torch.Tensor.contiguous)
+
+
+@implements(aten.slice.Tensor)
+def _(func, types, args, kwargs):
+    """Row (output) or column (input) slices for tensor parallelism; columns must align with quant groups."""
+    self: QuantWithLowRank = args[0]
+    _, dim, start, end, step = fill_defaults(args, 5, [0, None, None, 1])
+    if step != 1:
+        raise NotImplementedError("QuantWithLowRank only supports contiguous slices (step 1)")
+    size = self.shape[dim]
+    start, end = (start or 0), min(size if end is None else end, size)
+    return return_and_correct_aliasing(func, args, kwargs, _piece(self, dim, start, end))
+
+
+@implements([aten.split.Tensor, aten.split_with_sizes.default])
+def _(func, types, args, kwargs):
+    """``split`` / ``chunk`` (which decomposes to ``split``) into row or column shards, via :func:`_piece`."""
+    self: QuantWithLowRank = args[0]
+    _, sizes, dim = fill_defaults(args, 3, [0])
+    total = self.shape[dim]
+    if isinstance(sizes, int):  # split_size: equal pieces, the last one possibly shorter
+        if sizes <= 0:
+            raise ValueError(f"split size must be positive, got {sizes}")
+        sizes = [min(sizes, total - start) for start in range(0, total, sizes)]
+    if sum(sizes) != total:
+        raise ValueError(f"split sizes {list(sizes)} do not add up to {total} (dim {dim})")
+    bounds = [0, *itertools.accumulate(sizes)]
+    pieces = [_piece(self, dim, start, end) for start, end in zip(bounds, bounds[1:])]
+    return return_and_correct_aliasing(func, args, kwargs, pieces)
