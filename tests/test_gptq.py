@@ -1,6 +1,8 @@
 """GPTQ: lower layer-output error than RTN on correlated activations, RTN bit for bit when there is nothing to
 propagate, and torchao's intx layout."""
 
+import contextlib
+
 import pytest
 import torch
 from torchao.core.config import config_from_dict, config_to_dict
@@ -8,7 +10,7 @@ from torchao.quantization.quant_primitives import _DTYPE_TO_QVALUE_BOUNDS
 
 from conftest import anisotropic_moment
 from torchao_eora import EoRAConfig, GPTQConfig, PruneConfig, QuantWithLowRank, RTNConfig, svd_factors, weighted_error
-from torchao_eora.gptq import GroupQuantizer, obs_sweep
+from torchao_eora.gptq import GroupQuantizer, _act_order, _upper_cholesky_of_inverse, obs_sweep
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -102,3 +104,63 @@ def test_configs_serialize_by_name_and_report_what_they_need():
     assert PruneConfig("magnitude", quantizer=GPTQConfig()).needs_calibration is True
     assert PruneConfig("wanda").needs_calibration is True
     assert config.describe() == "SparseGPT 2:4 + int4 g64 asym GPTQ + eora r16"
+
+
+# ---- determinism: the same result whatever the thread count -----------------------------------------------------
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _unit_diagonal(moment: torch.Tensor) -> torch.Tensor:
+    """The correlation matrix of ``moment``: positive definite, every diagonal entry exactly 1 (all tied)."""
+    d = moment.diagonal().sqrt()
+    c = moment / d[:, None] / d[None, :]
+    c.diagonal().fill_(1.0)
+    return c
+
+
+def test_act_order_visits_tied_columns_in_index_order():
+    h = torch.diag(torch.tensor([1.0, 3.0, 1.0, 3.0, 2.0, 1.0], dtype=torch.float64))
+    assert _act_order(h).tolist() == [1, 3, 4, 0, 2, 5]
+    assert torch.equal(_act_order(_unit_diagonal(anisotropic_moment(512))), torch.arange(512))
+
+
+def test_inverse_hessian_factor_is_thread_independent():
+    """MKL's Cholesky / inverse give different last bits with 1 and 2 threads unless pinned to one."""
+    h = anisotropic_moment(256)
+    with _threads(1):
+        one = _upper_cholesky_of_inverse(h, 0.01)
+    with _threads(2):
+        two = _upper_cholesky_of_inverse(h, 0.01)
+    assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize(
+    "case", ["tied", "realistic", "ill-conditioned"],
+)
+def test_act_order_gptq_is_bit_identical_under_1_and_2_threads(case):
+    """Tied diagonal (every column ties for act-order), an LLM-like moment, and an ill-conditioned one (fewer
+    tokens than inputs, light damping, 8 bits: the inverse's last bits reach the rounding): same ints either way."""
+    g = torch.Generator().manual_seed(9)
+    w = torch.randn(256, 256, generator=g)
+    config = GPTQConfig(4, 32, act_order=True)
+    if case == "tied":
+        h = _unit_diagonal(anisotropic_moment(256))
+    elif case == "realistic":
+        h = anisotropic_moment(256)
+    else:
+        h, config = anisotropic_moment(256, tokens=128, seed=9), GPTQConfig(8, 32, act_order=True, percdamp=1e-6)
+    with _threads(1):
+        one = config.compress(w, h)
+    with _threads(2):
+        two = config.compress(w, h)
+    for field in ("qdata", "scale", "zero_point"):
+        assert torch.equal(getattr(one, field), getattr(two, field)), field

@@ -161,7 +161,7 @@ def test_cli_flags_build_the_paper_compressions():
     assert config("--method", "none", "--sparsity", "2:4", "--prune", "wanda").base == PruneConfig("wanda", "2:4")
     assert config("--method", "none", "--sparsity", "0.5").base == PruneConfig("sparsegpt", ratio=0.5)
     for bad in (["--method", "none"], ["--prune", "wanda"], ["--act-order"]):
-        with pytest.raises(SystemExit, match="error"):
+        with pytest.raises(ValueError, match="--"):  # the CLI prints it as one line, exit status 2
             config(*bad)
     for bad in ("4:2", "1.5", "half"):
         with pytest.raises(SystemExit):  # argparse usage error

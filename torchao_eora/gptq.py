@@ -20,7 +20,9 @@ from typing import Optional, Protocol
 import torch
 from torchao.quantization.quant_primitives import _DTYPE_TO_QVALUE_BOUNDS, MappingType, choose_qparams_affine
 
+from .checks import check_bool, check_fraction, check_int
 from .compression import CompressedWeight, check_group_size
+from .solver import one_cpu_thread
 
 __all__ = ["GPTQConfig", "GroupQuantizer", "MaskPicker", "SweepResult", "obs_sweep", "check_second_moment"]
 
@@ -34,9 +36,9 @@ class GPTQConfig:
         group_size: input channels sharing one scale / zero point (must divide in_features).
         symmetric: symmetric (zero point 0) or asymmetric (min/max) mapping, as in ``RTNConfig``.
         percdamp: damping added to the Hessian diagonal, as a fraction of its mean.
-        act_order: visit columns by decreasing ``H_ii`` (GPTQ's "desc_act"). Group parameters are then computed
-            up front from the original weight in natural order ("static groups"), so the stored groups stay
-            contiguous and the layout is unchanged.
+        act_order: visit columns by decreasing ``H_ii``, ties in index order (GPTQ's "desc_act"). Group
+            parameters are then computed up front from the original weight in natural order ("static groups"), so
+            the stored groups stay contiguous and the layout is unchanged.
         block_size: columns per lazy-batch update (rounded to a multiple of ``group_size``).
     """
 
@@ -50,8 +52,10 @@ class GPTQConfig:
     needs_calibration = True  # class attribute, not a config field
 
     def __post_init__(self) -> None:
-        if not 2 <= self.bits <= 8:
-            raise ValueError(f"bits must be in 2..8, got {self.bits}")
+        check_int("bits", self.bits, 2, 8)
+        check_int("group_size", self.group_size, 1)
+        check_bool("symmetric", self.symmetric)
+        check_bool("act_order", self.act_order)
         check_sweep_args(self.percdamp, self.block_size)
 
     def describe(self) -> str:
@@ -69,10 +73,8 @@ class GPTQConfig:
 
 
 def check_sweep_args(percdamp: float, block_size: int) -> None:
-    if not 0 <= percdamp < 1:
-        raise ValueError(f"percdamp must be in [0, 1), got {percdamp}")
-    if not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    check_fraction("percdamp", percdamp)
+    check_int("block_size", block_size, 1)
 
 
 def check_second_moment(second_moment: Optional[torch.Tensor], in_features: int, who: str) -> torch.Tensor:
@@ -154,17 +156,25 @@ class SweepResult:
 
 
 def _upper_cholesky_of_inverse(h: torch.Tensor, percdamp: float) -> torch.Tensor:
-    """``U`` with ``U^T U = (H + damp I)^-1``, in fp64 (the inverse of a badly conditioned ``H`` loses digits)."""
+    """``U`` with ``U^T U = (H + damp I)^-1``, in fp64 (the inverse of a badly conditioned ``H`` loses digits);
+    bit-identical for any CPU thread count."""
     h = h.clone()
     h.diagonal().add_(percdamp * h.diagonal().mean())
     try:
-        lower = torch.linalg.cholesky(h)
-        return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
+        with one_cpu_thread(h.device):
+            lower = torch.linalg.cholesky(h)
+            return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
     except torch.linalg.LinAlgError as e:
         raise ValueError(
             f"the calibration second moment is not positive definite even after damping (percdamp={percdamp}); "
             "use more calibration tokens or a larger percdamp"
         ) from e
+
+
+def _act_order(h: torch.Tensor) -> torch.Tensor:
+    """Columns by decreasing ``H_ii``; ties in index order (a stable sort: the unstable one orders ties in an
+    implementation-defined way that differs between CPU and CUDA)."""
+    return torch.argsort(h.diagonal(), descending=True, stable=True)
 
 
 @torch.no_grad()
@@ -219,7 +229,7 @@ def obs_sweep(
 
     perm = None
     if act_order:
-        perm = torch.argsort(h.diagonal(), descending=True)
+        perm = _act_order(h)
         w, h = w[:, perm], h[perm][:, perm]
         if pruned is not None:
             pruned = pruned[:, perm]

@@ -20,6 +20,7 @@ from typing import Optional, Union
 
 import torch
 
+from .checks import check_choice, check_fraction
 from .compression import CompressedWeight, check_group_size
 from .gptq import GPTQConfig, GroupQuantizer, check_second_moment, check_sweep_args, obs_sweep
 from .rtn import RTNConfig
@@ -119,16 +120,17 @@ class PruneConfig:
     block_size: int = 128
 
     def __post_init__(self) -> None:
-        if self.method not in _METHODS:
-            raise ValueError(f"pruning method must be one of {_METHODS}, got {self.method!r}")
+        check_choice("pruning method", self.method, _METHODS)
         if self.pattern is None and self.ratio is None:
             self.pattern = "2:4"
         if self.pattern is not None and self.ratio is not None:
             raise ValueError("give either an N:M pattern or an unstructured ratio, not both")
         if self.pattern is not None:
+            if not isinstance(self.pattern, str):
+                raise ValueError(f"sparsity pattern must be a string 'N:M' (e.g. '2:4'), got {self.pattern!r}")
             parse_pattern(self.pattern)
-        elif not (isinstance(self.ratio, (int, float)) and 0 < self.ratio < 1):
-            raise ValueError(f"sparsity ratio must be in (0, 1), got {self.ratio!r}")
+        else:
+            check_fraction("sparsity ratio", self.ratio, closed_low=False)
         if self.quantizer is not None and not isinstance(self.quantizer, (RTNConfig, GPTQConfig)):
             kind = type(self.quantizer).__name__
             raise TypeError(f"quantizer must be an RTNConfig, a GPTQConfig or None, got {kind}")

@@ -8,6 +8,7 @@ import torch
 from torchao.quantization.quant_primitives import MappingType
 from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import IntxUnpackedToInt8Tensor
 
+from .checks import check_bool, check_int
 from .compression import CompressedWeight, check_group_size
 
 __all__ = ["RTNConfig"]
@@ -30,8 +31,9 @@ class RTNConfig:
     needs_calibration = False  # class attribute, not a config field
 
     def __post_init__(self) -> None:
-        if not 2 <= self.bits <= 8:
-            raise ValueError(f"bits must be in 2..8, got {self.bits}")
+        check_int("bits", self.bits, 2, 8)
+        check_int("group_size", self.group_size, 1)
+        check_bool("symmetric", self.symmetric)
 
     def describe(self) -> str:
         return f"int{self.bits} g{self.group_size} {'sym' if self.symmetric else 'asym'} RTN"

@@ -33,8 +33,9 @@ Everything runs in fp64: ``dW`` is tiny relative to ``W`` and ``C`` can be badly
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Literal
+from typing import Iterator, Literal
 
 import torch
 
@@ -45,6 +46,7 @@ __all__ = [
     "eora_factors",
     "resolve_B",
     "svd_factors",
+    "one_cpu_thread",
     "weighted_error",
     "check_rank",
 ]
@@ -87,12 +89,34 @@ def check_rank(rank: int, out_features: int, in_features: int) -> None:
         )
 
 
+@contextlib.contextmanager
+def one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """Run CPU LAPACK calls (eigh, Cholesky) on one thread: MKL's threaded factorisations round differently with
+    different thread counts (thousands of fp64 entries differ between 1 and 2 threads), and GPTQ's rounding and
+    EoRA's factors follow those last bits. One thread makes a checkpoint independent of ``torch.set_num_threads``.
+    (The thread count is process-wide: restored afterwards.)"""
+    old = torch.get_num_threads()
+    if device.type != "cpu" or old == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _eigh(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    with one_cpu_thread(m.device):
+        return torch.linalg.eigh(m)
+
+
 def eigen_of(second_moment: torch.Tensor) -> Eigen:
     """Eigendecompose a (symmetrised) second moment in fp64, dropping zero and round-off negative directions."""
     c = second_moment.to(torch.float64)
     if not torch.isfinite(c).all():
         raise ValueError("second moment has non-finite entries: the calibration activations contained NaN/inf")
-    values, vectors = torch.linalg.eigh(0.5 * (c + c.T))  # accumulated sums are symmetric only up to round-off
+    values, vectors = _eigh(0.5 * (c + c.T))  # accumulated sums are symmetric only up to round-off
     values, vectors = values.flip(0), vectors.flip(1)
     keep = values > c.shape[0] * _REL_EPS * values[0].clamp_min(0.0)
     if not keep.any():
@@ -123,10 +147,10 @@ def _top_singular(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
     """Top-``rank`` left singular vectors and values of ``m`` (fp64) from the eigendecomposition of its smaller
     Gram matrix: several times cheaper than a full SVD, and exact enough in fp64 for the leading pairs."""
     if m.shape[0] <= m.shape[1]:
-        values, u = torch.linalg.eigh(m @ m.T)
+        values, u = _eigh(m @ m.T)
         values, u = values.flip(0).clamp_min(0.0), u.flip(1)
         return _truncate(u, values.sqrt(), rank)
-    values, v = torch.linalg.eigh(m.T @ m)
+    values, v = _eigh(m.T @ m)
     values, v = values.flip(0)[:rank].clamp_min(0.0), v.flip(1)[:, :rank]
     s = values.sqrt()
     u = (m @ v) / torch.where(s > 0, s, torch.ones_like(s))  # u_i = m v_i / s_i
@@ -185,7 +209,7 @@ def eora_factors(
             c = second_moment.to(torch.float64)
             c = 0.5 * (c + c.T)
         m = d @ c @ d.T
-        values, vectors = torch.linalg.eigh(0.5 * (m + m.T))
+        values, vectors = _eigh(0.5 * (m + m.T))
         values, vectors = values.flip(0).clamp_min(0.0), vectors.flip(1)
         return _balanced(d, *_truncate(vectors, values.sqrt(), rank), rank)  # eigenvalues of dW C dW^T are s^2
 
@@ -203,7 +227,7 @@ def resolve_B(delta: torch.Tensor, A: torch.Tensor, second_moment: torch.Tensor 
     d, a = delta.to(torch.float64), A.to(torch.float64)
     ca = a.T if second_moment is None else second_moment.to(torch.float64) @ a.T  # C A^T (in x r), C symmetric
     gram = a @ ca  # A C A^T (r x r)
-    values, vectors = torch.linalg.eigh(0.5 * (gram + gram.T))
+    values, vectors = _eigh(0.5 * (gram + gram.T))
     limit = max(gram.shape[0], 1) * _REL_EPS * values.abs().max().clamp_min(0.0) if values.numel() else 0.0
     inv = torch.where(values > limit, 1.0 / values, torch.zeros_like(values))
     return ((d @ ca) @ (vectors * inv) @ vectors.T).float().contiguous()
