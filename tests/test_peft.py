@@ -183,6 +183,103 @@ def test_import_errors_name_the_problem(eora, tmp_path):
             import_peft(fresh(), _rewrite(out, tmp_path / str(i), **edit))
 
 
+def _low_rank_state(model) -> dict[str, torch.Tensor]:
+    """Every inner tensor of every QuantWithLowRank weight (A, B, and the base), by name."""
+    return {f"{n}.{field}": getattr(p, field).clone() for n, p in model.named_parameters()
+            if isinstance(p, QuantWithLowRank) for field in ("qdata", "A", "B", "scale", "zero_point")}
+
+
+def _assert_unchanged(model, before: dict[str, torch.Tensor]) -> None:
+    after = _low_rank_state(model)
+    assert after.keys() == before.keys()
+    changed = [k for k in before if before[k].shape != after[k].shape or not torch.equal(before[k], after[k])]
+    assert not changed, f"a failed import changed {changed[:4]}"
+
+
+def test_failed_import_leaves_the_model_untouched(eora, tmp_path):
+    """Everything is checked before anything is applied: a bad 3rd module (in import order) leaves modules 1-2 as
+    they were, rank 0, not half-imported with the adapter's rank 8."""
+    _, out = eora
+    third = "base_model.model.model.layers.0.mlp.up_proj"  # sorted: down_proj, gate_proj, up_proj
+    bad = _rewrite(out, tmp_path / "bad", edit_tensors=lambda t: t.__setitem__(f"{third}.lora_B.weight",
+                                                                                torch.zeros(127, 8)))
+    model = AutoModelForCausalLM.from_pretrained(out / "base")
+    before = _low_rank_state(model)
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.up_proj.*lora_B \(127, 8\)"):
+        import_peft(model, bad)
+    _assert_unchanged(model, before)
+    # ... and later problems too: a non-finite value in the last module, a wrong dtype in the first one
+    for i, (key, value) in enumerate([
+        ("base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight", torch.full((8, 64), float("nan"))),
+        ("base_model.model.model.layers.0.mlp.down_proj.lora_A.weight", torch.zeros(8, 128, dtype=torch.int32)),
+    ]):
+        with pytest.raises(ValueError, match="non-finite|floating"):
+            import_peft(model, _rewrite(out, tmp_path / f"bad{i}", edit_tensors=lambda t: t.__setitem__(key, value)))
+        _assert_unchanged(model, before)
+
+
+def test_adapter_matching_no_module_is_an_error(eora, tmp_path):
+    _, out = eora
+    model = AutoModelForCausalLM.from_pretrained(out / "base")
+    before = _low_rank_state(model)
+    nowhere = _rewrite(out, tmp_path / "targets", edit_config=lambda c: c.__setitem__("target_modules", ["qkv"]))
+    with pytest.raises(ValueError, match=r"target_modules \['qkv'\] match no module.*q_proj"):
+        import_peft(model, nowhere)
+    regex = _rewrite(out, tmp_path / "regex", edit_config=lambda c: c.__setitem__("target_modules", r".*\.qkv"))
+    with pytest.raises(ValueError, match="match no module"):
+        import_peft(model, regex)
+    empty = _rewrite(out, tmp_path / "empty", edit_tensors=lambda t: t.clear())
+    with pytest.raises(ValueError, match=r"no lora_A/lora_B tensors.*q_proj"):
+        import_peft(model, empty)
+    _assert_unchanged(model, before)
+    # a regex and "all-linear" that do match import as before
+    for i, targets in enumerate([r".*\.(q|k|v|o|gate|up|down)_proj", "all-linear"]):
+        import_peft(model, _rewrite(out, tmp_path / f"ok{i}", edit_config=lambda c: c.__setitem__("target_modules",
+                                                                                                  targets)))
+        assert model.model.layers[1].mlp.down_proj.weight.rank == 8
+
+
+@pytest.mark.parametrize(
+    "write, message",
+    [
+        (lambda d, c: (d / "adapter_config.json").write_text("{not json"), "is not valid JSON.*re-export"),
+        (lambda d, c: (d / "adapter_config.json").write_text("[1, 2]"), "must hold a JSON object"),
+        (lambda d, c: _write_config(d, c, r=None), "has no 'r'"),
+        (lambda d, c: _write_config(d, c, r="8"), "'r' must be a positive integer"),
+        (lambda d, c: _write_config(d, c, lora_alpha=float("nan")), "'lora_alpha' must be a finite number"),
+        (lambda d, c: _write_config(d, c, target_modules="(q_proj"), "target_modules.*not a valid regex"),
+        (lambda d, c: _write_config(d, c, target_modules=[1, 2]), "target_modules must be"),
+        (lambda d, c: _write_config(d, c, rank_pattern={"q_proj[": 4}), r"rank_pattern key 'q_proj\[' is not a valid"),
+        (lambda d, c: _write_config(d, c, rank_pattern={"q_proj": 0}), "rank_pattern.*positive integer"),
+        (lambda d, c: _write_config(d, c, peft_type="IA3"), "not a LoRA adapter"),
+        (lambda d, c: (d / "adapter_config.json").unlink(), "no adapter_config.json"),
+        (lambda d, c: (d / "adapter_model.safetensors").write_bytes(b"garbage"), "cannot be read"),
+    ],
+    ids=["not-json", "not-object", "no-r", "r-str", "alpha-nan", "bad-regex", "targets-ints", "pattern-regex",
+         "pattern-zero", "not-lora", "no-config", "bad-safetensors"],
+)
+def test_broken_adapter_config_gives_one_clear_value_error(eora, tmp_path, write, message):
+    _, out = eora
+    adapter = _rewrite(out, tmp_path / "adapter")
+    write(adapter, json.loads((out / "adapter_config.json").read_text()))
+    model = AutoModelForCausalLM.from_pretrained(out / "base")
+    before = _low_rank_state(model)
+    with pytest.raises(ValueError, match=message) as info:
+        import_peft(model, adapter)
+    assert info.type is ValueError  # not a KeyError / json.JSONDecodeError / re.error leaking out
+    assert "\n" not in str(info.value) and str(adapter) in str(info.value)
+    _assert_unchanged(model, before)
+
+
+def _write_config(adapter, config, **changes):
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key)
+        else:
+            config[key] = value
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+
+
 def test_import_refuses_pickle_adapters(eora, tmp_path):
     _, out = eora
     (tmp_path / "adapter_config.json").write_text((out / "adapter_config.json").read_text())
@@ -223,5 +320,5 @@ def test_cli_export_peft_help_covers_every_flag():
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if a.dest == "command").choices["export-peft"]
     flags = [a for a in sub._actions if a.option_strings and a.dest != "help"]
-    assert {a.dest for a in flags} == {"model", "out", "base_model_name_or_path", "no_base"}
+    assert {a.dest for a in flags} == {"model", "out", "base_model_name_or_path", "no_base", "overwrite"}
     assert all(a.help for a in flags)

@@ -96,6 +96,7 @@ def export_peft(
     save_base: bool = True,
     config: EoRAConfig | None = None,
     tokenizer=None,
+    overwrite: bool = False,
 ) -> Path:
     """Write the EoRA residuals of ``model`` as a PEFT LoRA adapter, atomically.
 
@@ -112,6 +113,8 @@ def export_peft(
         save_base: also write the base-only checkpoint to ``out_dir/base``.
         config: the ``EoRAConfig`` of the model (default: the one in ``model.config``); needed for ``save_base``.
         tokenizer: saved with the base checkpoint when given.
+        overwrite: replace a non-empty ``out_dir`` that is not a torchao-eora checkpoint or adapter (a file, or the
+            directory the model was loaded from, is refused even so).
     """
     out = Path(out_dir).resolve()
     modules = {n: m for n, m in _low_rank_modules(model).items() if m.weight.rank > 0}
@@ -129,7 +132,8 @@ def export_peft(
     )
     from safetensors.torch import save_file
 
-    with atomic_directory(out) as tmp:
+    sources = [getattr(model, "name_or_path", None) or None]
+    with atomic_directory(out, sources=sources, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2) + "\n")
         if save_base:
@@ -143,6 +147,8 @@ def export_peft(
 
 
 # ---- import -----------------------------------------------------------------------------------------------------
+# Everything is validated before the first module is touched (a model is either fully imported or unchanged); every
+# problem is one ValueError line naming the adapter directory, what is wrong and what to do.
 
 
 def _pattern_value(pattern: dict | None, name: str, default):
@@ -153,9 +159,29 @@ def _pattern_value(pattern: dict | None, name: str, default):
     return default
 
 
-def _check_supported(config: dict, path: Path) -> None:
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _check_regex(pattern: str, what: str, where: Path) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"{where}: {what} {pattern!r} is not a valid regex ({e}); fix adapter_config.json") from None
+
+
+def _check_config(config, where: Path) -> None:
+    """The parts of ``adapter_config.json`` the import reads: types, ranges, regexes."""
+    if not isinstance(config, dict):
+        raise ValueError(f"{where}: {ADAPTER_CONFIG} must hold a JSON object, got {type(config).__name__}; "
+                         "re-export the adapter")
     if config.get("peft_type") != "LORA":
-        raise ValueError(f"{path}: not a LoRA adapter (peft_type={config.get('peft_type')!r})")
+        raise ValueError(f"{where}: not a LoRA adapter (peft_type={config.get('peft_type')!r}); only LoRA adapters "
+                         "can become low-rank residuals")
     unsupported = {
         "use_dora": bool(config.get("use_dora")),
         "fan_in_fan_out": bool(config.get("fan_in_fan_out")),
@@ -165,38 +191,161 @@ def _check_supported(config: dict, path: Path) -> None:
     }
     found = [k for k, v in unsupported.items() if v]
     if found:
-        raise NotImplementedError(f"{path}: LoRA options {found} cannot become a low-rank residual")
+        raise NotImplementedError(f"{where}: LoRA options {found} cannot become a low-rank residual")
+    if "r" not in config:
+        raise ValueError(f"{where}: {ADAPTER_CONFIG} has no 'r' (the LoRA rank); re-export the adapter")
+    if not _is_positive_int(config["r"]):
+        raise ValueError(f"{where}: 'r' must be a positive integer, got {config['r']!r}; fix {ADAPTER_CONFIG}")
+    if not _is_real(config.get("lora_alpha", 8)):
+        raise ValueError(f"{where}: 'lora_alpha' must be a finite number, got {config.get('lora_alpha')!r}; "
+                         f"fix {ADAPTER_CONFIG}")
+    for key, valid, kind in (("rank_pattern", _is_positive_int, "a positive integer"),
+                             ("alpha_pattern", _is_real, "a finite number")):
+        pattern = config.get(key) or {}
+        if not isinstance(pattern, dict):
+            raise ValueError(f"{where}: {key} must be an object (module pattern -> value), got {pattern!r}")
+        for name, value in pattern.items():
+            _check_regex(name, f"{key} key", where)
+            if not valid(value):
+                raise ValueError(f"{where}: {key}[{name!r}] must be {kind}, got {value!r}; fix {ADAPTER_CONFIG}")
+    targets = config.get("target_modules")
+    if isinstance(targets, str):
+        if targets != "all-linear":
+            _check_regex(targets, "target_modules", where)
+    elif targets is not None and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        raise ValueError(f"{where}: target_modules must be a regex string or a list of module names, got "
+                         f"{targets!r}; fix {ADAPTER_CONFIG}")
 
 
 def _read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     from safetensors.torch import load_file
 
-    weights = adapter_dir / ADAPTER_WEIGHTS
+    weights, config_path = adapter_dir / ADAPTER_WEIGHTS, adapter_dir / ADAPTER_CONFIG
     if not weights.is_file():
         if (adapter_dir / "adapter_model.bin").exists():
             raise ValueError(
                 f"{adapter_dir} holds adapter_model.bin (pickle); torchao-eora reads safetensors only "
                 "(unpickling can execute code): re-save the adapter with safe_serialization=True"
             )
-        raise FileNotFoundError(f"{weights} not found")
-    config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
-    _check_supported(config, adapter_dir)
-    return config, load_file(str(weights))
+        raise ValueError(f"{adapter_dir}: no {ADAPTER_WEIGHTS}; point import_peft at a PEFT adapter directory")
+    if not config_path.is_file():
+        raise ValueError(f"{adapter_dir}: no {ADAPTER_CONFIG}; point import_peft at a PEFT adapter directory")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{ADAPTER_CONFIG} in {adapter_dir} is not valid JSON: {e}; re-export the adapter") from None
+    _check_config(config, adapter_dir)
+    try:
+        tensors = load_file(str(weights))
+    except Exception as e:  # safetensors raises its own SafetensorError (header, size, dtype problems)
+        raise ValueError(f"{weights} cannot be read as safetensors ({e}); re-export the adapter") from None
+    return config, tensors
 
 
-def _with_residual(name: str, weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> QuantWithLowRank:
-    out_features, in_features = weight.shape
-    if A.shape[1] != in_features or B.shape[0] != out_features:
-        raise ValueError(
-            f"adapter tensors for {name} do not fit its {out_features}x{in_features} weight: "
-            f"lora_A {tuple(A.shape)}, lora_B {tuple(B.shape)}"
-        )
+def _adaptable(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Modules a residual can be added to: ``QuantWithLowRank`` weights, and dense floating ``nn.Linear``s."""
+    out = {}
+    for name, module in model.named_modules():
+        weight = module._parameters.get("weight")
+        if isinstance(weight, QuantWithLowRank) or (
+            isinstance(module, torch.nn.Linear) and type(weight) in (torch.Tensor, torch.nn.Parameter)
+            and weight.is_floating_point()
+        ):
+            out[name] = module
+    return out
+
+
+def _expected(names) -> str:
+    """A few of the module names an adapter for this model would target: short names plus one full name."""
+    if not names:
+        return "this model has no linear layer to adapt"
+    short = sorted({n.rsplit(".", 1)[-1] for n in names})
+    kinds = ", ".join(short[:8]) + (", ..." if len(short) > 8 else "")
+    example = max(names, key=lambda n: (n.count("."), n))
+    return f"expected modules named {kinds}, e.g. {example}"
+
+
+def _targeted(name: str, targets) -> bool:
+    """PEFT's ``check_target_module_exists``: a string is a full-match regex, a list matches names or suffixes."""
+    if targets is None or targets == "all-linear":
+        return True
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith(f".{t}") for t in targets)
+
+
+def _check_factor(where: Path, name: str, which: str, t: torch.Tensor) -> None:
+    if t.ndim != 2 or not t.is_floating_point():
+        raise ValueError(f"{where}: {_PREFIX}{name}.{which}.weight must be a 2-D floating tensor, got "
+                         f"{t.dtype} {tuple(t.shape)}; re-export the adapter")
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{where}: {_PREFIX}{name}.{which}.weight has non-finite values (NaN/inf); the adapter "
+                         "is corrupt or diverged in training")
+
+
+def _with_residual(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> QuantWithLowRank:
     if isinstance(weight, QuantWithLowRank):  # keep the compressed base, replace the residual
         return weight.with_factors(A, B)
-    if type(weight) in (torch.Tensor, torch.nn.Parameter) and weight.is_floating_point():  # a dense base
-        dtype = weight.dtype
-        return QuantWithLowRank(weight.detach().contiguous(), A.to(dtype), B.to(dtype), None, None, dtype)
-    raise TypeError(f"{name}: cannot add a residual to a {type(weight).__name__} weight")
+    dtype = weight.dtype  # a dense floating base (checked by _adaptable)
+    return QuantWithLowRank(weight.detach().contiguous(), A.to(dtype), B.to(dtype), None, None, dtype)
+
+
+def _plan(model: torch.nn.Module, adapter_dir: Path, config: dict, tensors: dict[str, torch.Tensor]
+          ) -> list[tuple[torch.nn.Module, QuantWithLowRank]]:
+    """Check the whole adapter against ``model`` and build every new weight; nothing in ``model`` changes."""
+    adaptable = _adaptable(model)
+    targets = config.get("target_modules")
+    if not any(_targeted(n, targets) for n in adaptable):
+        raise ValueError(f"{adapter_dir}: target_modules {targets!r} match no module of this model "
+                         f"({_expected(adaptable)}); the adapter was trained for another architecture")
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        match = _KEY.match(key)
+        if match is None:
+            raise ValueError(
+                f"{adapter_dir}: unsupported adapter tensor {key} (expected {_PREFIX}<module>.lora_A/B.weight)"
+            )
+        pairs.setdefault(match["module"], {})[match["factor"]] = value
+    if not pairs:
+        raise ValueError(f"{adapter_dir}: {ADAPTER_WEIGHTS} holds no lora_A/lora_B tensors "
+                         f"({_expected(adaptable)}); re-export the adapter")
+    plan = []
+    for name, factors in sorted(pairs.items()):
+        if set(factors) != {"A", "B"}:
+            missing = "lora_B" if "A" in factors else "lora_A"
+            raise ValueError(f"{adapter_dir}: adapter tensor {_PREFIX}{name}.{missing}.weight is missing; "
+                             "re-export the adapter")
+        module = adaptable.get(name)
+        if module is None:
+            other = dict(model.named_modules()).get(name)
+            problem = ("which this model does not have" if other is None else
+                       f"which is not a linear layer ({type(other).__name__}) and cannot take a residual")
+            raise ValueError(f"{adapter_dir}: the adapter targets {name}, {problem} ({_expected(adaptable)})")
+        A, B = factors["A"], factors["B"]
+        _check_factor(adapter_dir, name, "lora_A", A)
+        _check_factor(adapter_dir, name, "lora_B", B)
+        out_features, in_features = module.weight.shape
+        if A.shape[1] != in_features or B.shape[0] != out_features or A.shape[0] != B.shape[1]:
+            raise ValueError(
+                f"{adapter_dir}: adapter tensors for {name} do not fit its {out_features}x{in_features} weight: "
+                f"lora_A {tuple(A.shape)}, lora_B {tuple(B.shape)} (expected (r, {in_features}) and "
+                f"({out_features}, r)); the adapter was trained for another model"
+            )
+        r = _pattern_value(config.get("rank_pattern"), name, config["r"])
+        if A.shape[0] != r:
+            raise ValueError(
+                f"{adapter_dir}: {name} has lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)}, "
+                f"but adapter_config says r={r}; fix r / rank_pattern in {ADAPTER_CONFIG}"
+            )
+        alpha = _pattern_value(config.get("alpha_pattern"), name, config.get("lora_alpha", 8))
+        scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        if scaling != 1:
+            B = B * scaling
+            if not torch.isfinite(B).all():  # e.g. a huge alpha on a half-precision B
+                raise ValueError(f"{adapter_dir}: {name}'s scaling lora_alpha / r = {scaling:g} overflows lora_B "
+                                 f"({B.dtype}); fix lora_alpha / alpha_pattern in {ADAPTER_CONFIG}")
+        plan.append((module, _with_residual(module.weight, A, B)))
+    return plan
 
 
 @torch.no_grad()
@@ -206,38 +355,20 @@ def import_peft(model: torch.nn.Module, adapter_dir: str | os.PathLike) -> torch
     Each adapted layer gets ``A = lora_A`` and ``B = lora_B * scaling`` with PEFT's scaling ``lora_alpha / r``
     (``/ sqrt(r)`` with rsLoRA; per-module ``rank_pattern`` / ``alpha_pattern`` honoured). A ``QuantWithLowRank``
     layer keeps its compressed base and gets the adapter as its residual (an existing residual is replaced);
-    a dense floating weight becomes a dense base. Only ``adapter_model.safetensors`` is read.
+    a dense floating ``nn.Linear`` weight becomes a dense base. Only ``adapter_model.safetensors`` is read.
+
+    The whole adapter is checked first (config, tensor names, shapes, dtypes, finite values, target modules):
+    on any problem ``model`` is left unchanged.
 
     Returns:
         ``model``.
+
+    Raises:
+        ValueError: the adapter is malformed or does not fit ``model`` (one line: what is wrong, what to do).
+        NotImplementedError: LoRA options with no low-rank-residual equivalent (DoRA, biases, ...).
     """
     adapter_dir = Path(adapter_dir)
     config, tensors = _read_adapter(adapter_dir)
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        match = _KEY.match(key)
-        if match is None:
-            raise ValueError(
-                f"{adapter_dir}: unsupported adapter tensor {key} (expected {_PREFIX}<module>.lora_A/B.weight)"
-            )
-        pairs.setdefault(match["module"], {})[match["factor"]] = value
-    for name, factors in sorted(pairs.items()):
-        if set(factors) != {"A", "B"}:
-            missing = "lora_B" if "A" in factors else "lora_A"
-            raise ValueError(f"{adapter_dir}: adapter tensor {_PREFIX}{name}.{missing}.weight is missing")
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"{adapter_dir}: the adapter targets {name}, which this model does not have") from None
-        A, B = factors["A"], factors["B"]
-        r = _pattern_value(config.get("rank_pattern"), name, config["r"])
-        if A.shape[0] != r or B.shape[1] != r:
-            raise ValueError(
-                f"{adapter_dir}: {name} has lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)}, "
-                f"but adapter_config says r={r}"
-            )
-        alpha = _pattern_value(config.get("alpha_pattern"), name, config.get("lora_alpha", 8))
-        scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-        new = _with_residual(name, module.weight, A, B * scaling if scaling != 1 else B)
-        module.weight = torch.nn.Parameter(new, requires_grad=False)
+    for module, weight in _plan(model, adapter_dir, config, tensors):
+        module.weight = torch.nn.Parameter(weight, requires_grad=False)
     return model
