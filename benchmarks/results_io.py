@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from torchao_eora.calibration import current_umask
+from torchao_eora.io_utils import current_umask
 
 
 def environment() -> dict:

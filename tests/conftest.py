@@ -20,6 +20,40 @@ def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64, vocab: int = 12
     return LlamaForCausalLM(cfg).eval()
 
 
+def char_tokenizer(vocab: int = 128):
+    """A character-level fast tokenizer built offline (ids 0..vocab-1 are the ASCII characters)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    chars = {chr(i): i for i in range(vocab)}
+    tok = Tokenizer(models.BPE(vocab=chars, merges=[], unk_token=chr(0)))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=chr(3), pad_token=chr(3), unk_token=chr(0))
+
+
+def copy_dir(src, dst):
+    """A flat copy of a checkpoint directory (dst must not exist)."""
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.is_file():
+            (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def edited_copy(src, dst, edit):
+    """A copy of a checkpoint directory whose model.safetensors tensors went through ``edit`` (metadata kept)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    copy_dir(src, dst)
+    weights = str(dst / "model.safetensors")
+    with safe_open(weights, framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(weights)
+    edit(tensors)
+    save_file(tensors, weights, metadata=metadata)
+    return dst
+
+
 def anisotropic_moment(n: int = 256, tokens: int = 2048, seed: int = 0) -> torch.Tensor:
     """``X^T X / n`` of LLM-like inputs: correlated channels whose scales span two decades."""
     g = torch.Generator().manual_seed(seed)

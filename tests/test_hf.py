@@ -15,7 +15,7 @@ from torchao.quantization import quantize_
 from transformers import AutoModelForCausalLM, TorchAoConfig
 
 import torchao_eora
-from conftest import tiny_llama, token_batches
+from conftest import char_tokenizer, edited_copy, tiny_llama, token_batches
 from torchao_eora import (
     Calibration, EoRAConfig, PruneConfig, QuantWithLowRank, RTNConfig, calibrate, eora_config, merge_low_rank,
 )
@@ -189,19 +189,6 @@ def test_quantize_on_load_refuses_statistics_with_the_way_to_use_them(fp_dir):
 # ---- failures name the tensor ----------------------------------------------------------------------------------
 
 
-def _edited_copy(src: Path, dst: Path, edit) -> Path:
-    dst.mkdir()
-    for f in src.iterdir():
-        (dst / f.name).write_bytes(f.read_bytes())
-    weights = str(dst / "model.safetensors")
-    with safe_open(weights, framework="pt") as f:
-        metadata = f.metadata()
-    tensors = load_file(weights)
-    edit(tensors)
-    save_file(tensors, weights, metadata=metadata)
-    return dst
-
-
 def _drop(key):
     return lambda t: t.pop(key)
 
@@ -226,7 +213,7 @@ CORRUPTIONS = {  # name: (edit, the tensor the error must name)
 @pytest.mark.parametrize("case", list(CORRUPTIONS))
 def test_corrupt_checkpoint_fails_naming_the_tensor(saved, tmp_path, case):
     edit, tensor = CORRUPTIONS[case]
-    broken = _edited_copy(saved[1], tmp_path / "broken", edit)
+    broken = edited_copy(saved[1], tmp_path / "broken", edit)
     # Checked before anything is loaded, by plain from_pretrained too (transformers alone would warn, re-initialise,
     # or, in 5.17, load a mis-shaped tensor as it is).
     for load in (load_pretrained, AutoModelForCausalLM.from_pretrained):
@@ -307,21 +294,11 @@ def test_atomic_directory_failure_inside_block(tmp_path):
 # ---- the CLI ---------------------------------------------------------------------------------------------------
 
 
-def _char_tokenizer(vocab: int = 128):
-    """A character-level fast tokenizer built offline (ids 0..vocab-1 are the ASCII characters)."""
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
-
-    chars = {chr(i): i for i in range(vocab)}
-    tok = Tokenizer(models.BPE(vocab=chars, merges=[], unk_token=chr(0)))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=chr(3), pad_token=chr(3), unk_token=chr(0))
-
-
 @pytest.fixture(scope="module")
 def fp_dir_with_tokenizer(tmp_path_factory):
     path = tmp_path_factory.mktemp("fp_tok") / "tiny"
     tiny_llama().save_pretrained(path)
-    _char_tokenizer().save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
     return path
 
 

@@ -8,7 +8,11 @@
     quantize_(model, eora_config(calib))           # linear weights become QuantWithLowRank
 """
 
-import torchao.core.config as _ao_config
+from .quiet import install_log_filters
+
+install_log_filters()  # before torchao is imported: its import-time noise about CUDA-only kernels is not ours
+
+import torchao.core.config as _ao_config  # noqa: E402
 
 from .calibration import Calibration, SecondMoment, calibrate
 from .compression import CompressedWeight, Compressor
@@ -23,8 +27,9 @@ from .size import model_bytes
 from .solver import LowRankFactors, eora_factors, resolve_B, svd_factors, weighted_error
 from .tensor import QuantWithLowRank
 
-# Let torchao's config_from_dict (and so transformers' TorchAoConfig) rebuild our configs by name.
-_ao_config.ALLOWED_AO_MODULES.add("torchao_eora")
+# Let torchao's config_from_dict rebuild our configs by name: allow the module that holds only the configs, never
+# the package (config_from_dict calls whatever name the JSON gives, with the JSON's arguments).
+_ao_config.ALLOWED_AO_MODULES.add("torchao_eora.json_types")
 
 __all__ = [
     "Calibration",

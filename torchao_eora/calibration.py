@@ -31,12 +31,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .io_utils import current_umask
 from .solver import Eigen, eigen_of
 
 if TYPE_CHECKING:
     from .config import EoRAConfig
 
-__all__ = ["SecondMoment", "Calibration", "calibrate", "find_decoder_layers"]
+__all__ = ["SecondMoment", "Calibration", "calibrate", "check_fingerprint", "find_decoder_layers", "model_fingerprint"]
 
 log = logging.getLogger(__name__)
 Mode = Literal["sequential", "one-shot"]
@@ -63,6 +64,11 @@ class Calibration:
     of modules that read the same input. ``config`` is the ``EoRAConfig`` the run compressed with (sequential
     mode), so ``eora_config(calib)`` reproduces it. Bind to a model (``bind``) to let ``quantize_`` find a module's
     statistics: torchao's handlers see the module, never its name.
+
+    ``fingerprint`` (from :func:`model_fingerprint`, taken by ``calibrate`` on the uncompressed model and saved with
+    the statistics) says which model they describe; ``bind`` refuses another one (``ValueError``): other
+    architecture, layer count or linear shapes always, other weights of the same shapes unless
+    ``check_weights=False``. None (a file from an older version, or statistics built by hand) checks nothing.
     """
 
     def __init__(
@@ -71,11 +77,15 @@ class Calibration:
         group_of: Mapping[str, str],
         mode: Mode,
         config: "EoRAConfig | None" = None,
+        fingerprint: "dict | None" = None,
+        check_weights: bool = True,
     ):
         self.groups = dict(groups)
         self.group_of = dict(group_of)
         self.mode = mode
         self.config = config
+        self.fingerprint = fingerprint
+        self.check_weights = check_weights
         self._names: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
         self._eigen_cache: "OrderedDict[str, Eigen]" = OrderedDict()
 
@@ -88,8 +98,25 @@ class Calibration:
 
     # ---- lookup ------------------------------------------------------------------------------------------------
 
-    def bind(self, model: torch.nn.Module, prefix: str = "") -> "Calibration":
-        """Remember which module object carries which name, so the quantize_ handler can look it up."""
+    def bind(
+        self, model: torch.nn.Module, prefix: str = "", *, check_weights: bool | None = None
+    ) -> "Calibration":
+        """Remember which module object carries which name, so the quantize_ handler can look it up.
+
+        Binding a whole model (no ``prefix``) first compares it with the ``fingerprint`` of the model the statistics
+        were collected on, and raises ``ValueError`` saying what differs: statistics of another model would convert
+        some layers with wrong statistics and silently skip others. ``check_weights=False`` accepts other weights
+        of the same shapes (e.g. statistics of a base model for its fine-tune). An explicit choice is remembered
+        (as ``load(..., check_weights=...)``'s is): later binds, such as the one in ``compress``, keep it; the
+        default, None, uses the remembered one (True unless set).
+        Weights already compressed (``QuantWithLowRank``) are not compared, so binding after quantizing works.
+        (With a ``prefix``, only a part of the model is bound, e.g. the copy of one decoder layer in sequential
+        calibration: there is nothing whole to compare.)
+        """
+        if check_weights is not None:
+            self.check_weights = check_weights
+        if not prefix and self.fingerprint is not None:
+            check_fingerprint(self.fingerprint, model, check_weights=self.check_weights)
         for name, module in model.named_modules():
             full = prefix + name
             if full in self.group_of:
@@ -128,6 +155,7 @@ class Calibration:
             "group_of": self.group_of,
             "n_tokens": {k: m.n_tokens for k, m in self.groups.items()},
             "config": None if self.config is None else config_to_dict(replace(self.config, calibration=None)),
+            "fingerprint": self.fingerprint,
         }
         tensors = {k: m.total.contiguous() for k, m in self.groups.items()}
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -141,13 +169,25 @@ class Calibration:
                 os.unlink(tmp)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, model: torch.nn.Module | None = None) -> "Calibration":
-        """Read statistics written by ``save``; pass ``model`` to bind them to its modules right away."""
-        from safetensors import safe_open
-        from torchao.core.config import config_from_dict
+    def load(
+        cls, path: str | os.PathLike, model: torch.nn.Module | None = None, *, check_weights: bool = True
+    ) -> "Calibration":
+        """Read statistics written by ``save``; pass ``model`` to bind them to its modules right away.
 
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get("torchao_eora.calibration")
+        Binding checks that ``model`` is the one the statistics were collected on (see ``bind``);
+        ``check_weights=False`` accepts other weights of the same architecture and shapes, for this bind and later
+        ones. A file without a fingerprint (written by an older version) loads with a warning and is not checked.
+        """
+        from safetensors import safe_open
+        from .config import config_from_json
+
+        from safetensors import SafetensorError
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                raw = (f.metadata() or {}).get("torchao_eora.calibration")
+        except SafetensorError as e:  # a pickle or anything else: never unpickled, refused
+            raise ValueError(f"{path} is not a torchao-eora calibration file (not safetensors: {e})") from None
         if raw is None:
             raise ValueError(f"{path} is not a torchao-eora calibration file (no 'torchao_eora.calibration' metadata)")
         meta = json.loads(raw)
@@ -156,16 +196,100 @@ class Calibration:
         if missing:
             raise ValueError(f"{path} is truncated or corrupt: missing tensors {sorted(missing)[:5]}")
         groups = {k: SecondMoment(tensors[k], n) for k, n in meta["n_tokens"].items()}
-        config = None if meta["config"] is None else config_from_dict(meta["config"])
-        calib = cls(groups, meta["group_of"], meta["mode"], config)
+        config = None if meta["config"] is None else config_from_json(meta["config"], f"calibration file {path}")
+        fingerprint = meta.get("fingerprint")
+        if fingerprint is None:
+            log.warning(
+                "%s has no model fingerprint (written by an older torchao-eora): cannot check that its statistics "
+                "belong to this model; recalibrate to get a checked file", path,
+            )
+        calib = cls(groups, meta["group_of"], meta["mode"], config, fingerprint, check_weights)
         return calib.bind(model) if model is not None else calib
 
 
-def current_umask() -> int:
-    """The process umask (reading it means setting it, so set it back)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+# ---- which model the statistics belong to ----------------------------------------------------------------------
+
+_SAMPLES = 8  # weight values sampled per linear layer
+# Sampled weights are compared with a tolerance, not hashed: the same weights loaded in another dtype (calibrate in
+# fp32, quantize in bf16) must still match; bf16 rounding changes a value by at most 2**-8 of it.
+_RTOL, _ATOL = 1e-2, 1e-6
+
+
+def _text_config_value(model: torch.nn.Module, key: str):
+    config = getattr(model, "config", None)
+    value = getattr(config, key, None)
+    if value is None and hasattr(config, "get_text_config"):  # multimodal configs nest the decoder's
+        value = getattr(config.get_text_config(), key, None)
+    return value
+
+
+def _is_plain(weight) -> bool:
+    """A dense weight whose values can be read (not a tensor subclass such as QuantWithLowRank, not on meta)."""
+    return type(weight) in (torch.Tensor, torch.nn.Parameter) and not weight.is_meta and weight.is_floating_point()
+
+
+def _sample(weight: torch.Tensor) -> list[float]:
+    """``_SAMPLES`` values at fixed positions spread over the weight: cheap even for a 70B model."""
+    n_out, n_in = weight.shape
+    if n_out * n_in == 0:
+        return []
+    flat = [(k * n_out * n_in) // _SAMPLES for k in range(_SAMPLES)]
+    rows = torch.tensor([i // n_in for i in flat], device=weight.device)
+    cols = torch.tensor([i % n_in for i in flat], device=weight.device)
+    return weight.detach()[rows, cols].float().cpu().tolist()
+
+
+def model_fingerprint(model: torch.nn.Module) -> dict:
+    """What identifies the model calibration statistics were collected on, as JSON-ready data.
+
+    Architecture class, ``config.model_type``, ``num_hidden_layers``, ``hidden_size``, every linear module's name
+    and ``[out, in]``, and a few sampled values of each dense linear weight (compressed weights are skipped).
+    Take it before calibration compresses anything.
+    """
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    return {
+        "architecture": type(model).__name__,
+        "model_type": getattr(getattr(model, "config", None), "model_type", None),
+        "num_hidden_layers": _text_config_value(model, "num_hidden_layers"),
+        "hidden_size": _text_config_value(model, "hidden_size"),
+        "linears": {name: [m.out_features, m.in_features] for name, m in linears.items()},
+        "weights": {name: _sample(m.weight) for name, m in linears.items() if _is_plain(m.weight)},
+    }
+
+
+def check_fingerprint(expected: Mapping, model: torch.nn.Module, *, check_weights: bool = True) -> None:
+    """Raise ``ValueError`` if ``model`` is not the model ``expected`` (a :func:`model_fingerprint`) describes.
+
+    Architecture, layer count, hidden size and linear shapes must match; sampled weights too unless
+    ``check_weights=False``. Weights compressed since (tensor subclasses) are not compared.
+    """
+    actual = model_fingerprint(model)
+    recalibrate = "recalibrate on this model (statistics of one model do not fit another)"
+    for key in ("architecture", "model_type", "num_hidden_layers", "hidden_size"):
+        if expected.get(key) != actual[key]:
+            raise ValueError(
+                f"calibration statistics were collected on a model with {key} {expected.get(key)!r}; this model has "
+                f"{actual[key]!r}: {recalibrate}"
+            )
+    saved, ours = expected.get("linears") or {}, actual["linears"]
+    if saved != ours:
+        missing, extra = sorted(set(saved) - set(ours)), sorted(set(ours) - set(saved))
+        reshaped = [f"{n} {tuple(saved[n])} -> {tuple(ours[n])}" for n in sorted(set(saved) & set(ours))
+                    if list(saved[n]) != list(ours[n])]
+        parts = [f"{what}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+                 for what, names in (("not in this model", missing), ("not in the calibrated model", extra),
+                                     ("other shapes", reshaped)) if names]
+        raise ValueError(f"calibration statistics do not fit this model's linear layers ({'; '.join(parts)}): "
+                         f"{recalibrate}")
+    if not check_weights:
+        return
+    for name, values in (expected.get("weights") or {}).items():
+        now = actual["weights"].get(name)
+        if now is not None and any(abs(a - b) > _ATOL + _RTOL * abs(a) for a, b in zip(values, now)):
+            raise ValueError(
+                f"calibration statistics were collected on different weights (first difference: {name}); "
+                "recalibrate, or pass check_weights=False (Calibration.load / bind) if you mean it"
+            )
 
 
 # ---- collecting statistics ------------------------------------------------------------------------------------
@@ -229,14 +353,36 @@ class _MomentCollector:
 
 
 def find_decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
-    """The ``ModuleList`` of decoder blocks (``model.model.layers`` for Llama-style models) and its name."""
+    """The ``ModuleList`` of decoder blocks (``model.model.layers`` for Llama-style models) and its name.
+
+    Of the non-empty ``ModuleList``s (of ``config.num_hidden_layers`` entries when the model says how many), the one
+    holding the most ``nn.Linear`` parameters: another list before the blocks (norms, rotary tables) is skipped.
+    Raises ValueError when no candidate holds a linear layer, naming the layer types it found instead.
+    """
     n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) > 0 and (n is None or len(module) == n):
-            return name, module
-    raise TypeError(
-        f"{type(model).__name__} has no list of decoder layers to calibrate sequentially; "
-        "use calibrate(..., mode='one-shot') for other architectures"
+    candidates = [
+        (name, module) for name, module in model.named_modules()
+        if isinstance(module, torch.nn.ModuleList) and len(module) > 0 and (n is None or len(module) == n)
+    ]
+    scored = [(sum(m.weight.numel() for m in _linears(module, "").values()), name, module) for name, module in candidates]
+    best = max(scored, key=lambda t: t[0], default=None)
+    if best is None or best[0] == 0:
+        raise ValueError(_no_linears_message(model, [name for name, _ in candidates]))
+    return best[1], best[2]
+
+
+def _no_linears_message(model: torch.nn.Module, lists: list[str]) -> str:
+    weighted = sorted({
+        type(m).__name__ for m in model.modules()
+        if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2
+        and not isinstance(m, (torch.nn.Linear, torch.nn.Embedding))
+    })
+    where = f"the decoder layers of {type(model).__name__} ({', '.join(lists)}" if lists else type(model).__name__
+    found = f"; found {', '.join(weighted)} instead" if weighted else ""
+    closing = ")" if lists else ""
+    return (
+        f"no supported linear layers found in {where}{found}{closing}: EoRA compresses torch.nn.Linear layers inside "
+        "a ModuleList of decoder blocks"
     )
 
 
@@ -294,6 +440,12 @@ def calibrate(
         ``EoRAConfig(..., calibration=calib)``.
     """
     batches = _check_batches(batches)
+    fingerprint = model_fingerprint(model)  # of the original weights, before any layer is compressed
+    if config is not None:  # fail on a layer the config cannot convert now, not after calibrating the ones before
+        from .targets import check_targets
+
+        prefix, layers = find_decoder_layers(model)
+        check_targets(_linears(layers, prefix + "."), replace(config, calibration=None))
     if mode == "sequential":
         if config is None:
             raise ValueError("sequential calibration compresses as it goes: pass the EoRAConfig you will quantize with")
@@ -303,6 +455,7 @@ def calibrate(
         calib.config = config
     else:
         raise ValueError(f"mode must be 'sequential' or 'one-shot', got {mode!r}")
+    calib.fingerprint = fingerprint
     return calib.bind(model)
 
 

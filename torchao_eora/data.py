@@ -60,7 +60,10 @@ def load_model(
 
     Args:
         path: ``None`` for the bundled SmolLM2-135M, a ``.gguf`` file (dequantized by transformers), or a local
-            Hugging Face model directory. Nothing is downloaded.
+            Hugging Face model directory (plain or EoRA), loaded strictly with :func:`torchao_eora.hf.load_pretrained`:
+            safetensors only, and a missing, unexpected or mis-shaped tensor (e.g. a config.json with more layers
+            than the weights hold) is a ``ValueError`` instead of a silently re-initialised model. Nothing is
+            downloaded.
         dtype: dtype of the loaded weights.
 
     Returns:
@@ -68,17 +71,17 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .hf import check_safetensors_only, load_pretrained
+
     p = smollm2_gguf_path() if path is None else pathlib.Path(path)
     if p.suffix == ".gguf":
-        tokenizer_kwargs = model_kwargs = {"gguf_file": p.name}
-        p = p.parent
+        kwargs = {"local_files_only": True, "gguf_file": p.name, "trust_remote_code": False}
+        model = AutoModelForCausalLM.from_pretrained(p.parent, dtype=dtype, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(p.parent, **kwargs)
     else:
-        from .hf import check_safetensors_only
-
         check_safetensors_only(p)  # a clear error for pickle-only directories, before transformers' generic one
-        tokenizer_kwargs, model_kwargs = {}, {"use_safetensors": True}  # never unpickle weights
-    tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True, **tokenizer_kwargs)
-    model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype, local_files_only=True, **model_kwargs)
+        model = load_pretrained(p, dtype=dtype)  # the model first: its checks give the clearest errors
+        tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True, trust_remote_code=False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer
