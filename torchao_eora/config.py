@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import types
-from dataclasses import dataclass, field, replace
+import weakref
+from dataclasses import dataclass, field, fields, replace
 from functools import partial
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import torch
 from torchao.core.config import AOBaseConfig
@@ -14,16 +15,21 @@ from torchao.quantization.transform_module import register_quantize_module_handl
 
 from .adapter_quant import QuantizedFactors, check_adapter_group_size, quantize_factors
 from .calibration import Calibration
+from .checks import check_bool, check_choice, check_int
+from .compression import Compressor
 from .gptq import GPTQConfig
 from .pruning import PruneConfig
 from .rtn import RTNConfig
 from .solver import LowRankFactors, eora_factors, svd_factors
+from .targets import check_targets, module_rank, quantize_call_targets, warn_once
 from .tensor import QuantWithLowRank
 
-__all__ = ["EoRAConfig", "eora_config"]
+__all__ = ["EoRAConfig", "config_from_json", "eora_config"]
 
 log = logging.getLogger(__name__)
 Method = Literal["eora", "svd", "none"]
+METHODS = ("eora", "svd", "none")
+FORMS = ("auto", "eigen", "inverse_free")
 
 
 @dataclass
@@ -57,18 +63,26 @@ class EoRAConfig(AOBaseConfig):
     adapter_resolve: bool = True
 
     def __post_init__(self) -> None:
-        if self.method not in ("eora", "svd", "none"):
-            raise ValueError(f"method must be 'eora', 'svd' or 'none', got {self.method!r}")
-        if self.method != "none" and (not isinstance(self.rank, int) or self.rank < 1):
+        check_choice("method", self.method, METHODS)
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < (self.method != "none"):
             raise ValueError(f"rank must be a positive integer, got {self.rank!r} (use method='none' for no residual)")
+        if not isinstance(self.base, Compressor) or isinstance(self.base, type):
+            raise ValueError(
+                f"base must be a compressor config such as RTNConfig(bits=3), GPTQConfig(bits=3) or "
+                f"PruneConfig('sparsegpt', '2:4'), got {self.base!r}"
+            )
+        if self.calibration is not None and not isinstance(self.calibration, Calibration):
+            kind = type(self.calibration).__name__
+            raise ValueError(f"calibration must be a Calibration from calibrate() or None, got a {kind}")
+        check_choice("form", self.form, FORMS)
+        check_bool("adapter_resolve", self.adapter_resolve)
+        check_int("adapter_group_size", self.adapter_group_size, 1)
         if self.adapter_bits is not None:
             if isinstance(self.adapter_bits, bool) or self.adapter_bits not in range(2, 9):
                 raise ValueError(
                     f"adapter_bits must be None (adapters in the model dtype) or an integer in 2..8, got "
                     f"{self.adapter_bits!r}; 4 bits is the paper's recommendation"
                 )
-            if not isinstance(self.adapter_group_size, int) or isinstance(self.adapter_group_size, bool):
-                raise ValueError(f"adapter_group_size must be an integer, got {self.adapter_group_size!r}")
             if self.method != "none":
                 check_adapter_group_size(self.adapter_group_size, self.rank)  # in_features: checked per layer
 
@@ -87,18 +101,51 @@ def eora_config(calibration: Calibration, **overrides) -> EoRAConfig:
     return replace(calibration.config, calibration=calibration, **overrides)
 
 
-def _solve(module_name: Optional[str], delta: torch.Tensor, config: EoRAConfig) -> LowRankFactors:
-    if config.method == "none":
+def config_from_json(data: Any, where: str = "config") -> EoRAConfig:
+    """Rebuild an ``EoRAConfig`` from ``config_to_dict`` JSON, strictly: only our four config classes, known
+    fields, plain values. Anything else (another class or function name, a nested object where a value belongs) is
+    refused before anything is built, so a crafted ``config.json`` or calibration file cannot call code.
+    ``where`` names the file in the error."""
+    config = _build_from_json(data, where)
+    if not isinstance(config, EoRAConfig):
+        raise ValueError(f"{where}: expected an EoRAConfig, got {type(config).__name__}")
+    return config
+
+
+def _build_from_json(data: Any, where: str):
+    classes = {cls.__name__: cls for cls in (EoRAConfig, RTNConfig, GPTQConfig, PruneConfig)}
+    if not isinstance(data, dict) or not isinstance(data.get("_data"), dict) or data.get("_type") not in classes:
+        kind = data.get("_type") if isinstance(data, dict) else type(data).__name__
+        raise ValueError(
+            f"{where}: refusing to build {kind!r} from JSON (only {', '.join(classes)} are allowed); "
+            "the file was not written by torchao-eora or was tampered with"
+        )
+    cls = classes[data["_type"]]
+    names = {f.name for f in fields(cls) if f.init}
+    kwargs = {}
+    for key, value in data["_data"].items():
+        if key not in names:
+            raise ValueError(f"{where}: {cls.__name__} has no field {key!r}")
+        if isinstance(value, dict):
+            value = _build_from_json(value, where)  # a nested config (EoRAConfig.base, PruneConfig.quantizer)
+        elif not (value is None or isinstance(value, (bool, int, float, str))):
+            raise ValueError(f"{where}: {cls.__name__}.{key} must be a plain value, got {type(value).__name__}")
+        kwargs[key] = value
+    return cls(**kwargs)  # __post_init__ checks every field's type and range
+
+
+def _solve(module_name: Optional[str], delta: torch.Tensor, config: EoRAConfig, rank: int) -> LowRankFactors:
+    if config.method == "none" or rank == 0:
         return LowRankFactors(delta.new_zeros(0, delta.shape[1]), delta.new_zeros(delta.shape[0], 0))
     if _data_free(config):
-        return svd_factors(delta, config.rank)
+        return svd_factors(delta, rank)
     calib, (out_features, in_features) = config.calibration, delta.shape
     form = config.form
     if form == "auto":  # the eigen form's in x in eigendecomposition is shared by modules reading the same input
         form = "eigen" if in_features <= out_features else "inverse_free"
     if form == "eigen":
-        return eora_factors(delta, rank=config.rank, form="eigen", eigen=calib.eigen(module_name))
-    return eora_factors(delta, calib.second_moment(module_name).mean(), config.rank, form=form)
+        return eora_factors(delta, rank=rank, form="eigen", eigen=calib.eigen(module_name))
+    return eora_factors(delta, calib.second_moment(module_name).mean(), rank, form=form)
 
 
 def _data_free(config: EoRAConfig) -> bool:
@@ -120,19 +167,29 @@ def _quantize_adapters(
 
 @register_quantize_module_handler(EoRAConfig)
 def _eora_transform(module: torch.nn.Module, config: EoRAConfig, **kwargs) -> torch.nn.Module:
-    if not isinstance(module, torch.nn.Linear):
-        raise TypeError(f"EoRAConfig applies to torch.nn.Linear modules, got {type(module).__name__}")
-    if isinstance(module.weight, QuantWithLowRank):
-        raise TypeError("this linear layer is already compressed with EoRA; reload the original weights first")
     calib = config.calibration
     name = None
     if calib is not None:
         name = calib.name_of(module)
         if name is None:
             return module  # not a calibrated layer (lm_head, vision tower, ...): leave it alone
-    elif config.method == "eora" and not getattr(config, "_warned_data_free", False):
-        log.warning("EoRAConfig(method='eora') without calibration statistics: falling back to data-free SVD")
-        config._warned_data_free = True  # once per quantize_ call, not once per layer
+        _check_all_once(calib, {n: m for m, n in list(calib._names.items())}, config)
+        check_targets({name: module}, config, warn=False)
+    else:
+        call = quantize_call_targets(module)
+        if call is not None:
+            targets, root = call
+            head = _output_embeddings(root)
+            if module is head:
+                warn_once(config, "leaving lm_head (the output embeddings) uncompressed, as the calibrated path does; "
+                          "quantize_(model.lm_head, config) compresses it")
+                return module
+            _check_all_once(root, {n: m for n, m in targets.items() if m is not head}, config)
+            name = next(n for n, m in targets.items() if m is module)
+        shape = "x".join(map(str, getattr(getattr(module, "weight", None), "shape", ())))
+        check_targets({name or f"a {shape} {type(module).__name__} layer": module}, config, warn=call is None)
+        if config.method == "eora":
+            warn_once(config, "EoRAConfig(method='eora') without calibration statistics: falling back to data-free SVD")
 
     weight = module.weight.detach()
     w32 = weight.float()
@@ -143,11 +200,35 @@ def _eora_transform(module: torch.nn.Module, config: EoRAConfig, **kwargs) -> to
         moment = calib.second_moment(name).mean()
     compressed = config.base.compress(w32, moment)
     delta = w32 - compressed.dequantize(torch.float32)  # in fp32: the error underflows in fp16/bf16
-    factors = _quantize_adapters(name, delta, _solve(name, delta, config), config, weight.dtype)
+    rank = module_rank(config, *delta.shape)
+    factors = _quantize_adapters(name, delta, _solve(name, delta, config, rank), config, weight.dtype)
     new = QuantWithLowRank.from_parts(compressed, factors, dtype=weight.dtype)
     module.weight = torch.nn.Parameter(new, requires_grad=False)
     module.extra_repr = types.MethodType(partial(_extra_repr, original=module.extra_repr), module)
     return module
+
+
+# The targets of a quantize_ call already checked, per root (a Calibration or the model) and config: the first
+# handler call checks them all, so a problem anywhere fails before any layer is changed.
+_checked: "weakref.WeakKeyDictionary[object, tuple[str, weakref.WeakSet]]" = weakref.WeakKeyDictionary()
+
+
+def _check_all_once(key: object, targets: dict[str, torch.nn.Module], config: EoRAConfig) -> None:
+    seen = _checked.get(key)
+    if seen is None or seen[0] != repr(config):
+        seen = _checked[key] = (repr(config), weakref.WeakSet())
+    todo = {name: m for name, m in targets.items() if m not in seen[1]}
+    if todo:
+        check_targets(todo, config)
+        seen[1].update(todo.values())
+
+
+def _output_embeddings(root: torch.nn.Module) -> Optional[torch.nn.Module]:
+    get = getattr(root, "get_output_embeddings", None)
+    try:
+        return get() if callable(get) else None
+    except (AttributeError, NotImplementedError):
+        return None
 
 
 def _extra_repr(self, original) -> str:

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from .calibration import Calibration, calibrate, find_decoder_layers
 from .config import EoRAConfig
+from .targets import check_targets
 from .data import bbc_articles, calibration_batches, token_stream, wikipedia_split
 from .eval import perplexity, zero_shot
 
@@ -80,7 +81,11 @@ def compress(
     with timer("quantize"):
         if calibration is not None:
             config = replace(config, calibration=calibration.bind(model))
-        _, layers = find_decoder_layers(model)
+        prefix, layers = find_decoder_layers(model)
+        targets = {f"{prefix}.{n}": m for n, m in layers.named_modules() if isinstance(m, torch.nn.Linear)}
+        if not targets:
+            raise ValueError(f"no torch.nn.Linear layers found in {prefix}: nothing to compress")
+        check_targets(targets, config)  # every layer, before the first is changed
         # One decoder layer at a time, for a progress bar; lm_head and embeddings stay as they are.
         for layer in tqdm(layers, desc=f"compressing ({config.describe()})", disable=not progress):
             quantize_(layer, config)

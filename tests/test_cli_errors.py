@@ -1,0 +1,134 @@
+"""The command line with bad input: one line `torchao-eora CMD: error: ...`, exit status 2, nothing destroyed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import char_tokenizer, tiny_llama
+from torchao_eora import cli
+
+
+@pytest.fixture(scope="module")
+def fp_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("fp") / "tiny"
+    tiny_llama().save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return path
+
+
+def _quantize(fp_dir: Path, *flags: str) -> list[str]:
+    return ["quantize", "--model", str(fp_dir), "--compensation", "svd", "--eval-tokens", "0", "--rank", "4",
+            "--group-size", "32", *flags]
+
+
+def _fails_in_one_line(argv: list[str], capsys, *fragments: str) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"torchao-eora {argv[0]}: error: "), err
+    for fragment in fragments:
+        assert fragment in last, last
+    return last
+
+
+def _snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+# ---- --out never destroys what is not ours -----------------------------------------------------------------------
+
+
+def test_out_refuses_a_directory_with_the_users_files(fp_dir, tmp_path, capsys, monkeypatch):
+    work = tmp_path / "project"
+    work.mkdir()
+    (work / "train.py").write_text("print('my work')\n")
+    monkeypatch.chdir(work)
+    before = _snapshot(work)
+    _fails_in_one_line(_quantize(fp_dir, "--out", "."), capsys, "not a torchao-eora checkpoint", "--overwrite")
+    assert _snapshot(work) == before
+    assert sorted(os.listdir(tmp_path)) == ["project"]  # no hidden temp directory either
+
+
+def test_out_refuses_a_file_and_the_source(fp_dir, tmp_path, capsys):
+    target = tmp_path / "notes.txt"
+    target.write_text("keep me")
+    _fails_in_one_line(_quantize(fp_dir, "--out", str(target)), capsys, "is a file")
+    assert target.read_text() == "keep me"
+    before = _snapshot(fp_dir)
+    for out in (fp_dir, fp_dir.parent):  # the source itself, or a directory holding it
+        _fails_in_one_line(_quantize(fp_dir, "--out", str(out), "--overwrite"), capsys, "would replace the model")
+    assert _snapshot(fp_dir) == before
+
+
+def test_out_replaces_our_own_checkpoint_and_overwrite_replaces_others(fp_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(_quantize(fp_dir, "--out", str(out))) == 0
+    assert cli.main(_quantize(fp_dir, "--out", str(out), "--rank", "8")) == 0  # re-running a job is fine
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "data.csv").write_text("1,2\n")
+    assert cli.main(_quantize(fp_dir, "--out", str(other), "--overwrite")) == 0
+    assert not (other / "data.csv").exists() and (other / "model.safetensors").exists()
+
+
+def test_export_peft_out_is_checked_too(fp_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(_quantize(fp_dir, "--out", str(out))) == 0
+    capsys.readouterr()
+    _fails_in_one_line(["export-peft", "--model", str(out), "--out", str(out)], capsys, "would replace the model")
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "keep.txt").write_text("x")
+    _fails_in_one_line(["export-peft", "--model", str(out), "--out", str(tmp_path / "adapter")], capsys,
+                       "not a torchao-eora checkpoint")
+    assert cli.main(["export-peft", "--model", str(out), "--out", str(tmp_path / "peft")]) == 0
+    assert cli.main(["export-peft", "--model", str(out), "--out", str(tmp_path / "peft")]) == 0  # ours: replaced
+
+
+# ---- ordinary input errors: one line, exit 2 ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flags, fragments", [
+    (["--rank", "0"], ["rank must be a positive integer"]),
+    (["--bits", "9"], ["bits must be an integer in 2..8"]),
+    (["--group-size", "48"], ["group_size 48 does not divide in_features=64"]),
+    (["--adapter-bits", "4", "--adapter-group-size", "3"], ["adapter_group_size 3"]),
+    (["--method", "none"], ["--method none quantizes nothing"]),
+])
+def test_bad_settings_fail_in_one_line_and_leave_no_output(fp_dir, tmp_path, capsys, flags, fragments):
+    _fails_in_one_line(_quantize(fp_dir, "--out", str(tmp_path / "out"), *flags), capsys, *fragments)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--calib-samples", "0"), ("--calib-batch-size", "0"), ("--seq-len", "1"), ("--eval-tokens", "-1"),
+    ("--rank", "two"),
+])
+def test_bad_numbers_are_argparse_errors(fp_dir, capsys, flag, value):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(_quantize(fp_dir, flag, value))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"argument {flag}:" in err.strip().splitlines()[-1]
+
+
+def test_missing_model_fails_in_one_line(tmp_path, capsys):
+    _fails_in_one_line(["eval", "--model", str(tmp_path / "nowhere"), "--tasks", ""], capsys, "nowhere")
+
+
+# ---- no noise that is not ours ------------------------------------------------------------------------------------
+
+
+def test_help_prints_nothing_but_help():
+    result = subprocess.run([sys.executable, "-m", "torchao_eora.cli", "quantize", "--help"],
+                            capture_output=True, text=True, check=True)
+    assert result.stderr == ""
+    assert "Failed to load" not in result.stdout and "register_constant" not in result.stdout
+    assert "--overwrite" in result.stdout and "--calib-samples" in result.stdout
