@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import os
 import sys
@@ -40,7 +39,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 from torchao_eora import EoRAConfig, GPTQConfig, PruneConfig, RTNConfig
-from torchao_eora.compression import CompressedWeight
 from torchao_eora.data import load_model
 from torchao_eora.pipeline import Timer, compress, evaluate
 from torchao_eora.report import format_table
@@ -136,33 +134,6 @@ def size_columns(model: torch.nn.Module) -> dict:
     return {"bytes": sizes["stored"], "packed_bytes": sizes["packed"], "adapter_bytes": sizes["adapters"],
             "packed_adapter_bytes": sizes["packed_adapters"], "size_mb": round(sizes["stored"] / 1e6, 1),
             "packed_mb": round(sizes["packed"] / 1e6, 1)}
-
-
-def _digest(t: torch.Tensor) -> bytes:
-    return hashlib.blake2b(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes(), digest_size=16).digest()
-
-
-class CompressOnce:
-    """A base compressor that remembers results by content (weight and statistics). Rows that share statistics
-    (one-shot mode), and sequential calibration's copy of a layer and the final ``quantize_``, then run GPTQ /
-    SparseGPT once per weight instead of once per use. Same results, less time."""
-
-    def __init__(self, base):
-        self.base = base
-        self._memo: dict[tuple, CompressedWeight] = {}
-
-    @property
-    def needs_calibration(self) -> bool:
-        return self.base.needs_calibration
-
-    def describe(self) -> str:
-        return self.base.describe()
-
-    def compress(self, weight: torch.Tensor, second_moment: torch.Tensor | None = None) -> CompressedWeight:
-        key = (tuple(weight.shape), _digest(weight), None if second_moment is None else _digest(second_moment))
-        if key not in self._memo:
-            self._memo[key] = self.base.compress(weight, second_moment)
-        return self._memo[key]
 
 
 # Settings that change the numbers: rows measured under other values cannot be mixed into one table.
@@ -343,11 +314,8 @@ def main(argv=None) -> int:
             row = {"compression": key, "bits": getattr(quantizer, "bits", None),
                    "group_size": getattr(quantizer, "group_size", None),
                    "sparsity": getattr(base, "pattern", None)}
-            once = CompressOnce(base)
-            for method in METHODS:
-                if args.calib_mode == "sequential":  # each row has its own statistics: nothing to share across rows
-                    once = CompressOnce(base)
-                calib = run({**row, "method": method, "rank": 0 if method == "none" else rank}, once, shared)
+            for method in METHODS:  # the sequential pass compresses each row's layers once
+                calib = run({**row, "method": method, "rank": 0 if method == "none" else rank}, base, shared)
                 shared = (calib or shared) if args.calib_mode == "one-shot" else None
 
     fp = rows[0]["ppl"]

@@ -88,7 +88,7 @@ def test_save_load_round_trip_is_exact_and_atomic(tmp_path, model, batches):
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # the permissions of any file the user writes
     loaded = Calibration.load(path, model=tiny_llama())
     assert loaded.mode == "sequential" and loaded.group_of == calib.group_of
-    assert loaded.config == calib.config
+    assert loaded.config is None and eora_config(loaded) == calib.config  # rebuilt (strictly) by eora_config
     for k, m in calib.groups.items():
         assert torch.equal(loaded.groups[k].total, m.total) and loaded.groups[k].n_tokens == m.n_tokens
 

@@ -14,7 +14,7 @@ install_log_filters()  # before torchao is imported: its import-time noise about
 
 import torchao.core.config as _ao_config  # noqa: E402
 
-from .calibration import Calibration, SecondMoment, calibrate
+from .calibration import Calibration, SecondMoment
 from .compression import CompressedWeight, Compressor
 from .config import EoRAConfig, eora_config
 from .gptq import GPTQConfig
@@ -23,6 +23,7 @@ from .merge import merge_low_rank
 from .peft_io import export_peft, import_peft
 from .pruning import PruneConfig
 from .rtn import RTNConfig
+from .sequential import calibrate, compress_sequential
 from .size import model_bytes
 from .solver import LowRankFactors, eora_factors, resolve_B, svd_factors, weighted_error
 from .tensor import QuantWithLowRank
@@ -43,6 +44,7 @@ __all__ = [
     "RTNConfig",
     "SecondMoment",
     "calibrate",
+    "compress_sequential",
     "eora_config",
     "eora_factors",
     "export_peft",

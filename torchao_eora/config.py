@@ -1,32 +1,24 @@
-"""``EoRAConfig``: the torchao workflow config, and the ``quantize_`` handler that builds ``QuantWithLowRank``."""
+"""``EoRAConfig``: the torchao workflow config (validated at construction), and its strict JSON loader.
+
+The ``quantize_`` handler that applies it lives in ``transform.py``."""
 
 from __future__ import annotations
 
-import logging
-import types
-import weakref
 from dataclasses import dataclass, field, fields, replace
-from functools import partial
 from typing import Any, Literal, Optional, Union
 
-import torch
 from torchao.core.config import AOBaseConfig
-from torchao.quantization.transform_module import register_quantize_module_handler
 
-from .adapter_quant import QuantizedFactors, check_adapter_group_size, quantize_factors
+from .adapter_quant import check_adapter_group_size
 from .calibration import Calibration
-from .checks import check_bool, check_choice, check_int
+from .checks import check_bool, check_choice, check_config_json, check_int
 from .compression import Compressor
 from .gptq import GPTQConfig
 from .pruning import PruneConfig
 from .rtn import RTNConfig
-from .solver import LowRankFactors, eora_factors, svd_factors
-from .targets import check_targets, module_rank, quantize_call_targets, warn_once
-from .tensor import QuantWithLowRank
 
 __all__ = ["EoRAConfig", "config_from_json", "eora_config"]
 
-log = logging.getLogger(__name__)
 Method = Literal["eora", "svd", "none"]
 METHODS = ("eora", "svd", "none")
 FORMS = ("auto", "eigen", "inverse_free")
@@ -96,9 +88,12 @@ class EoRAConfig(AOBaseConfig):
 
 def eora_config(calibration: Calibration, **overrides) -> EoRAConfig:
     """The config a sequential calibration compressed with, carrying its statistics: ``quantize_(m, eora_config(c))``."""
-    if calibration.config is None:
+    config = calibration.config
+    if config is None and calibration.config_json is not None:  # a loaded file: rebuild, strictly
+        config = calibration.config = config_from_json(calibration.config_json, "calibration file")
+    if config is None:
         raise ValueError("this calibration carries no config (one-shot mode): use EoRAConfig(..., calibration=calib)")
-    return replace(calibration.config, calibration=calibration, **overrides)
+    return replace(config, calibration=calibration, **overrides)
 
 
 def config_from_json(data: Any, where: str = "config") -> EoRAConfig:
@@ -113,123 +108,13 @@ def config_from_json(data: Any, where: str = "config") -> EoRAConfig:
 
 
 def _build_from_json(data: Any, where: str):
+    check_config_json(data, where)  # before anything is built
     classes = {cls.__name__: cls for cls in (EoRAConfig, RTNConfig, GPTQConfig, PruneConfig)}
-    if not isinstance(data, dict) or not isinstance(data.get("_data"), dict) or data.get("_type") not in classes:
-        kind = data.get("_type") if isinstance(data, dict) else type(data).__name__
-        raise ValueError(
-            f"{where}: refusing to build {kind!r} from JSON (only {', '.join(classes)} are allowed); "
-            "the file was not written by torchao-eora or was tampered with"
-        )
     cls = classes[data["_type"]]
     names = {f.name for f in fields(cls) if f.init}
     kwargs = {}
     for key, value in data["_data"].items():
         if key not in names:
             raise ValueError(f"{where}: {cls.__name__} has no field {key!r}")
-        if isinstance(value, dict):
-            value = _build_from_json(value, where)  # a nested config (EoRAConfig.base, PruneConfig.quantizer)
-        elif not (value is None or isinstance(value, (bool, int, float, str))):
-            raise ValueError(f"{where}: {cls.__name__}.{key} must be a plain value, got {type(value).__name__}")
-        kwargs[key] = value
+        kwargs[key] = _build_from_json(value, where) if isinstance(value, dict) else value
     return cls(**kwargs)  # __post_init__ checks every field's type and range
-
-
-def _solve(module_name: Optional[str], delta: torch.Tensor, config: EoRAConfig, rank: int) -> LowRankFactors:
-    if config.method == "none" or rank == 0:
-        return LowRankFactors(delta.new_zeros(0, delta.shape[1]), delta.new_zeros(delta.shape[0], 0))
-    if _data_free(config):
-        return svd_factors(delta, rank)
-    calib, (out_features, in_features) = config.calibration, delta.shape
-    form = config.form
-    if form == "auto":  # the eigen form's in x in eigendecomposition is shared by modules reading the same input
-        form = "eigen" if in_features <= out_features else "inverse_free"
-    if form == "eigen":
-        return eora_factors(delta, rank=rank, form="eigen", eigen=calib.eigen(module_name))
-    return eora_factors(delta, calib.second_moment(module_name).mean(), rank, form=form)
-
-
-def _data_free(config: EoRAConfig) -> bool:
-    return config.method == "svd" or config.calibration is None
-
-
-def _quantize_adapters(
-    module_name: Optional[str], delta: torch.Tensor, factors: LowRankFactors, config: EoRAConfig, dtype: torch.dtype
-) -> Union[LowRankFactors, QuantizedFactors]:
-    """intx adapters when the config asks for them; the re-solve of B uses the method's own norm."""
-    if config.adapter_bits is None or factors.rank == 0:
-        return factors
-    moment = None if _data_free(config) else config.calibration.second_moment(module_name).mean()
-    return quantize_factors(
-        delta, factors, config.adapter_bits, config.adapter_group_size, moment,
-        resolve=config.adapter_resolve, dtype=dtype,
-    )
-
-
-@register_quantize_module_handler(EoRAConfig)
-def _eora_transform(module: torch.nn.Module, config: EoRAConfig, **kwargs) -> torch.nn.Module:
-    calib = config.calibration
-    name = None
-    if calib is not None:
-        name = calib.name_of(module)
-        if name is None:
-            return module  # not a calibrated layer (lm_head, vision tower, ...): leave it alone
-        _check_all_once(calib, {n: m for m, n in list(calib._names.items())}, config)
-        check_targets({name: module}, config, warn=False)
-    else:
-        call = quantize_call_targets(module)
-        if call is not None:
-            targets, root = call
-            head = _output_embeddings(root)
-            if module is head:
-                warn_once(config, "leaving lm_head (the output embeddings) uncompressed, as the calibrated path does; "
-                          "quantize_(model.lm_head, config) compresses it")
-                return module
-            _check_all_once(root, {n: m for n, m in targets.items() if m is not head}, config)
-            name = next(n for n, m in targets.items() if m is module)
-        shape = "x".join(map(str, getattr(getattr(module, "weight", None), "shape", ())))
-        check_targets({name or f"a {shape} {type(module).__name__} layer": module}, config, warn=call is None)
-        if config.method == "eora":
-            warn_once(config, "EoRAConfig(method='eora') without calibration statistics: falling back to data-free SVD")
-
-    weight = module.weight.detach()
-    w32 = weight.float()
-    moment = None
-    if getattr(config.base, "needs_calibration", False):
-        if calib is None:
-            raise ValueError(f"{config.base.describe()} needs calibration statistics: run calibrate() first")
-        moment = calib.second_moment(name).mean()
-    compressed = config.base.compress(w32, moment)
-    delta = w32 - compressed.dequantize(torch.float32)  # in fp32: the error underflows in fp16/bf16
-    rank = module_rank(config, *delta.shape)
-    factors = _quantize_adapters(name, delta, _solve(name, delta, config, rank), config, weight.dtype)
-    new = QuantWithLowRank.from_parts(compressed, factors, dtype=weight.dtype)
-    module.weight = torch.nn.Parameter(new, requires_grad=False)
-    module.extra_repr = types.MethodType(partial(_extra_repr, original=module.extra_repr), module)
-    return module
-
-
-# The targets of a quantize_ call already checked, per root (a Calibration or the model) and config: the first
-# handler call checks them all, so a problem anywhere fails before any layer is changed.
-_checked: "weakref.WeakKeyDictionary[object, tuple[str, weakref.WeakSet]]" = weakref.WeakKeyDictionary()
-
-
-def _check_all_once(key: object, targets: dict[str, torch.nn.Module], config: EoRAConfig) -> None:
-    seen = _checked.get(key)
-    if seen is None or seen[0] != repr(config):
-        seen = _checked[key] = (repr(config), weakref.WeakSet())
-    todo = {name: m for name, m in targets.items() if m not in seen[1]}
-    if todo:
-        check_targets(todo, config)
-        seen[1].update(todo.values())
-
-
-def _output_embeddings(root: torch.nn.Module) -> Optional[torch.nn.Module]:
-    get = getattr(root, "get_output_embeddings", None)
-    try:
-        return get() if callable(get) else None
-    except (AttributeError, NotImplementedError):
-        return None
-
-
-def _extra_repr(self, original) -> str:
-    return f"{original()}, weight={self.weight._quantization_type()}"

@@ -1,22 +1,21 @@
-"""The end-to-end job shared by the CLI and the benchmarks: calibration data -> calibrate -> quantize_ -> evaluate."""
+"""The end-to-end job shared by the CLI and the benchmarks: calibration text -> the sequential pass -> evaluate."""
 
 from __future__ import annotations
 
-import contextlib
-import resource
-import time
-from dataclasses import dataclass, field, replace
-from typing import Iterator, Sequence
+from dataclasses import replace
+from typing import Sequence
 
 import torch
 from torchao.quantization import quantize_
 from tqdm.auto import tqdm
 
-from .calibration import Calibration, calibrate, find_decoder_layers
+from .calibration import Calibration
 from .config import EoRAConfig
+from .sequential import _linears, calibrate, compress_sequential, find_decoder_layers
 from .targets import check_targets
 from .data import bbc_articles, calibration_batches, token_stream, wikipedia_split
 from .eval import perplexity, zero_shot
+from .timing import Timer, peak_memory_gib
 
 __all__ = ["CALIBRATION_SOURCES", "calibration_texts", "compress", "evaluate", "Timer", "peak_memory_gib"]
 
@@ -32,28 +31,6 @@ def calibration_texts(source: str) -> list[str]:
     raise ValueError(f"calibration source must be one of {CALIBRATION_SOURCES}, got {source!r}")
 
 
-def peak_memory_gib() -> float:
-    """Peak resident memory of this process (CPU) or peak allocated memory (CUDA), in GiB."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
-
-
-@dataclass
-class Timer:
-    """Wall-clock seconds per named phase."""
-
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    @contextlib.contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
-
-
 def compress(
     model: torch.nn.Module,
     tokenizer,
@@ -65,30 +42,33 @@ def compress(
     batch_size: int = 8,
     mode: str = "sequential",
     calibration: Calibration | None = None,
+    keep_statistics: bool = True,
     timer: Timer | None = None,
     progress: bool = True,
 ) -> Calibration | None:
-    """Compress ``model`` in place with ``config``; calibrates first unless it needs no data or ``calibration`` is given.
+    """Compress ``model`` in place with ``config``, every decoder linear once; lm_head and embeddings stay as they are.
 
-    Returns the calibration used (None for data-free methods).
+    Calibrated configs run the sequential pass (``compress_sequential``) unless ``mode="one-shot"`` or statistics
+    are given (``calibration``); data-free ones go through ``quantize_`` layer by layer. Every target is checked
+    before the first one changes. Returns the calibration used (None for data-free methods).
     """
     timer = timer or Timer()
     needs_data = config.method == "eora" or getattr(config.base, "needs_calibration", False)
     if needs_data and calibration is None:
-        with timer("calibrate"):
-            batches = calibration_batches(tokenizer, calibration_texts(source), n_samples, seq_len, batch_size)
+        batches = calibration_batches(tokenizer, calibration_texts(source), n_samples, seq_len, batch_size)
+        if mode == "sequential":
+            calib = compress_sequential(model, batches, config, keep_statistics=keep_statistics, timer=timer,
+                                        progress=progress)
+            return calib.bind(model)
+        with timer("moments"):
             calibration = calibrate(model, batches, config, mode=mode, progress=progress)
-    with timer("quantize"):
+    with timer("compress"):
         if calibration is not None:
             config = replace(config, calibration=calibration.bind(model))
         prefix, layers = find_decoder_layers(model)
-        targets = {f"{prefix}.{n}": m for n, m in layers.named_modules() if isinstance(m, torch.nn.Linear)}
-        if not targets:
-            raise ValueError(f"no torch.nn.Linear layers found in {prefix}: nothing to compress")
-        check_targets(targets, config)  # every layer, before the first is changed
-        # One decoder layer at a time, for a progress bar; lm_head and embeddings stay as they are.
+        check_targets(_linears(layers, prefix + "."), config)  # every layer, before the first is changed
         for layer in tqdm(layers, desc=f"compressing ({config.describe()})", disable=not progress):
-            quantize_(layer, config)
+            quantize_(layer, config)  # one decoder layer at a time, for a progress bar
     return calibration
 
 

@@ -83,7 +83,8 @@ def _problem(name: str, module: torch.nn.Module, config: "EoRAConfig") -> str | 
             return f"the calibration has no statistics for {name}"
         if moment.total.shape[-1] != in_features:
             return f"the statistics of {name} are {moment.total.shape[-1]}-wide, the layer reads {in_features}"
-    if module.weight.is_floating_point() and not bool(torch.isfinite(module.weight).all()):
+    weight = module.weight
+    if weight.is_floating_point() and not weight.is_meta and not bool(torch.isfinite(weight).all()):
         return f"the weight of {name} has NaN/inf values (a broken checkpoint?)"
     return None
 

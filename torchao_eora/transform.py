@@ -1,0 +1,152 @@
+"""From a weight to ``QuantWithLowRank``, and the thin ``quantize_`` handler for ``EoRAConfig``.
+
+As in torchao's ``quant_api.py``: :func:`eora_quantize_tensor` is the tensor-level function (compress the weight,
+take the error in fp32, solve the residual, quantize the adapters), used by the sequential engine and by the
+handler; the handler only finds a module's statistics and checks every target before the first one changes.
+"""
+
+from __future__ import annotations
+
+import types
+import weakref
+from functools import partial
+from typing import Optional, Union
+
+import torch
+from torchao.quantization.transform_module import register_quantize_module_handler
+
+from .adapter_quant import QuantizedFactors, quantize_factors
+from .calibration import Calibration, ModuleStats
+from .config import EoRAConfig
+from .solver import LowRankFactors, eora_factors, svd_factors
+from .targets import check_targets, module_rank, quantize_call_targets, warn_once
+from .tensor import QuantWithLowRank
+from .timing import Timer
+
+__all__ = ["eora_quantize_tensor"]
+
+
+def eora_quantize_tensor(
+    weight: torch.Tensor, config: EoRAConfig, stats: ModuleStats | None = None, *, timer: Timer | None = None
+) -> QuantWithLowRank:
+    """Compress one (out x in) weight with ``config`` and add its rank-r residual.
+
+    Args:
+        weight: the dense weight (any floating dtype; the result keeps it).
+        config: what to do; ``config.calibration`` is not read here.
+        stats: the layer's input statistics. Needed by calibrated compressors (GPTQ, SparseGPT, Wanda) and by
+            ``method="eora"``; without them the residual is the plain SVD of the error.
+        timer: adds the seconds spent in ``"compress"`` and ``"solve"`` (benchmarks report them apart).
+    """
+    timer = timer or Timer()
+    w32 = weight.detach().float()
+    moment = None if stats is None else stats.moment.mean()
+    if getattr(config.base, "needs_calibration", False) and moment is None:
+        raise ValueError(f"{config.base.describe()} needs calibration statistics: run calibrate() first")
+    with timer("compress"):
+        compressed = config.base.compress(w32, moment)
+        delta = w32 - compressed.dequantize(torch.float32)  # in fp32: the error underflows in fp16/bf16
+    with timer("solve"):
+        weighted = None if config.method == "svd" else stats
+        factors = _solve(delta, config, module_rank(config, *delta.shape), weighted)
+        factors = _quantize_adapters(delta, factors, config, None if weighted is None else moment, weight.dtype)
+    return QuantWithLowRank.from_parts(compressed, factors, dtype=weight.dtype)
+
+
+def _solve(delta: torch.Tensor, config: EoRAConfig, rank: int, stats: ModuleStats | None) -> LowRankFactors:
+    if config.method == "none" or rank == 0:
+        return LowRankFactors(delta.new_zeros(0, delta.shape[1]), delta.new_zeros(delta.shape[0], 0))
+    if stats is None:
+        return svd_factors(delta, rank)
+    out_features, in_features = delta.shape
+    form = config.form
+    if form == "auto":  # the eigen form's in x in eigendecomposition is shared by modules reading the same input
+        form = "eigen" if in_features <= out_features else "inverse_free"
+    if form == "eigen":
+        return eora_factors(delta, rank=rank, form="eigen", eigen=stats.eigen())
+    return eora_factors(delta, stats.moment.mean(), rank, form=form)
+
+
+def _quantize_adapters(
+    delta: torch.Tensor, factors: LowRankFactors, config: EoRAConfig, moment: torch.Tensor | None, dtype: torch.dtype
+) -> Union[LowRankFactors, QuantizedFactors]:
+    """intx adapters when the config asks for them; the re-solve of B uses the method's own norm."""
+    if config.adapter_bits is None or factors.rank == 0:
+        return factors
+    return quantize_factors(
+        delta, factors, config.adapter_bits, config.adapter_group_size, moment,
+        resolve=config.adapter_resolve, dtype=dtype,
+    )
+
+
+def install(module: torch.nn.Linear, weight: QuantWithLowRank) -> None:
+    """Put a ``QuantWithLowRank`` into a linear module (frozen), and show it in the module's repr."""
+    module.weight = torch.nn.Parameter(weight, requires_grad=False)
+    module.extra_repr = types.MethodType(partial(_extra_repr, original=module.extra_repr), module)
+
+
+def _extra_repr(self, original) -> str:
+    return f"{original()}, weight={self.weight._quantization_type()}"
+
+
+# ---- the quantize_ handler -------------------------------------------------------------------------------------
+
+
+@register_quantize_module_handler(EoRAConfig)
+def _eora_transform(module: torch.nn.Module, config: EoRAConfig, **kwargs) -> torch.nn.Module:
+    calib = config.calibration
+    call = quantize_call_targets(module)  # every module this quantize_ call converts, by name (None: unknown)
+    name = None
+    if calib is not None:
+        name = calib.name_of(module)
+        if name is None and call is not None:
+            name = next(n for n, m in call[0].items() if m is module)
+            name = name if name in calib.group_of else None
+        if name is None:
+            return module  # not a calibrated layer (lm_head, vision tower, ...): leave it alone
+        _check_all_once(calib, {n: m for m, n in list(calib._names.items())}, config)
+        check_targets({name: module}, config, warn=False)
+        done = calib.results.get(name)
+        if done is not None and calib.config == config:  # sequential calibration already compressed it: install
+            install(module, done)
+            return module
+    else:
+        if call is not None:
+            targets, root = call
+            head = _output_embeddings(root)
+            if module is head:
+                warn_once(config, "leaving lm_head (the output embeddings) uncompressed, as the calibrated path does; "
+                          "quantize_(model.lm_head, config) compresses it")
+                return module
+            _check_all_once(root, {n: m for n, m in targets.items() if m is not head}, config)
+            name = next(n for n, m in targets.items() if m is module)
+        shape = "x".join(map(str, getattr(getattr(module, "weight", None), "shape", ())))
+        check_targets({name or f"a {shape} {type(module).__name__} layer": module}, config, warn=call is None)
+        if config.method == "eora":
+            warn_once(config, "EoRAConfig(method='eora') without calibration statistics: falling back to data-free SVD")
+    stats = None if calib is None else calib.stats_of(name)
+    install(module, eora_quantize_tensor(module.weight, config, stats))
+    return module
+
+
+# The targets of a quantize_ call already checked, per root (a Calibration or the model) and config: the first
+# handler call checks them all, so a problem anywhere fails before any layer is changed.
+_checked: "weakref.WeakKeyDictionary[object, tuple[str, weakref.WeakSet]]" = weakref.WeakKeyDictionary()
+
+
+def _check_all_once(key: object, targets: dict[str, torch.nn.Module], config: EoRAConfig) -> None:
+    seen = _checked.get(key)
+    if seen is None or seen[0] != repr(config):
+        seen = _checked[key] = (repr(config), weakref.WeakSet())
+    todo = {name: m for name, m in targets.items() if m not in seen[1]}
+    if todo:
+        check_targets(todo, config)
+        seen[1].update(todo.values())
+
+
+def _output_embeddings(root: torch.nn.Module) -> Optional[torch.nn.Module]:
+    get = getattr(root, "get_output_embeddings", None)
+    try:
+        return get() if callable(get) else None
+    except (AttributeError, NotImplementedError):
+        return None
