@@ -99,3 +99,22 @@ def test_statistics_can_be_dropped_per_layer():
     calib = compress_sequential(tiny_llama(), token_batches(), EoRAConfig(rank=4, base=RTNConfig(3, 32)),
                                 keep_statistics=False, progress=False)
     assert calib.groups == {} and len(calib.group_of) == 14
+
+
+def test_a_model_offloaded_by_accelerate_to_cpu_and_disk_compresses_like_one_in_memory(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    tiny_llama(layers=3).save_pretrained(tmp_path / "src")
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
+                  "model.layers.1": "disk", "model.layers.2": "disk", "model.norm": "cpu", "lm_head": "cpu"}
+    offloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "src", device_map=device_map,
+                                                     offload_folder=str(tmp_path / "offload")).eval()
+    assert offloaded.model.layers[1].self_attn.q_proj.weight.is_meta  # really offloaded
+    in_memory = AutoModelForCausalLM.from_pretrained(tmp_path / "src").eval()
+    config = EoRAConfig(rank=4, base=GPTQConfig(bits=3, group_size=32))
+    for model in (offloaded, in_memory):
+        compress_sequential(model, token_batches(), config, progress=False)
+    batch = token_batches(1, seed=5)[0]
+    with torch.no_grad():
+        assert torch.equal(offloaded(**batch).logits, in_memory(**batch).logits)
+    assert offloaded.model.layers[2].mlp.down_proj.weight.rank == 4

@@ -223,41 +223,76 @@ def _config_from_args(args) -> "EoRAConfig":
 
 
 def cmd_quantize(args) -> int:
-    from .io_utils import check_output_dir
     from .calibration import Calibration
     from .data import load_model
     from .hf import save_pretrained
+    from .io_utils import check_output_dir
     from .pipeline import Timer, compress, evaluate, peak_memory_gib
 
     config = _config_from_args(args)
     if args.out:  # before hours of work, not after
         check_output_dir(args.out, sources=[args.model], overwrite=args.overwrite)
     tasks = _tasks(args.tasks)
-    model, tokenizer = load_model(args.model, _dtype(args.dtype))
     rows = []
     if args.baseline:
+        model, tokenizer = load_model(args.model, _dtype(args.dtype))
         t = Timer()
         metrics = evaluate(model, tokenizer, eval_tokens=args.eval_tokens, seq_len=args.seq_len, tasks=tasks,
                            task_limit=args.task_limit, timer=t)
         rows.append(_row("original", metrics, t.seconds["evaluate"], peak_memory_gib()))
+        del model
     timer = Timer()
-    calib = Calibration.load(args.load_calibration, model) if args.load_calibration else None
-    calib = compress(model, tokenizer, config, source=args.calib_source, n_samples=args.calib_samples,
-                     seq_len=args.seq_len, batch_size=args.calib_batch_size, mode=args.calib_mode,
-                     calibration=calib, timer=timer)
+    if _streams(args):
+        model, tokenizer, calib = _quantize_streaming(args, config, timer)
+    else:
+        model, tokenizer = load_model(args.model, _dtype(args.dtype))
+        calib = Calibration.load(args.load_calibration, model) if args.load_calibration else None
+        calib = compress(model, tokenizer, config, source=args.calib_source, n_samples=args.calib_samples,
+                         seq_len=args.seq_len, batch_size=args.calib_batch_size, mode=args.calib_mode,
+                         calibration=calib, keep_statistics=bool(args.save_calibration), timer=timer)
+        if args.out:
+            with timer("io"):
+                print(f"saved to {save_pretrained(model, args.out, config, tokenizer, overwrite=args.overwrite)}")
     if args.save_calibration and calib is not None:
         calib.save(args.save_calibration)
         print(f"calibration statistics saved to {args.save_calibration}")
+    memory = peak_memory_gib()  # of the compression, before evaluation loads anything
     metrics = {}
     if args.eval_tokens or tasks:
         metrics = evaluate(model, tokenizer, eval_tokens=args.eval_tokens, seq_len=args.seq_len, tasks=tasks,
                            task_limit=args.task_limit, timer=timer)
-    rows.append(_row(config.describe(), metrics, sum(timer.seconds.values()), peak_memory_gib()))
-    if args.out:
-        print(f"saved to {save_pretrained(model, args.out, config, tokenizer, overwrite=args.overwrite)}")
+    rows.append(_row(config.describe(), metrics, sum(timer.seconds.values()), memory))
     print("time per phase (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timer.seconds.items()))
     _print_summary(rows, tasks)
     return 0
+
+
+def _streams(args) -> bool:
+    """A local model directory compressed into --out: stream it, one decoder layer in memory at a time."""
+    return bool(args.out and args.model and os.path.isdir(args.model) and args.calib_mode == "sequential"
+                and not args.load_calibration)
+
+
+def _quantize_streaming(args, config, timer):
+    """Compress ``--model`` into ``--out`` layer by layer; the model for evaluation is loaded only if asked."""
+    from .data import calibration_batches, load_tokenizer
+    from .hf import load_pretrained
+    from .pipeline import calibration_texts
+    from .streaming import quantize_checkpoint
+
+    tokenizer = load_tokenizer(args.model)
+    needs_data = config.method == "eora" or getattr(config.base, "needs_calibration", False)
+    batches = []
+    if needs_data:
+        batches = calibration_batches(tokenizer, calibration_texts(args.calib_source), args.calib_samples,
+                                      args.seq_len, args.calib_batch_size)
+    calib = quantize_checkpoint(args.model, args.out, config, batches, dtype=_dtype(args.dtype),
+                                keep_statistics=bool(args.save_calibration), overwrite=args.overwrite, timer=timer)
+    print(f"saved to {os.path.abspath(args.out)} ({calib.bytes_written / 2**20:.1f} MiB of tensors)")
+    model = None
+    if args.eval_tokens or _tasks(args.tasks):
+        model = load_pretrained(args.out, dtype=_dtype(args.dtype))
+    return model, tokenizer, calib
 
 
 def cmd_eval(args) -> int:

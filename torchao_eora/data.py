@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 __all__ = [
     "smollm2_gguf_path",
     "load_model",
+    "load_tokenizer",
     "wikipedia_articles",
     "wikipedia_split",
     "bbc_articles",
@@ -81,10 +82,20 @@ def load_model(
     else:
         check_safetensors_only(p)  # a clear error for pickle-only directories, before transformers' generic one
         model = load_pretrained(p, dtype=dtype)  # the model first: its checks give the clearest errors
-        tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True, trust_remote_code=False)
+        tokenizer = load_tokenizer(p)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer
+
+
+def load_tokenizer(directory: str | pathlib.Path) -> PreTrainedTokenizerBase:
+    """The tokenizer of a local model directory (never remote code), with a pad token (its eos token if none)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 _HEADING = re.compile(r"^=+\s*(.*?)\s*=+$")

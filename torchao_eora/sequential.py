@@ -10,6 +10,7 @@ compressed weights for ``quantize_`` to install, so nothing is compressed twice.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from dataclasses import replace
@@ -46,12 +47,21 @@ class LayerIO(Protocol):
 
 
 class InMemory:
-    """The model is in memory: move each layer to the compute device for its turn and back after."""
+    """The model is in memory: move each layer to the compute device for its turn and back after.
+
+    A layer that accelerate offloads (``device_map`` with "cpu"/"disk", its weights on meta behind a hook) is taken
+    over: its weights are onloaded, its hooks removed (they would restore the original weights at every forward),
+    and once compressed it stays on the CPU.
+    """
 
     def __init__(self) -> None:
         self._home: dict[int, torch.device] = {}
 
     def load(self, index: int, layer: torch.nn.Module, device: torch.device) -> None:
+        if any(hasattr(m, "_hf_hook") for m in layer.modules()):
+            _take_over_from_accelerate(layer, device)
+            self._home[index] = torch.device("cpu")
+            return
         home = next(layer.parameters()).device
         self._home[index] = home
         if home != device:
@@ -61,6 +71,20 @@ class InMemory:
         home = self._home.pop(index)
         if next(layer.parameters()).device != home:
             layer.to(home)
+
+
+def _take_over_from_accelerate(layer: torch.nn.Module, device: torch.device) -> None:
+    from accelerate.hooks import remove_hook_from_module
+    from accelerate.utils import align_module_device, set_module_tensor_to_device
+
+    with contextlib.ExitStack() as stack:  # real weights for a moment, wherever they were offloaded to
+        for module in layer.modules():
+            if hasattr(module, "_hf_hook"):
+                stack.enter_context(align_module_device(module, device))
+        state = {k: v.detach().to(device, copy=True) for k, v in layer.state_dict().items()}
+    remove_hook_from_module(layer, recurse=True)
+    for name, value in state.items():
+        set_module_tensor_to_device(layer, name, device, value=value)
 
 
 @torch.inference_mode()
@@ -99,7 +123,8 @@ def compress_sequential(
     device = torch.device(device) if device is not None else compute_device()
     layer_io = layer_io or InMemory()
     config = replace(config, calibration=None)
-    batches = _check_batches(batches)
+    needs_data = config.method == "eora" or bool(getattr(config.base, "needs_calibration", False))
+    batches = _check_batches(batches) if needs_data else []  # data-free: no forward passes at all
     prefix, layers = find_decoder_layers(model)
     check_targets(_linears(layers, prefix + "."), config)  # every layer before the first changes (meta: shapes only)
     calib = Calibration({}, {}, "sequential", config, fingerprint=model_fingerprint(model))
@@ -119,7 +144,8 @@ def compress_sequential(
         stats = Calibration(collector.groups, collector.group_of, "sequential")
         target = layer if in_place else copy.deepcopy(layer)
         for name, module in _linears(target, f"{prefix}.{i}.").items():
-            weight = eora_quantize_tensor(module.weight, config, stats.stats_of(name), timer=timer)
+            module_stats = stats.stats_of(name) if needs_data else None
+            weight = eora_quantize_tensor(module.weight, config, module_stats, timer=timer)
             install(module, weight)
             if not in_place:
                 calib.results[name] = weight

@@ -1,0 +1,212 @@
+"""Compress a checkpoint larger than memory: one decoder layer's weights materialised at a time.
+
+:func:`quantize_checkpoint` builds the model on the meta device, reads each tensor lazily from the safetensors
+shards, runs the sequential pass (``sequential.py``) with a ``LayerIO`` that loads layer ``i`` onto the compute
+device, and writes it out as a shard as soon as it is compressed, then frees it. The output directory is the
+checkpoint ``save_pretrained`` writes (safetensors shards with torchao metadata, an index, ``config.json`` with the
+``TorchAoConfig``, the tokenizer files), swapped into place atomically once complete: ``from_pretrained`` and
+``load_pretrained`` load it. Peak memory is about one layer's weights, statistics and solver work, plus the
+calibration activations, not the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .calibration import Calibration
+from .config import EoRAConfig
+from .hf import attach_quantizer, check_safetensors_only
+from .io_utils import atomic_directory, canonicalize_safetensors_header
+from .sequential import compress_sequential, compute_device, find_decoder_layers
+from .timing import Timer
+
+__all__ = ["ShardedWeights", "quantize_checkpoint"]
+
+_INDEX = "model.safetensors.index.json"
+_NOT_COPIED = {"config.json", _INDEX}  # written anew; weights are written anew too
+
+
+class ShardedWeights:
+    """The tensors of a local safetensors checkpoint (one file or an index of shards), read one at a time."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = check_safetensors_only(directory)
+        index = self.directory / _INDEX
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.file_of = {key: self.directory / name for key, name in weight_map.items()}
+        else:
+            self.file_of = {}
+            for file in sorted(self.directory.glob("*.safetensors")):
+                with safe_open(str(file), framework="pt") as f:
+                    self.file_of.update({key: file for key in f.keys()})
+
+    def keys(self) -> list[str]:
+        return sorted(self.file_of)
+
+    def get(self, key: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+        if key not in self.file_of:
+            raise ValueError(f"{self.directory} has no tensor {key!r} (a checkpoint of another model?)")
+        with safe_open(str(self.file_of[key]), framework="pt", device=str(device)) as f:
+            tensor = f.get_tensor(key)
+        return tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype)
+
+
+def _materialise(module: torch.nn.Module, prefix: str, weights: ShardedWeights, dtype, device) -> None:
+    """Give every parameter and persistent buffer of ``module`` its checkpoint value (``prefix`` + its name)."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    for name in module.state_dict():
+        set_module_tensor_to_device(module, name, device, value=weights.get(prefix + name, dtype, device))
+
+
+class StreamingIO:
+    """``LayerIO`` for :func:`compress_sequential`: load layer ``i`` from the shards, write it out when done, free it."""
+
+    def __init__(self, model: torch.nn.Module, weights: ShardedWeights, out: Path, layers_prefix: str, n_shards: int,
+                 dtype: torch.dtype, timer: Timer):
+        self.model, self.weights, self.out, self.prefix = model, weights, out, layers_prefix
+        self.n_shards, self.dtype, self.timer = n_shards, dtype, timer
+        # every shard names all tensors written, as save_pretrained's do (a tied lm_head is not written)
+        self.tensor_names = [k for k in model.state_dict() if k.startswith(layers_prefix + ".") or k in weights.file_of]
+        self.weight_map: dict[str, str] = {}
+        self.total_bytes = 0
+
+    def load(self, index: int, layer: torch.nn.Module, device: torch.device) -> None:
+        with self.timer("io"):
+            if index == 0:  # the first layer's inputs are captured: the embeddings are not needed any more
+                for name, param in self.model.named_parameters():
+                    if not name.startswith(self.prefix + ".") and not param.is_meta:
+                        _free(self.model, name)
+            _materialise(layer, f"{self.prefix}.{index}.", self.weights, self.dtype, device)
+
+    def done(self, index: int, layer: torch.nn.Module) -> None:
+        with self.timer("io"):
+            state = {f"{self.prefix}.{index}.{k}": v.detach().to("cpu") for k, v in layer.state_dict().items()}
+            self.write(index + 1, state)
+            _to_meta(layer)  # free it: the next layer needs the memory
+
+    def write(self, shard: int, state: Mapping[str, torch.Tensor]) -> None:
+        """One shard, with the torchao metadata of its tensors and the names of all of the model's tensors."""
+        from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+
+        tensors, metadata = flatten_tensor_state_dict(dict(state))
+        metadata = {**metadata, "tensor_names": json.dumps(self.tensor_names), "format": "pt"}
+        name = f"model-{shard:05d}-of-{self.n_shards:05d}.safetensors"
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(self.out / name), metadata=metadata)
+        canonicalize_safetensors_header(self.out / name)
+        self.weight_map.update({key: name for key in tensors})
+        self.total_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+@torch.inference_mode()
+def quantize_checkpoint(
+    model_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    config: EoRAConfig,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    keep_statistics: bool = False,
+    overwrite: bool = False,
+    timer: Timer | None = None,
+    progress: bool = True,
+) -> Calibration:
+    """Compress the checkpoint in ``model_dir`` into ``out_dir``, one decoder layer in memory at a time.
+
+    Args:
+        model_dir: a local Hugging Face directory with safetensors weights (one file or shards + index).
+        out_dir: where to write the compressed checkpoint (atomically; checked like ``save_pretrained``'s).
+        config: the compression (calibrated or not: the sequential pass runs either way).
+        batches: calibration batches (``input_ids``, ``attention_mask``), e.g. from ``data.calibration_batches``.
+        dtype: dtype the layers are computed and the adapters stored in.
+        device: where each layer is compressed (default: CUDA when present, else CPU).
+        keep_statistics: keep every layer's second moments in the returned ``Calibration`` (to save them).
+        timer: adds seconds to ``forward``, ``moments``, ``compress``, ``solve`` and ``io``.
+
+    Returns:
+        The ``Calibration`` of the pass (its ``bytes_written`` attribute is the payload written).
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    timer = timer or Timer()
+    device = torch.device(device) if device is not None else compute_device()
+    weights = ShardedWeights(model_dir)
+    source = weights.directory
+    with timer("io"):
+        model_config = AutoConfig.from_pretrained(source, local_files_only=True, trust_remote_code=False)
+        with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary tables) real
+            model = AutoModelForCausalLM.from_config(model_config, dtype=dtype).eval()
+    prefix, layers = find_decoder_layers(model)
+    state_keys = list(model.state_dict())  # tied weights appear once
+    missing = [k for k in state_keys if k not in weights.file_of and not _tied(model, k)]
+    if missing:
+        raise ValueError(f"{source} has no tensors for {missing[:3]} (a checkpoint of another model?): load it in "
+                         "memory instead, or check config.json")
+    outside = [k for k in weights.keys() if not k.startswith(prefix + ".") and k in state_keys]
+    head = model.get_output_embeddings()
+    head_name = _name_of(model, head) if head is not None else None
+    needed = [k for k in outside if head_name is None or not k.startswith(head_name + ".")]  # lm_head never runs
+    with timer("io"):  # what runs before the first layer (the embeddings), on the CPU like the batches
+        for key in needed:
+            _materialise_key(model, key, weights, dtype)
+
+    with atomic_directory(out_dir, sources=[source], overwrite=overwrite) as tmp:
+        io = StreamingIO(model, weights, tmp, prefix, len(layers) + len(outside), dtype, timer)
+        calib = compress_sequential(model, batches, config, keep_statistics=keep_statistics, layer_io=io,
+                                    device=device, progress=progress, timer=timer)
+        with timer("io"):
+            for shard, key in enumerate(outside, start=len(layers) + 1):  # one tensor per shard: bounded memory
+                io.write(shard, {key: weights.get(key, dtype)})
+            (tmp / _INDEX).write_text(json.dumps(
+                {"metadata": {"total_size": io.total_bytes}, "weight_map": dict(sorted(io.weight_map.items()))},
+                indent=2) + "\n")
+            attach_quantizer(model, config)
+            model.config.save_pretrained(tmp)
+            for file in sorted(source.iterdir()):  # tokenizer, generation config, chat template, ...
+                if file.is_file() and file.suffix != ".safetensors" and file.name not in _NOT_COPIED:
+                    shutil.copy2(file, tmp / file.name)
+    calib.bytes_written = io.total_bytes
+    return calib
+
+
+def _tied(model: torch.nn.Module, key: str) -> bool:
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    return key in tied or key in tied.values()
+
+
+def _name_of(model: torch.nn.Module, module: torch.nn.Module) -> str:
+    return next((n for n, m in model.named_modules() if m is module), "")
+
+
+def _to_meta(module: torch.nn.Module) -> None:
+    """Drop every tensor of ``module`` (meta placeholders of the same shape and dtype stay)."""
+    for m in module.modules():
+        for k, p in m._parameters.items():
+            if p is not None:
+                m._parameters[k] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), False)
+        for k, b in m._buffers.items():
+            if b is not None:
+                m._buffers[k] = torch.empty(b.shape, dtype=b.dtype, device="meta")
+
+
+def _free(model: torch.nn.Module, key: str) -> None:
+    from accelerate.utils import set_module_tensor_to_device
+
+    set_module_tensor_to_device(model, key, "meta")
+
+
+def _materialise_key(model: torch.nn.Module, key: str, weights: ShardedWeights, dtype) -> None:
+    from accelerate.utils import set_module_tensor_to_device
+
+    set_module_tensor_to_device(model, key, "cpu", value=weights.get(key, dtype))
