@@ -75,6 +75,15 @@ def token_batches(n_batches=2, batch=4, seq=32, vocab=128, seed=0, pad_first=0):
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny Llama saved as a Hugging Face directory with a tokenizer (read-only: copy it to change it)."""
+    path = tmp_path_factory.mktemp("tiny_dir") / "tiny"
+    tiny_llama().save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return path
+
+
 @pytest.fixture
 def model():
     return tiny_llama()

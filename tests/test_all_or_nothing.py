@@ -11,7 +11,7 @@ from torchao.quantization import quantize_
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import tiny_llama, token_batches
-from torchao_eora import EoRAConfig, QuantWithLowRank, RTNConfig, calibrate, eora_config, load_pretrained
+from torchao_eora import EoRAConfig, QuantWithLowRank, RTNConfig, calibrate, load_pretrained
 from torchao_eora.hf import save_pretrained
 
 BASE = RTNConfig(bits=3, group_size=32)

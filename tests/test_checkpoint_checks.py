@@ -116,19 +116,11 @@ def _more_layers_in_config(directory: Path) -> None:
     (directory / "config.json").write_text(json.dumps(config))
 
 
-@pytest.fixture(scope="module")
-def plain_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("plain") / "tiny"
-    tiny_llama().save_pretrained(path)
-    char_tokenizer().save_pretrained(path)
-    return path
-
-
 @pytest.mark.parametrize("kind", ["plain", "eora"])
-def test_cli_eval_refuses_a_config_with_more_layers_than_the_weights(plain_dir, saved, tmp_path, kind, capsys):
+def test_cli_eval_refuses_a_config_with_more_layers_than_the_weights(tiny_dir, saved, tmp_path, kind, capsys):
     from torchao_eora import cli
 
-    directory = plain_dir if kind == "plain" else saved[1]
+    directory = tiny_dir if kind == "plain" else saved[1]
     argv = ["eval", "--eval-tokens", "0", "--tasks", ""]
     assert cli.main([*argv, "--model", str(directory)]) == 0  # loading alone: no text needed
     broken = copy_dir(directory, tmp_path / "broken")
@@ -141,17 +133,17 @@ def test_cli_eval_refuses_a_config_with_more_layers_than_the_weights(plain_dir, 
     assert re.search(r"missing tensors: .*model\.layers\.2\.", message), message
 
 
-def test_load_model_of_a_plain_directory_is_strict_and_loads_it(plain_dir, tmp_path):
+def test_load_model_of_a_plain_directory_is_strict_and_loads_it(tiny_dir, tmp_path):
     from torchao_eora.data import load_model
 
-    model, tokenizer = load_model(str(plain_dir))
+    model, tokenizer = load_model(str(tiny_dir))
     batch = token_batches(1, seed=4)[0]
     assert not model.training and tokenizer.pad_token is not None
     assert torch.equal(_logits(model, batch), _logits(tiny_llama(), batch))
-    broken = edited_copy(plain_dir, tmp_path / "broken", lambda t: t.__setitem__("model.norm.weight", torch.ones(32)))
+    broken = edited_copy(tiny_dir, tmp_path / "broken", lambda t: t.__setitem__("model.norm.weight", torch.ones(32)))
     with pytest.raises(ValueError, match=r"mis-shaped tensors: model\.norm\.weight"):
         load_model(str(broken))
-    as_int = edited_copy(plain_dir, tmp_path / "as_int", _retype("model.norm.weight", torch.int8))
+    as_int = edited_copy(tiny_dir, tmp_path / "as_int", _retype("model.norm.weight", torch.int8))
     with pytest.raises(ValueError, match=r"model\.norm\.weight is stored as int8, expected a floating-point type"):
         load_model(str(as_int))  # transformers alone casts it to float: a norm of integers
 

@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torchao.quantization import quantize_
 from transformers import AutoModelForCausalLM, TorchAoConfig
 
 import torchao_eora
-from conftest import char_tokenizer, edited_copy, tiny_llama, token_batches
+from conftest import edited_copy, tiny_llama, token_batches
 from torchao_eora import (
     Calibration, EoRAConfig, PruneConfig, QuantWithLowRank, RTNConfig, calibrate, eora_config, merge_low_rank,
 )
@@ -294,20 +293,12 @@ def test_atomic_directory_failure_inside_block(tmp_path):
 # ---- the CLI ---------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def fp_dir_with_tokenizer(tmp_path_factory):
-    path = tmp_path_factory.mktemp("fp_tok") / "tiny"
-    tiny_llama().save_pretrained(path)
-    char_tokenizer().save_pretrained(path)
-    return path
-
-
-def test_cli_quantize_writes_a_directory_from_pretrained_loads(fp_dir_with_tokenizer, tmp_path, monkeypatch):
+def test_cli_quantize_writes_a_directory_from_pretrained_loads(tiny_dir, tmp_path, monkeypatch):
     from torchao_eora import cli, pipeline
 
     out = tmp_path / "out"
     code = cli.main([
-        "quantize", "--model", str(fp_dir_with_tokenizer), "--compensation", "svd", "--eval-tokens", "0",
+        "quantize", "--model", str(tiny_dir), "--compensation", "svd", "--eval-tokens", "0",
         "--rank", "4", "--group-size", "32", "--out", str(out),
     ])
     assert code == 0

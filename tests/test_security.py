@@ -12,13 +12,12 @@ import pickle
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import save_file
 from torchao.core.config import config_from_dict, config_to_dict
 from torchao.quantization import quantize_
 from transformers import AutoModelForCausalLM
 
-import torchao_eora
+import torchao_eora  # noqa: F401  (extends transformers' torchao quantizer)
 from conftest import char_tokenizer, copy_dir, tiny_llama, token_batches
 from torchao_eora import Calibration, EoRAConfig, RTNConfig, calibrate, eora_config, import_peft, load_pretrained
 from torchao_eora.config import config_from_json

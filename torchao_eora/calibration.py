@@ -41,12 +41,20 @@ class SecondMoment:
 
     total: torch.Tensor
     n_tokens: int = 0
+    normalized: bool = False  # total already divided by n_tokens, in place (see normalize_)
 
     def mean(self) -> torch.Tensor:
-        """``X^T X / n``: the scale-free form the solver and GPTQ use."""
+        """``X^T X / n``: the scale-free form the solver and GPTQ use (do not modify it)."""
         if self.n_tokens == 0:
             raise ValueError("no calibration tokens reached this layer (all padding?)")
-        return self.total / self.n_tokens
+        return self.total if self.normalized else self.total / self.n_tokens
+
+    def normalize_(self) -> "SecondMoment":
+        """Divide ``total`` by ``n_tokens`` in place, so ``mean()`` costs no copy (a 7B down_proj's is 1 GiB)."""
+        if not self.normalized and self.n_tokens:
+            self.total.div_(self.n_tokens)
+            self.normalized = True
+        return self
 
 
 @dataclass

@@ -29,6 +29,7 @@ __all__ = ["LayerIO", "calibrate", "compress_sequential", "compute_device", "fin
 
 log = logging.getLogger(__name__)
 Mode = Literal["sequential", "one-shot"]
+_BLOCK = 1024  # columns of x^T x computed at a time
 
 
 def compute_device() -> torch.device:
@@ -105,7 +106,8 @@ def compress_sequential(
     Args:
         model: a causal LM with a ``ModuleList`` of decoder layers (its weights may be on the meta device when
             ``layer_io`` materialises them).
-        batches: dicts with ``input_ids`` (B, T) and optionally ``attention_mask`` (padding is left out).
+        batches: dicts with ``input_ids`` (B, T) and optionally ``attention_mask`` (padding is left out); may be
+            empty for a data-free config (no forward passes then).
         config: the compression; its ``calibration`` is ignored (this pass makes the statistics).
         in_place: compress the model's layers (True), or copies of them, keeping the compressed weights in the
             returned ``Calibration.results`` and the model untouched (``calibrate``).
@@ -123,8 +125,11 @@ def compress_sequential(
     device = torch.device(device) if device is not None else compute_device()
     layer_io = layer_io or InMemory()
     config = replace(config, calibration=None)
-    needs_data = config.method == "eora" or bool(getattr(config.base, "needs_calibration", False))
-    batches = _check_batches(batches) if needs_data else []  # data-free: no forward passes at all
+    batches = list(batches)
+    # Statistics are collected when the config needs them or batches are given; a data-free config with no batches
+    # (streaming RTN + SVD) runs no forward pass at all.
+    needs_data = bool(batches) or config.method == "eora" or bool(getattr(config.base, "needs_calibration", False))
+    batches = _check_batches(batches) if needs_data else []
     prefix, layers = find_decoder_layers(model)
     check_targets(_linears(layers, prefix + "."), config)  # every layer before the first changes (meta: shapes only)
     calib = Calibration({}, {}, "sequential", config, fingerprint=model_fingerprint(model))
@@ -141,6 +146,9 @@ def compress_sequential(
             for (hidden, kwargs), mask in zip(inputs, masks):
                 collector.start_batch(mask)
                 layer(hidden, **kwargs)
+        if not keep_statistics:  # nobody needs the sums: divide in place, the solver then reads them without a copy
+            for moment in collector.groups.values():
+                moment.normalize_()
         stats = Calibration(collector.groups, collector.group_of, "sequential")
         target = layer if in_place else copy.deepcopy(layer)
         for name, module in _linears(target, f"{prefix}.{i}.").items():
@@ -150,7 +158,8 @@ def compress_sequential(
             if not in_place:
                 calib.results[name] = weight
         with timer("forward"):
-            inputs = [(_output(target(hidden, **kwargs)), kwargs) for hidden, kwargs in inputs]
+            for j, (hidden, kwargs) in enumerate(inputs):  # batch by batch: one batch's old activations at a time
+                inputs[j] = (_output(target(hidden, **kwargs)), kwargs)
         calib.group_of.update(stats.group_of)
         if keep_statistics:
             calib.groups.update(stats.groups)
@@ -262,7 +271,7 @@ class _MomentCollector:
     def _accumulate(self, name: str, group: str, x: torch.Tensor) -> None:
         flat = x.detach().reshape(-1, x.shape[-1])
         mask = self.token_mask
-        if mask is not None and mask.numel() == flat.shape[0]:
+        if mask is not None and mask.numel() == flat.shape[0] and not bool(mask.all()):  # a copy only if padded
             flat = flat[mask.reshape(-1).to(flat.device)]
         flat = flat.float()
         if not torch.isfinite(flat).all():
@@ -274,7 +283,9 @@ class _MomentCollector:
         if moment is None:
             n = flat.shape[1]
             moment = self.groups[group] = SecondMoment(torch.zeros(n, n, dtype=torch.float64, device=flat.device))
-        moment.total += (flat.T @ flat).double()  # fp32 product, fp64 running sum
+        for start in range(0, flat.shape[1], _BLOCK):  # fp32 products, fp64 running sum; in column blocks so the
+            block = flat[:, start:start + _BLOCK]  # temporaries stay small (a 7B down_proj's full product is 2 GiB)
+            moment.total[:, start:start + _BLOCK] += (flat.T @ block).double()
         moment.n_tokens += flat.shape[0]
 
 

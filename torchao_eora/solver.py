@@ -206,8 +206,7 @@ def eora_factors(
         if second_moment is None:
             c = (eigen.vectors * eigen.values) @ eigen.vectors.T
         else:
-            c = second_moment.to(torch.float64)
-            c = 0.5 * (c + c.T)
+            c = second_moment.to(torch.float64)  # not symmetrised: m is, below, which is the same and needs no copy
         m = d @ c @ d.T
         values, vectors = _eigh(0.5 * (m + m.T))
         values, vectors = values.flip(0).clamp_min(0.0), vectors.flip(1)

@@ -16,7 +16,7 @@ import torch
 from torchao.quantization.transform_module import register_quantize_module_handler
 
 from .adapter_quant import QuantizedFactors, quantize_factors
-from .calibration import Calibration, ModuleStats
+from .calibration import ModuleStats
 from .config import EoRAConfig
 from .solver import LowRankFactors, eora_factors, svd_factors
 from .targets import check_targets, module_rank, quantize_call_targets, warn_once
