@@ -72,7 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-tokens", type=int, default=4096, help="held-out Wikipedia tokens to score (default 4096)")
     p.add_argument("--seed", type=int, default=0, help="calibration window sampling seed (default 0)")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: on a shared 2-core machine 2 threads made the GPTQ sweep 10-40x slower)")
+                   help="torch CPU threads (default 1: on a busy 2-core machine 2 threads made GPTQ's column sweep "
+                        "10-40x slower)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"results JSON, rows merged in (default {DEFAULT_OUT})")
     p.add_argument("--no-save", action="store_true", help="print results only, write no JSON")
     return p.parse_args(argv)

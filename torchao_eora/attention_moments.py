@@ -62,7 +62,9 @@ def mixed_value_moment(
         pairs summed into each matrix (so ``sum_xx / count`` is a mean).
     """
     if x.dim() != 3 or attn_probs.dim() != 4:
-        raise ValueError(f"need x (B, T, in) and attn_probs (B, H, T, T), got {tuple(x.shape)} and {tuple(attn_probs.shape)}")
+        raise ValueError(
+            f"need x (B, T, in) and attn_probs (B, H, T, T), got {tuple(x.shape)} and {tuple(attn_probs.shape)}"
+        )
     b, t, _ = x.shape
     _, h, tq, tk = attn_probs.shape
     if attn_probs.shape[0] != b or tq != t or tk != t:
