@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Iterable, NamedTuple
 
 import torch
 
+from .checks import CONFIG_TYPES
 from .config import EoRAConfig, _build_from_json
 from .io_utils import atomic_directory, canonicalize_safetensors_header, recover_directory
 from .tensor import QuantWithLowRank
@@ -501,11 +502,10 @@ def _guard_torchao_config_from_dict() -> None:
     from transformers import TorchAoConfig
 
     original = TorchAoConfig.from_dict.__func__
-    ours = {"EoRAConfig", "RTNConfig", "GPTQConfig", "PruneConfig"}
 
     def check(node) -> None:
         if isinstance(node, dict):
-            if node.get("_type") in ours:
+            if node.get("_type") in CONFIG_TYPES:
                 _build_from_json(node, "quantization_config in config.json")
                 return
             for value in node.values():
