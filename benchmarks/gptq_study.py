@@ -21,6 +21,9 @@ Every run is one spec, comma-separated ``key=value`` after the method::
     gptq,act=1,damp=0.1      act-order on, damping 0.1 (defaults: act=0, damp=0.01)
     gptq,on=v_proj           GPTQ on v_proj only (RTN elsewhere); on=not_v: GPTQ everywhere but v_proj
     gptq,v=mixed,eora=64,ev=mixed    + EoRA rank 64 on every linear; v_proj's EoRA moment plain or mixed
+    gptq,via=engine,act=1,v=head     the same through the library's sequential engine (``compress_sequential``
+                                     with an ``EoRAConfig``: v=head is value_moment="attention", v=plain "plain";
+                                     eora=R adds EoRA rank R; on= and ev= are the study loop's only)
 
     python benchmarks/gptq_study.py --runs fp rtn gptq gptq,v=mixed gptq,v=head
     python benchmarks/gptq_study.py --model gemma --runs fp rtn gptq gptq,v=mixed
@@ -33,6 +36,7 @@ Gemma-3-270M gets a BOS token at the start of every calibration and evaluation w
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
 import sys
@@ -54,7 +58,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from results_io import environment, write_json  # noqa: E402
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "gptq_study.json")
-SPEC_KEYS = {"v": "plain", "act": "0", "damp": "0.01", "on": "all", "eora": "0", "ev": "plain"}
+SPEC_KEYS = {"v": "plain", "act": "0", "damp": "0.01", "on": "all", "eora": "0", "ev": "plain", "via": "study"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -93,6 +97,10 @@ def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
         raise SystemExit(f"v must be plain|mixed|head and ev plain|mixed in {spec!r}")
     if options["on"] not in ("all", "v_proj", "not_v"):
         raise SystemExit(f"on must be all|v_proj|not_v in {spec!r}")
+    if options["via"] not in ("study", "engine"):
+        raise SystemExit(f"via must be study|engine in {spec!r}")
+    if options["via"] == "engine" and (options["v"] == "mixed" or options["on"] != "all" or options["ev"] != "plain"):
+        raise SystemExit(f"the engine has v=plain|head, on=all and ev=plain only: {spec!r}")
     return method, options
 
 
@@ -321,6 +329,22 @@ def compress_model(model, batches, method, opts, args):
     return timings, per_layer
 
 
+@torch.inference_mode()
+def compress_with_engine(model, batches, method, opts, args):
+    """The library's sequential pass (what ``torchao-eora quantize`` runs), in place; its phase split."""
+    from torchao_eora import EoRAConfig, compress_sequential
+    from torchao_eora.timing import Timer
+
+    base = RTNConfig(args.bits, args.group_size) if method == "rtn" else GPTQConfig(
+        args.bits, args.group_size, percdamp=float(opts["damp"]), act_order=opts["act"] == "1")
+    rank = int(opts["eora"])
+    config = EoRAConfig(rank=max(rank, 1), base=base, method="eora" if rank else "none",
+                        value_moment="attention" if opts["v"] == "head" else "plain")
+    timer = Timer()
+    compress_sequential(model, batches, config, keep_statistics=False, timer=timer)
+    return dict(timer.seconds), []
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -343,9 +367,16 @@ def main(argv=None) -> None:
         model.load_state_dict(original)
         print(f"{args.model} {spec}:", flush=True)
         start = time.perf_counter()
-        timings, per_layer = ({}, []) if method == "fp" else compress_model(model, batches, method, opts, args)
+        if opts["via"] == "engine":  # installs QuantWithLowRank weights: on a copy, the original stays reloadable
+            run_model = copy.deepcopy(model)
+            set_attention(run_model, "sdpa")  # as loaded by the CLI; the engine switches to eager when it needs to
+            timings, per_layer = compress_with_engine(run_model, batches, method, opts, args)
+        else:
+            run_model = model
+            timings, per_layer = ({}, []) if method == "fp" else compress_model(model, batches, method, opts, args)
         t = time.perf_counter()
-        ppl = evaluate_ppl(model, tok, args, bos)
+        ppl = evaluate_ppl(run_model, tok, args, bos)
+        del run_model
         timings["evaluate"] = time.perf_counter() - t
         wall = time.perf_counter() - start
         row = {"model": args.model, "spec": spec, **settings, "bos": bos is not None, "ppl": ppl, "wall_s": wall,

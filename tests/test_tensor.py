@@ -134,8 +134,9 @@ def test_chunk_and_split_for_tensor_parallel(dim, split, adapter_bits):
     assert all(p.adapter_dtype == q.adapter_dtype for p in pieces)
     assert torch.equal(torch.cat([p.dequantize() for p in pieces], dim=dim), dense)
     x = torch.randn(3, 64)
-    if dim == 0:  # column-parallel: outputs concatenate
-        assert torch.equal(torch.cat([F.linear(x, p) for p in pieces], dim=-1), F.linear(x, q))
+    if dim == 0:  # column-parallel: outputs concatenate (up to the GEMM's rounding: MKL picks a kernel per width)
+        torch.testing.assert_close(torch.cat([F.linear(x, p) for p in pieces], dim=-1), F.linear(x, q),
+                                   rtol=1e-5, atol=1e-5)
     else:  # row-parallel: each shard sees its input columns, partial outputs add up
         xs = x.split([p.shape[1] for p in pieces], dim=-1)
         total = sum(F.linear(xi, p) for xi, p in zip(xs, pieces))

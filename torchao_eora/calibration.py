@@ -29,15 +29,19 @@ if TYPE_CHECKING:
     from .config import EoRAConfig
     from .tensor import QuantWithLowRank
 
-__all__ = ["Calibration", "ModuleStats", "SecondMoment", "check_fingerprint", "model_fingerprint"]
+__all__ = ["Calibration", "ModuleStats", "SecondMoment", "VALUE_GROUP_SUFFIX", "check_fingerprint", "model_fingerprint"]
 
 log = logging.getLogger(__name__)
 Mode = Literal["sequential", "one-shot"]
+VALUE_GROUP_SUFFIX = ":attention"  # group key of a v_proj's attention-weighted moment: "<v_proj name>:attention"
 
 
 @dataclass
 class SecondMoment:
-    """``total = sum over real tokens of x x^T`` (in x in, fp64) and the number of tokens summed."""
+    """``total = sum over real tokens of x x^T`` (in x in, fp64) and the number of tokens summed.
+
+    An attention-weighted v_proj moment (``attention_moments``) has one (in x in) matrix per kv head, (H_kv, in, in),
+    and counts (head, query) pairs instead of tokens."""
 
     total: torch.Tensor
     n_tokens: int = 0
@@ -59,18 +63,21 @@ class SecondMoment:
 
 @dataclass
 class ModuleStats:
-    """What the compressor and the solver need of one module: its input second moment, and that moment's
-    eigendecomposition computed on first use and shared by the modules reading the same input."""
+    """What the compressor and the solver need of one module: its input second moment, that moment's
+    eigendecomposition computed on first use and shared by the modules reading the same input, and, for a v_proj,
+    the attention-weighted moment per kv head that its base compressor minimises instead (None elsewhere)."""
 
     moment: SecondMoment
     eigen: Callable[[], Eigen]
+    compressor_moment: SecondMoment | None = None  # (H_kv, in, in): one per kv head's rows of v_proj
 
 
 class Calibration:
     """Per-layer second moments of a calibration run, keyed by the fully qualified names of the linear modules.
 
     ``groups`` maps a group key to its ``SecondMoment``; ``group_of`` maps each linear module's name to the group
-    of modules that read the same input. ``config`` is the ``EoRAConfig`` the run compressed with (sequential
+    of modules that read the same input; ``value_group_of`` maps a v_proj's name to the group of its
+    attention-weighted moment (sequential GPTQ/SparseGPT with ``value_moment="attention"``). ``config`` is the ``EoRAConfig`` the run compressed with (sequential
     mode), so ``eora_config(calib)`` reproduces it; a loaded file keeps it as checked JSON (``config_json``) until
     ``eora_config`` rebuilds it. ``results`` holds the weights sequential calibration already compressed, by module
     name: ``quantize_(model, eora_config(calib))`` installs them instead of compressing twice. Bind to a model
@@ -93,9 +100,11 @@ class Calibration:
         *,
         config_json: "dict | None" = None,
         results: "Mapping[str, QuantWithLowRank] | None" = None,
+        value_group_of: "Mapping[str, str] | None" = None,
     ):
         self.groups = dict(groups)
         self.group_of = dict(group_of)
+        self.value_group_of = dict(value_group_of or {})
         self.mode = mode
         self.config = config
         self.config_json = config_json
@@ -106,7 +115,8 @@ class Calibration:
         self._eigen_cache: "OrderedDict[str, Eigen]" = OrderedDict()
 
     def __repr__(self) -> str:
-        tokens = max((m.n_tokens for m in self.groups.values()), default=0)
+        values = set(self.value_group_of.values())  # these count (head, query) pairs, not tokens
+        tokens = max((m.n_tokens for g, m in self.groups.items() if g not in values), default=0)
         return (
             f"Calibration(mode={self.mode!r}, modules={len(self.group_of)}, distinct_inputs={len(self.groups)}, "
             f"tokens={tokens})"
@@ -151,7 +161,9 @@ class Calibration:
         return self.groups[self.group_of[name]]
 
     def stats_of(self, name: str) -> ModuleStats:
-        return ModuleStats(self.second_moment(name), lambda: self.eigen(name))
+        value = self.value_group_of.get(name)
+        return ModuleStats(self.second_moment(name), lambda: self.eigen(name),
+                           None if value is None else self.groups.get(value))
 
     def eigen(self, name: str) -> Eigen:
         """Eigendecomposition of a module's input second moment, cached per distinct input (q/k/v share one)."""
@@ -172,6 +184,7 @@ class Calibration:
         meta = {
             "mode": self.mode,
             "group_of": self.group_of,
+            "value_group_of": {n: g for n, g in self.value_group_of.items() if g in self.groups},
             "n_tokens": {k: m.n_tokens for k, m in self.groups.items()},
             "config": self.config_json if self.config is None else config_to_dict(replace(self.config, calibration=None)),
             "fingerprint": self.fingerprint,
@@ -212,6 +225,9 @@ class Calibration:
         if missing:
             raise ValueError(f"{path} is truncated or corrupt: missing tensors {sorted(missing)[:5]}")
         groups = {k: SecondMoment(tensors[k], n) for k, n in meta["n_tokens"].items()}
+        values = meta.get("value_group_of") or {}
+        if not isinstance(values, dict) or any(not isinstance(g, str) or g not in groups for g in values.values()):
+            raise ValueError(f"{path} is corrupt: 'value_group_of' must map v_proj names to moments in the file")
         if meta["config"] is not None:  # only our configs, plain values: refused here if crafted, built by eora_config
             check_config_json(meta["config"], f"calibration file {path}")
         fingerprint = meta.get("fingerprint")
@@ -220,7 +236,8 @@ class Calibration:
                 "%s has no model fingerprint (written by an older torchao-eora): cannot check that its statistics "
                 "belong to this model; recalibrate to get a checked file", path,
             )
-        calib = cls(groups, meta["group_of"], meta["mode"], None, fingerprint, check_weights, config_json=meta["config"])
+        calib = cls(groups, meta["group_of"], meta["mode"], None, fingerprint, check_weights, config_json=meta["config"],
+                    value_group_of=values)
         return calib.bind(model) if model is not None else calib
 
 

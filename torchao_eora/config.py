@@ -22,6 +22,7 @@ __all__ = ["EoRAConfig", "config_from_json", "eora_config"]
 Method = Literal["eora", "svd", "none"]
 METHODS = ("eora", "svd", "none")
 FORMS = ("auto", "eigen", "inverse_free")
+VALUE_MOMENTS = ("auto", "attention", "plain")
 
 
 @dataclass
@@ -43,6 +44,14 @@ class EoRAConfig(AOBaseConfig):
         adapter_resolve: with ``adapter_bits``, re-solve ``B`` in closed form against the quantized ``A`` before
             quantizing ``B``, so ``B`` absorbs ``A``'s rounding error (default True; same norm as the method:
             activation-weighted for EoRA, plain for SVD).
+        value_moment: what a calibrated base compressor (GPTQ, SparseGPT, Wanda) minimises for ``v_proj`` in
+            sequential calibration: ``"attention"`` the error of the attention output, from the inputs mixed by
+            the attention probabilities, one moment per kv head's rows (``attention_moments``; the calibration
+            forwards then run eager attention, slower); ``"plain"`` the error of v_proj's own output, ``X^T X`` as
+            for every other layer. Plain moments miss the "attention sink": a few tokens (a window's first) receive
+            most of the attention in later layers, but count once in ``X^T X``. ``"auto"`` (default): attention
+            for ``GPTQConfig`` (measured better on SmolLM2 and Gemma-3, README), plain for the pruning compressors
+            (not measured on a real model). EoRA's residual always uses the plain moment.
     """
 
     rank: int = 64
@@ -53,6 +62,7 @@ class EoRAConfig(AOBaseConfig):
     adapter_bits: Optional[int] = None
     adapter_group_size: int = 32
     adapter_resolve: bool = True
+    value_moment: str = "auto"
 
     def __post_init__(self) -> None:
         check_choice("method", self.method, METHODS)
@@ -67,6 +77,7 @@ class EoRAConfig(AOBaseConfig):
             kind = type(self.calibration).__name__
             raise ValueError(f"calibration must be a Calibration from calibrate() or None, got a {kind}")
         check_choice("form", self.form, FORMS)
+        check_choice("value_moment", self.value_moment, VALUE_MOMENTS)
         check_bool("adapter_resolve", self.adapter_resolve)
         check_int("adapter_group_size", self.adapter_group_size, 1)
         if self.adapter_bits is not None:
@@ -77,6 +88,13 @@ class EoRAConfig(AOBaseConfig):
                 )
             if self.method != "none":
                 check_adapter_group_size(self.adapter_group_size, self.rank)  # in_features: checked per layer
+
+    @property
+    def attention_value_moment(self) -> bool:
+        """Whether v_proj's base compressor minimises the attention-output error (see ``value_moment``)."""
+        if not getattr(self.base, "needs_calibration", False) or self.value_moment == "plain":
+            return False
+        return self.value_moment == "attention" or isinstance(self.base, GPTQConfig)
 
     def describe(self) -> str:
         residual = "no residual" if self.method == "none" else f"{self.method} r{self.rank}"

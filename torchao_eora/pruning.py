@@ -15,13 +15,13 @@ symmetric: ``q = 0``) and the sweep re-zeroes pruned entries before rounding.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Union
 
 import torch
 
 from .checks import check_choice, check_fraction
-from .compression import CompressedWeight, check_group_size
+from .compression import CompressedWeight, by_row_blocks, check_group_size
 from .gptq import GPTQConfig, GroupQuantizer, check_second_moment, check_sweep_args, obs_sweep
 from .rtn import RTNConfig
 
@@ -134,7 +134,7 @@ class PruneConfig:
         if self.quantizer is not None and not isinstance(self.quantizer, (RTNConfig, GPTQConfig)):
             kind = type(self.quantizer).__name__
             raise TypeError(f"quantizer must be an RTNConfig, a GPTQConfig or None, got {kind}")
-        if self.method == "sparsegpt" and isinstance(self.quantizer, GPTQConfig) and self.quantizer.act_order:
+        if self.method == "sparsegpt" and isinstance(self.quantizer, GPTQConfig) and self.quantizer.act_order is True:
             raise ValueError("SparseGPT picks its N:M mask in natural column order: use GPTQConfig(act_order=False)")
         check_sweep_args(self.percdamp, self.block_size)
 
@@ -149,7 +149,10 @@ class PruneConfig:
     def describe(self) -> str:
         sparsity = self.pattern if self.pattern is not None else f"{self.ratio:.0%}"
         text = f"{_NAMES[self.method]} {sparsity}"
-        return text if self.quantizer is None else f"{text} + {self.quantizer.describe()}"
+        quantizer = self.quantizer
+        if self.method == "sparsegpt" and isinstance(quantizer, GPTQConfig):  # one joint sweep, natural order
+            quantizer = replace(quantizer, act_order=False)
+        return text if quantizer is None else f"{text} + {quantizer.describe()}"
 
     def mask(self, weight: torch.Tensor, second_moment: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The magnitude or Wanda mask (True = pruned), chosen once from the original weight."""
@@ -162,6 +165,11 @@ class PruneConfig:
         return prune_mask(scores, self.nm, self.ratio, per_row=self.method == "wanda")
 
     def compress(self, weight: torch.Tensor, second_moment: Optional[torch.Tensor] = None) -> CompressedWeight:
+        """Prune (and quantize) ``weight``; a stack of moments, one per row block, prunes each block with its own
+        (an unstructured ``ratio`` then holds per block)."""
+        return by_row_blocks(self._compress, weight, second_moment)
+
+    def _compress(self, weight: torch.Tensor, second_moment: Optional[torch.Tensor]) -> CompressedWeight:
         w = weight.detach().float()
         out_features, in_features = w.shape
         if self.nm is not None and in_features % self.nm[1]:
@@ -173,7 +181,8 @@ class PruneConfig:
         gptq = self.quantizer if isinstance(self.quantizer, GPTQConfig) else None
         sweep = dict(percdamp=self.percdamp, block_size=self.block_size)
         if gptq is not None:
-            sweep.update(quantizer=GroupQuantizer(gptq.bits, gptq.group_size, gptq.symmetric), act_order=gptq.act_order)
+            sweep.update(quantizer=GroupQuantizer(gptq.bits, gptq.group_size, gptq.symmetric),
+                         act_order=gptq.act_order_on and self.method != "sparsegpt")
 
         if self.method == "sparsegpt":
             picker = _SparseGPTPicker(self.nm, self.ratio, out_features)

@@ -20,7 +20,8 @@ from typing import Iterable, Literal, Mapping, Protocol
 import torch
 from tqdm.auto import tqdm
 
-from .calibration import Calibration, SecondMoment, model_fingerprint
+from .attention_moments import mixed_value_moment
+from .calibration import VALUE_GROUP_SUFFIX, Calibration, SecondMoment, model_fingerprint
 from .config import EoRAConfig
 from .targets import check_targets
 from .timing import Timer
@@ -30,7 +31,7 @@ __all__ = ["LayerIO", "calibrate", "compress_sequential", "compute_device", "fin
 
 log = logging.getLogger(__name__)
 Mode = Literal["sequential", "one-shot"]
-_BLOCK = 1024  # columns of x^T x computed at a time
+_BLOCK = 256  # columns of x^T x computed at a time
 
 
 def compute_device() -> torch.device:
@@ -134,47 +135,70 @@ def compress_sequential(
     prefix, layers = find_decoder_layers(model)
     check_targets(_linears(layers, prefix + "."), config)  # every layer before the first changes (meta: shapes only)
     calib = Calibration({}, {}, "sequential", config, fingerprint=model_fingerprint(model))
-    with timer("forward"):
-        inputs = _capture_layer_inputs(model, layers[0], batches, device)
-    masks = [b.get("attention_mask") for b in batches]
-    bar = tqdm(range(len(layers)), desc=f"compressing ({config.describe()})", disable=not progress)
-    for i in bar:
-        layer = layers[i]
-        layer_io.load(i, layer, device)
-        linears = _linears(layer, f"{prefix}.{i}.")
-        check_targets(linears, config, warn=False)  # now with the real weights (NaN), when they were streamed in
-        with _MomentCollector(linears, timer) as collector, timer("forward"):
-            for (hidden, kwargs), mask in zip(inputs, masks):
-                collector.start_batch(mask)
-                layer(hidden, **kwargs)
-        if not keep_statistics:  # nobody needs the sums: divide in place, the solver then reads them without a copy
-            for moment in collector.groups.values():
-                moment.normalize_()
-        stats = Calibration(collector.groups, collector.group_of, "sequential")
-        target = layer if in_place else copy.deepcopy(layer)
-        targets = _linears(target, f"{prefix}.{i}.")
-        last_reader = {stats.group_of[n]: n for n in targets if n in stats.group_of}  # q/k/v: v reads it last
-        for name, module in targets.items():
-            module_stats = stats.stats_of(name) if needs_data else None
-            weight = eora_quantize_tensor(module.weight, config, module_stats, timer=timer)
-            install(module, weight)
-            if not in_place:
-                calib.results[name] = weight
-            group = stats.group_of.get(name)
-            if not keep_statistics and last_reader.get(group) == name:  # its last reader is done: free it now
-                del stats.groups[group]
-                stats._eigen_cache.pop(group, None)
+    # v_proj's compressor sees the attention-weighted moment: it needs the attention probabilities (eager attention)
+    value_moments = needs_data and config.attention_value_moment
+    with _attention("eager" if value_moments else None, model):
         with timer("forward"):
-            for j, (hidden, kwargs) in enumerate(inputs):  # batch by batch: one batch's old activations at a time
-                inputs[j] = (_output(target(hidden, **kwargs)), kwargs)
-        calib.group_of.update(stats.group_of)
-        if keep_statistics:
-            calib.groups.update(stats.groups)
-        del stats, target, collector
-        layer_io.done(i, layer)
-        _release_free_memory()
+            hidden, layer_kwargs = _capture_layer_inputs(model, layers, batches, device)
+        masks = [b.get("attention_mask") for b in batches]
+        bar = tqdm(range(len(layers)), desc=f"compressing ({config.describe()})", disable=not progress)
+        for i in bar:
+            layer, kwargs = layers[i], layer_kwargs[i]
+            layer_io.load(i, layer, device)
+            linears = _linears(layer, f"{prefix}.{i}.")
+            check_targets(linears, config, warn=False)  # now with the real weights (NaN), when they were streamed in
+            values = _value_projections(layer, f"{prefix}.{i}.") if value_moments else {}
+            with _MomentCollector(linears, timer, values) as collector, timer("forward"):
+                for h, kw, mask in zip(hidden, kwargs, masks):
+                    collector.start_batch(mask)
+                    layer(h, **kw)
+            if not keep_statistics:  # nobody needs the sums: divide in place, the solver reads them without a copy
+                collector.normalize_()
+            stats = Calibration(collector.groups, collector.group_of, "sequential",
+                                value_group_of=collector.value_group_of)
+            del collector  # stats holds the moments alone now: each is freed once its last reader is compressed
+            target = layer if in_place else copy.deepcopy(layer)
+            results = _compress_layer(_linears(target, f"{prefix}.{i}."), config, stats if needs_data else None,
+                                      free_statistics=not keep_statistics, timer=timer)
+            if not in_place:
+                calib.results.update(results)
+            del results
+            with timer("forward"):
+                for j, (h, kw) in enumerate(zip(hidden, kwargs)):  # batch by batch: one batch's old activations live
+                    hidden[j] = _output(target(h, **kw))
+            calib.group_of.update(stats.group_of)
+            calib.value_group_of.update(stats.value_group_of)
+            if keep_statistics:
+                calib.groups.update(stats.groups)
+            layer_kwargs[i] = None  # this layer's masks and rotary tables are not needed any more
+            del stats, target, kwargs
+            layer_io.done(i, layer)
+            _release_free_memory()
     timer.seconds["forward"] -= timer.seconds.get("moments", 0.0)  # the moment hooks ran inside the forward passes
     return calib
+
+
+def _compress_layer(
+    targets: Mapping[str, torch.nn.Linear], config: EoRAConfig, stats: Calibration | None, *,
+    free_statistics: bool, timer: Timer,
+) -> dict[str, torch.Tensor]:
+    """Compress and solve each linear of one layer once, in place; returns the new weights by name. With
+    ``free_statistics``, a moment is dropped from ``stats`` as soon as its last reader is done (q/k/v: v_proj)."""
+    last_reader = {} if stats is None else {stats.group_of[n]: n for n in targets if n in stats.group_of}
+    if stats is not None:
+        last_reader.update({g: n for n, g in stats.value_group_of.items()})
+    results = {}
+    for name, module in targets.items():
+        weight = eora_quantize_tensor(module.weight, config, None if stats is None else stats.stats_of(name),
+                                      timer=timer)
+        install(module, weight)
+        results[name] = weight
+        if free_statistics and stats is not None:
+            for group in (stats.group_of.get(name), stats.value_group_of.get(name)):
+                if group is not None and last_reader.get(group) == name:
+                    del stats.groups[group]
+                    stats._eigen_cache.pop(group, None)
+    return results
 
 
 @torch.inference_mode()
@@ -235,29 +259,49 @@ def _calibrate_one_shot(model, batches, progress) -> Calibration:
 
 
 class _MomentCollector:
-    """Forward pre-hooks on linear modules that accumulate ``sum x^T x`` once per distinct input tensor, in fp64
-    from fp32 products, over real tokens only."""
+    """Forward hooks that accumulate, in fp64 from fp32 products and over real tokens only:
 
-    def __init__(self, modules: Mapping[str, torch.nn.Linear], timer: Timer | None = None):
+    * ``sum x^T x`` of every linear input, once per distinct input tensor (q/k/v share one, as do gate/up);
+    * for each v_proj in ``values`` (name -> (attention module, v_proj, kv heads)), the attention-weighted moment
+      ``sum x~ x~^T`` per kv head (``attention_moments.mixed_value_moment``), from the attention probabilities the
+      (eager) attention module returns.
+    """
+
+    def __init__(self, modules: Mapping[str, torch.nn.Linear], timer: Timer | None = None,
+                 values: Mapping[str, tuple[torch.nn.Module, torch.nn.Linear, int]] | None = None):
         self.modules = dict(modules)
+        self.values = dict(values or {})
         self.timer = timer or Timer()
         self.groups: dict[str, SecondMoment] = {}
         self.group_of: dict[str, str] = {}
+        self.value_group_of: dict[str, str] = {}
         self.token_mask: torch.Tensor | None = None  # (batch, seq) bool of the batch being run
         self._last_input: torch.Tensor | None = None
         self._last_group: str | None = None
+        self._value_input: torch.Tensor | None = None
         self._handles = []
 
     def __enter__(self) -> "_MomentCollector":
         for name, module in self.modules.items():
             self._handles.append(module.register_forward_pre_hook(self._hook(name)))
+        for name, (attention, v_proj, n_kv) in self.values.items():
+            self._handles.append(v_proj.register_forward_pre_hook(self._keep_value_input))
+            self._handles.append(attention.register_forward_hook(self._value_hook(name, n_kv)))
         return self
 
     def __exit__(self, *exc) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        self._last_input = None
+        self._last_input = self._value_input = None
+        for group, moment in self.groups.items():
+            if group not in self.value_group_of.values():
+                _mirror_lower_(moment.total)
+
+    def normalize_(self) -> None:
+        """Divide every sum by its count in place (no copy of a moment is made later)."""
+        for moment in self.groups.values():
+            moment.normalize_()
 
     def start_batch(self, attention_mask: torch.Tensor | None) -> None:
         self.token_mask = None if attention_mask is None else attention_mask.bool()
@@ -276,6 +320,30 @@ class _MomentCollector:
 
         return hook
 
+    def _keep_value_input(self, module, args) -> None:
+        self._value_input = args[0]
+
+    def _value_hook(self, name: str, n_kv: int):
+        def hook(module, args, out):
+            probs = out[1] if isinstance(out, (tuple, list)) and len(out) > 1 else None
+            if probs is None or self._value_input is None:
+                raise RuntimeError(
+                    f"{name}: the attention module returned no attention probabilities; the attention-weighted "
+                    "v_proj moment needs eager attention: use value_moment='plain' for this model"
+                )
+            mask = self.token_mask
+            if mask is not None and mask.shape != self._value_input.shape[:2]:
+                mask = None
+            with self.timer("moments"):
+                total, count = mixed_value_moment(self._value_input, probs, mask, num_kv_heads=n_kv)
+            group = self.value_group_of.setdefault(name, f"{name}{VALUE_GROUP_SUFFIX}")
+            moment = self.groups.setdefault(group, SecondMoment(torch.zeros_like(total)))
+            moment.total += total
+            moment.n_tokens += count
+            self._value_input = None
+
+        return hook
+
     def _accumulate(self, name: str, group: str, x: torch.Tensor) -> None:
         flat = x.detach().reshape(-1, x.shape[-1])
         mask = self.token_mask
@@ -291,10 +359,48 @@ class _MomentCollector:
         if moment is None:
             n = flat.shape[1]
             moment = self.groups[group] = SecondMoment(torch.zeros(n, n, dtype=torch.float64, device=flat.device))
-        for start in range(0, flat.shape[1], _BLOCK):  # fp32 products, fp64 running sum; in column blocks so the
-            block = flat[:, start:start + _BLOCK]  # temporaries stay small (a 7B down_proj's full product is 2 GiB)
-            moment.total[:, start:start + _BLOCK] += (flat.T @ block).double()
+        # fp32 products, fp64 running sum, in column blocks: the temporaries stay small (a 7B down_proj's full
+        # product is 2 GiB), and only the lower triangle is computed (x^T x is symmetric: _mirror_lower_ at exit).
+        for start in range(0, flat.shape[1], _BLOCK):
+            block = flat[:, start:start + _BLOCK]
+            moment.total[start:, start:start + _BLOCK] += (flat[:, start:].T @ block).double()
         moment.n_tokens += flat.shape[0]
+
+
+def _mirror_lower_(total: torch.Tensor) -> None:
+    """Copy the lower block triangle that ``_accumulate`` computes onto the upper one, in place (block by block: no
+    temporary of the matrix's size)."""
+    for start in range(0, total.shape[0] - _BLOCK, _BLOCK):
+        end = start + _BLOCK
+        total[start:end, end:] = total[end:, start:end].T
+
+
+def _value_projections(layer: torch.nn.Module, prefix: str) -> dict[str, tuple[torch.nn.Module, torch.nn.Linear, int]]:
+    """The attention modules of a decoder layer with a separate ``v_proj`` linear and a ``head_dim`` (Llama, Gemma,
+    Qwen, Mistral, ...): v_proj's name -> (attention module, v_proj, number of kv heads). Fused qkv projections
+    have no v_proj of their own and keep the plain moment."""
+    found = {}
+    for name, module in layer.named_modules():
+        v_proj, head_dim = getattr(module, "v_proj", None), getattr(module, "head_dim", None)
+        if isinstance(v_proj, torch.nn.Linear) and isinstance(head_dim, int) and head_dim > 0 \
+                and v_proj.out_features % head_dim == 0:
+            found[f"{prefix}{name + '.' if name else ''}v_proj"] = (module, v_proj, v_proj.out_features // head_dim)
+    return found
+
+
+@contextlib.contextmanager
+def _attention(implementation: str | None, model: torch.nn.Module):
+    """Run the block with the model's attention implementation set to ``implementation`` (None: unchanged)."""
+    config = getattr(model, "config", None)
+    before = getattr(config, "_attn_implementation", None)
+    if implementation is None or before == implementation or not hasattr(model, "set_attn_implementation"):
+        yield
+        return
+    model.set_attn_implementation(implementation)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
 
 
 # ---- the model's decoder layers and their inputs ----------------------------------------------------------------
@@ -342,14 +448,19 @@ class _StopForward(Exception):
     pass
 
 
-def _to(obj, device: torch.device):
-    """Tensors (also inside dicts, tuples and lists) moved to ``device``."""
+def _to(obj, device: torch.device, moved: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None):
+    """Tensors (also inside dicts, tuples and lists) moved to ``device``; ``moved`` (id -> (original, copy)) moves
+    a tensor referenced several times only once (the original is kept alive, so its id is not reused)."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        if moved is None:
+            return obj.to(device)
+        if id(obj) not in moved:
+            moved[id(obj)] = (obj, obj.to(device))
+        return moved[id(obj)][1]
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: _to(v, device, moved) for k, v in obj.items()}
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(v, device) for v in obj)
+        return type(obj)(_to(v, device, moved) for v in obj)
     return obj
 
 
@@ -376,17 +487,34 @@ def _input_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _capture_layer_inputs(model, layer0, batches, device: torch.device):
-    """Run the part of the model before the first decoder layer once per batch, and keep what that layer receives
-    (hidden states and keyword arguments such as the mask and position embeddings), on ``device``."""
-    captured = []
+def _capture_layer_inputs(model, layers, batches, device: torch.device):
+    """What every decoder layer is called with, per batch, without running any layer.
 
-    def grab(module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((hidden.to(device), _to(dict(kwargs), device)))
-        raise _StopForward
+    The model runs once per batch with each layer's ``forward`` swapped for a recorder that keeps its keyword
+    arguments and passes the hidden states through (the last one stops the forward), so no layer weight is read
+    (they may still be on the meta device). Layers get their own masks and rotary tables (Gemma 3's sliding and
+    global layers): layer 0's are not everyone's. Returns layer 0's hidden states per batch, and per layer its
+    keyword arguments per batch, on ``device`` (a tensor the layers share is moved once).
+    """
+    hidden: list[torch.Tensor] = []
+    kwargs: list[list[dict]] = [[] for _ in layers]
+    moved: dict = {}
 
-    handle = layer0.register_forward_pre_hook(grab, with_kwargs=True)
+    def recorder(i: int):
+        def forward(*args, **kw):
+            h = args[0] if args else kw.pop("hidden_states")
+            if i == 0:
+                hidden.append(h.to(device))
+            kwargs[i].append(_to(kw, device, moved))
+            if i == len(layers) - 1:
+                raise _StopForward
+            return h
+
+        return forward
+
+    own = [layer.__dict__.get("forward") for layer in layers]  # an accelerate hook's wrapper, if any
+    for i, layer in enumerate(layers):
+        layer.forward = recorder(i)
     source = _input_device(model)
     try:
         for batch in batches:
@@ -395,8 +523,12 @@ def _capture_layer_inputs(model, layer0, batches, device: torch.device):
             except _StopForward:
                 pass
     finally:
-        handle.remove()
-    return captured
+        for layer, forward in zip(layers, own):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
+    return hidden, kwargs
 
 
 def _release_free_memory() -> None:

@@ -44,7 +44,8 @@ def eora_quantize_tensor(
     if getattr(config.base, "needs_calibration", False) and moment is None:
         raise ValueError(f"{config.base.describe()} needs calibration statistics: run calibrate() first")
     with timer("compress"):
-        compressed = config.base.compress(w32, moment)
+        attention = stats is not None and stats.compressor_moment is not None and config.attention_value_moment
+        compressed = config.base.compress(w32, stats.compressor_moment.mean() if attention else moment)
         delta = w32 - compressed.dequantize(torch.float32)  # in fp32: the error underflows in fp16/bf16
     with timer("solve"):
         weighted = None if config.method == "svd" else stats

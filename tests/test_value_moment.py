@@ -1,0 +1,143 @@
+"""Per-layer inputs of the sequential pass, and v_proj's attention-weighted moment in the engine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_llama, token_batches
+from torchao_eora import Calibration, EoRAConfig, GPTQConfig, PruneConfig, RTNConfig, compress_sequential
+from torchao_eora.attention_moments import mixed_value_moment, value_output_error
+from torchao_eora.sequential import _capture_layer_inputs, find_decoder_layers
+
+
+def tiny_gemma3(layers: int = 4):
+    """A small random Gemma 3: sliding-window layers (window 4) alternating with global ones."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, sliding_window=4, max_position_embeddings=64,
+        layer_types=["sliding_attention", "full_attention"] * (layers // 2),
+    )
+    return Gemma3ForCausalLM(cfg).eval()
+
+
+@torch.inference_mode()
+def test_every_layer_gets_its_own_keyword_arguments():
+    """Gemma 3's global layers need their own mask and rotary table: run layer by layer with the captured
+    arguments, every layer reproduces the model's own hidden states; with layer 0's arguments they do not."""
+    model = tiny_gemma3()
+    batch = token_batches(1, batch=2, seq=16)[0]
+    expected = model(**batch, output_hidden_states=True).hidden_states
+    _, layers = find_decoder_layers(model)
+    hidden, kwargs = _capture_layer_inputs(model, layers, [batch], torch.device("cpu"))
+    assert torch.equal(hidden[0], expected[0])
+    own = layer0s = hidden[0]
+    for i, layer in enumerate(layers[:-1]):  # the last entry of hidden_states has the final norm applied
+        own, layer0s = layer(own, **kwargs[i][0]), layer(layer0s, **kwargs[0][0])
+        torch.testing.assert_close(own, expected[i + 1], rtol=0, atol=0)
+    assert not torch.allclose(layer0s, expected[len(layers) - 1], atol=1e-2)
+
+
+@torch.inference_mode()
+def test_capture_reads_no_layer_weight():
+    """Capturing runs no decoder layer: it works with every layer's weights on the meta device (streaming)."""
+    model = tiny_llama(layers=3)
+    _, layers = find_decoder_layers(model)
+    for layer in layers:
+        layer.to("meta")
+    hidden, kwargs = _capture_layer_inputs(model, layers, token_batches(2), torch.device("cpu"))
+    assert len(hidden) == 2 and [len(k) for k in kwargs] == [2, 2, 2]
+    assert all("forward" not in layer.__dict__ for layer in layers)  # recorders removed
+
+
+def _reference_value_moment(model, batches):
+    """Layer 0's v_proj attention-weighted moment, from the uncompressed model run with eager attention."""
+    model.set_attn_implementation("eager")
+    attn = model.model.layers[0].self_attn
+    total, count = None, 0
+    seen = {}
+    handle = attn.v_proj.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
+    try:
+        with torch.inference_mode():
+            for b in batches:
+                probs = model(**b, output_attentions=True).attentions[0]
+                t, c = mixed_value_moment(seen["x"], probs, b["attention_mask"], num_kv_heads=attn.config.num_key_value_heads)
+                total, count = (t if total is None else total + t), count + c
+    finally:
+        handle.remove()
+        model.set_attn_implementation("sdpa")
+    return total, count
+
+
+def test_engine_value_moment_is_the_attention_weighted_moment():
+    model = tiny_llama(layers=2)
+    batches = token_batches(2, pad_first=5)
+    expected, count = _reference_value_moment(model, batches)
+    calib = compress_sequential(model, batches, EoRAConfig(rank=4, base=GPTQConfig(3, 32)), progress=False)
+    name = "model.layers.0.self_attn.v_proj"
+    moment = calib.groups[calib.value_group_of[name]]
+    assert moment.total.shape == (2, 64, 64) and moment.n_tokens == count
+    torch.testing.assert_close(moment.total, expected, rtol=1e-5, atol=1e-6)
+    assert model.config._attn_implementation == "sdpa"  # restored after the pass
+    assert calib.stats_of(name).compressor_moment is moment
+    assert calib.stats_of("model.layers.0.self_attn.q_proj").compressor_moment is None
+
+
+def test_plain_value_moment_and_data_free_bases_collect_none():
+    batches = token_batches(1)
+    for config in (EoRAConfig(rank=4, base=GPTQConfig(3, 32), value_moment="plain"),
+                   EoRAConfig(rank=4, base=RTNConfig(3, 32))):
+        calib = compress_sequential(tiny_llama(), batches, config, progress=False)
+        assert calib.value_group_of == {} and all(m.total.dim() == 2 for m in calib.groups.values())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gptq_with_the_attention_moment_lowers_the_attention_output_error(seed):
+    """The attention-weighted moment is the statistic of the attention-output error v_proj causes: GPTQ that
+    minimises it beats GPTQ on the plain moment in that error (layer 0, whose inputs are the model's own)."""
+    model = tiny_llama(seed=seed)
+    batches = token_batches(2, seed=seed)
+    calib = compress_sequential(model, batches, EoRAConfig(rank=1, base=GPTQConfig(3, 16), method="none"),
+                                in_place=False, progress=False)
+    name = "model.layers.0.self_attn.v_proj"
+    stats = calib.stats_of(name)
+    w = model.get_submodule(name).weight.detach().float()
+    mixed = stats.compressor_moment.mean()
+    gptq = GPTQConfig(3, 16)
+    err_attention = value_output_error(w - gptq.compress(w, mixed).dequantize(), mixed)
+    err_plain = value_output_error(w - gptq.compress(w, stats.moment.mean()).dequantize(), mixed)
+    assert err_attention < err_plain
+    # what the engine installed is the attention-weighted compression
+    installed = calib.results[name].dequantize() - calib.results[name].B @ calib.results[name].A
+    torch.testing.assert_close(installed, gptq.compress(w, mixed).dequantize(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("base", [GPTQConfig(3, 16), GPTQConfig(4, 16, act_order=False),
+                                  PruneConfig("sparsegpt", "2:4"), PruneConfig("wanda", "2:4", quantizer=GPTQConfig(4, 16))])
+def test_a_stack_of_moments_compresses_each_row_block_with_its_own(base):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 64, generator=g)
+    xs = [torch.randn(200, 64, generator=g) * torch.linspace(0.1, 3, 64) for _ in range(2)]
+    stack = torch.stack([(x.T @ x / 200).double() for x in xs])
+    whole = base.compress(w, stack)
+    assert whole.dequantize().shape == w.shape
+    for block, rows in enumerate(w.split(16)):
+        part = base.compress(rows, stack[block]).dequantize()
+        torch.testing.assert_close(whole.dequantize()[16 * block:16 * (block + 1)], part, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="does not split"):
+        base.compress(w[:31], stack)
+
+
+def test_saved_calibration_keeps_the_value_moments(tmp_path):
+    model = tiny_llama()
+    calib = compress_sequential(model, token_batches(1), EoRAConfig(rank=4, base=GPTQConfig(3, 32)),
+                                in_place=False, progress=False)
+    calib.save(tmp_path / "c.safetensors")
+    loaded = Calibration.load(tmp_path / "c.safetensors")
+    assert loaded.value_group_of == calib.value_group_of
+    name = "model.layers.1.self_attn.v_proj"
+    torch.testing.assert_close(loaded.stats_of(name).compressor_moment.total,
+                               calib.stats_of(name).compressor_moment.total, rtol=0, atol=0)
