@@ -357,12 +357,6 @@ def main(argv=None) -> None:
     print(f"loaded {args.model} in {time.perf_counter() - t0:.0f}s", flush=True)
 
     settings = {k: getattr(args, k) for k in ("bits", "group_size", "n_samples", "seq_len", "eval_tokens", "seed")}
-    payload = {"rows": []}
-    if not args.no_save and os.path.exists(args.out):
-        import json
-
-        with open(args.out) as f:
-            payload = json.load(f)
     for spec, method, opts in specs:
         model.load_state_dict(original)
         print(f"{args.model} {spec}:", flush=True)
@@ -384,10 +378,22 @@ def main(argv=None) -> None:
         print(f"  ppl {ppl:.2f}   wall {wall:.0f}s  {', '.join(f'{k} {v:.0f}s' for k, v in timings.items())}",
               flush=True)
         if not args.no_save:
-            key = lambda r: (r["model"], r["spec"], *(r.get(k) for k in settings))  # noqa: E731
-            payload["rows"] = [r for r in payload["rows"] if key(r) != key(row)] + [row]
-            payload["environment"] = environment()
-            write_json(args.out, payload)
+            merge_row(args.out, row, settings)
+
+
+def merge_row(path: str, row: dict, settings: dict) -> None:
+    """Add ``row`` to the JSON at ``path``, replacing a row of the same model, spec and settings; the file is read
+    right before it is rewritten, so runs of the two models in parallel keep each other's rows."""
+    import json
+
+    payload = {"rows": []}
+    if os.path.exists(path):
+        with open(path) as f:
+            payload = json.load(f)
+    key = lambda r: (r["model"], r["spec"], *(r.get(k) for k in settings))  # noqa: E731
+    payload["rows"] = [r for r in payload["rows"] if key(r) != key(row)] + [row]
+    payload["environment"] = environment()
+    write_json(path, payload)
 
 
 if __name__ == "__main__":

@@ -105,7 +105,8 @@ def measure_big(args) -> dict:
 
 
 def bare_forward_seconds(n_samples: int) -> float:
-    """One plain forward pass of SmolLM2 over the calibration batches (no hooks, no compression), in-process."""
+    """One plain forward pass of SmolLM2's decoder stack over the calibration batches (no hooks, no compression, no
+    lm_head, which the sequential pass never runs), in-process."""
     import torch
 
     from torchao_eora.data import calibration_batches, load_model
@@ -116,7 +117,7 @@ def bare_forward_seconds(n_samples: int) -> float:
     start = time.perf_counter()
     with torch.inference_mode():
         for batch in batches:
-            model(**batch, use_cache=False)
+            model.model(**batch, use_cache=False)
     return time.perf_counter() - start
 
 
