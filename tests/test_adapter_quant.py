@@ -129,10 +129,11 @@ def test_quantized_adapter_output_is_within_the_rounding_bound(bits, resolve):
     raw = x @ weight.A.float().T @ weight.B.float().T - x @ a.T @ b.T
     assert (raw.abs() > bound + 1e-6).any()
     misgrouped = QuantWithLowRank(
-        weight.qdata, weight.A, weight.B, weight.target_dtype, weight.group_size, weight.dtype, weight.scale,
-        weight.zero_point, weight.A_scale.roll(1, dims=1), weight.A_zero_point.roll(1, dims=1),
-        weight.B_scale.roll(1, dims=0), weight.B_zero_point.roll(1, dims=0), weight.adapter_dtype,
-        weight.adapter_group_size,
+        qdata=weight.qdata, A=weight.A, B=weight.B, target_dtype=weight.target_dtype, group_size=weight.group_size,
+        dtype=weight.dtype, scale=weight.scale, zero_point=weight.zero_point,
+        A_scale=weight.A_scale.roll(1, dims=1), A_zero_point=weight.A_zero_point.roll(1, dims=1),
+        B_scale=weight.B_scale.roll(1, dims=0), B_zero_point=weight.B_zero_point.roll(1, dims=0),
+        adapter_dtype=weight.adapter_dtype, adapter_group_size=weight.adapter_group_size,
     )
     assert ((misgrouped.dequantize_A() - a).abs() > s_a).any()
     assert ((misgrouped.dequantize_B() - b).abs() > s_b).any()

@@ -1,5 +1,7 @@
 """QuantWithLowRank behaves exactly like the dense W_c + B A it stands for, eagerly and compiled."""
 
+import inspect
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,6 +23,27 @@ def _weight(out_features=48, in_features=64, rank=8, bits=3, dtype=torch.float32
     if adapter_bits is not None:  # intx adapters in groups of 8 (what EoRAConfig(adapter_bits=...) builds)
         factors = quantize_factors(w - base.dequantize(), factors, adapter_bits, 8)
     return w, QuantWithLowRank.from_parts(base, factors, dtype=dtype)
+
+
+def test_the_declared_layout_is_the_constructor_and_the_shapes():
+    """``QuantWithLowRank.fields`` is the one declaration: the constructor takes exactly its fields and the
+    attributes (torchao's order), and every field a weight holds has the shape and dtype it declares."""
+    cls = QuantWithLowRank
+    names = cls.tensor_data_names + cls.tensor_attribute_names
+    names += cls.optional_tensor_data_names + cls.optional_tensor_attribute_names
+    assert list(inspect.signature(cls.__init__).parameters)[1:] == names
+    assert set(cls.tensor_data_names + cls.optional_tensor_data_names) == set(cls.fields)
+    for kwargs in ({}, {"dense": True}, {"adapter_bits": 4}):
+        _, q = _weight(**kwargs)
+        dims = {"out": 48, "in": 64, "rank": 8}
+        for name, field in cls.fields.items():
+            t = getattr(q, name)
+            if t is None:
+                continue
+            assert tuple(t.shape) == field.shape(dims, getattr(q, field.group_attribute)), (kwargs, name)
+            assert t.is_floating_point() == field.is_floating(getattr(q, field.dtype_attribute)), (kwargs, name)
+        bits = {"qdata": q.bits, "A": q.adapter_bits, "B": q.adapter_bits}
+        assert {name: q.value_bits(name) for name in cls.fields} == {name: bits.get(name) for name in cls.fields}
 
 
 @pytest.mark.parametrize("shape", [(5, 64), (2, 7, 64)])
@@ -163,4 +186,7 @@ def test_matmul_paths_use_effective_weight():
 def test_mismatched_factors_are_rejected():
     _, q = _weight()
     with pytest.raises(ValueError, match="do not fit"):
-        QuantWithLowRank(q.qdata, q.A[:, :32], q.B, q.target_dtype, q.group_size, q.dtype, q.scale, q.zero_point)
+        QuantWithLowRank(
+            qdata=q.qdata, A=q.A[:, :32], B=q.B, target_dtype=q.target_dtype, group_size=q.group_size, dtype=q.dtype,
+            scale=q.scale, zero_point=q.zero_point,
+        )

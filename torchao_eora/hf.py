@@ -43,10 +43,19 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# QuantWithLowRank's fields beyond those transformers' torchao quantizer reloads (qdata, scale, zero_point, ...).
-# Longer names first: transformers 5.17 matches the names as one regex alternation, first branch wins, so
-# "_weight_A" listed before "_weight_A_scale" would claim (and mis-rename) the scale's key.
-_EXTRA_FIELDS = ("A_scale", "A_zero_point", "B_scale", "B_zero_point", "A", "B")
+# The field suffixes transformers' torchao quantizer reloads by itself; QuantWithLowRank's others are added.
+_TRANSFORMERS_FIELDS = ("qdata", "scale_and_zero", "per_tensor_scale", "scale", "zero_point", "act_pre_scale")
+
+
+def _extra_fields() -> list[str]:
+    """QuantWithLowRank's fields transformers does not reload, a name after every longer name it starts:
+    transformers 5.17 matches the names as one regex alternation, first branch wins, so "_weight_A" listed
+    before "_weight_A_scale" would claim (and mis-rename) the scale's key."""
+    extra = [f for f in QuantWithLowRank.fields if f not in _TRANSFORMERS_FIELDS]
+    return sorted(extra, key=lambda f: any(g != f and g.startswith(f) for g in extra))
+
+
+_EXTRA_FIELDS = _extra_fields()
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
@@ -339,13 +348,14 @@ def _low_rank_kinds(meta: dict) -> dict[str, _Kind]:
     if meta["_type"] != QuantWithLowRank.__name__:
         return {}
     data = meta.get("_data", {})
-    floating, int8 = _Kind("floating"), _Kind("int8")
-    kinds = {"scale": floating, "zero_point": int8, "A_scale": floating, "B_scale": floating,
-             "A_zero_point": int8, "B_zero_point": int8}
-    # qdata: intN values in int8 for an intx base, a dense floating weight for a pruned-only base (target_dtype None)
-    kinds["qdata"] = _Kind("int8", _intx_bits(data.get("target_dtype"))) if data.get("target_dtype") else floating
-    adapters = _Kind("int8", _intx_bits(data.get("adapter_dtype"))) if data.get("adapter_dtype") else floating
-    kinds["A"] = kinds["B"] = adapters
+    kinds = {}
+    for name, field in QuantWithLowRank.fields.items():
+        # values: intN in int8 for an intx part, floating otherwise (a pruned-only base, full-precision adapters)
+        part_dtype = data.get(field.dtype_attribute)
+        if field.is_floating(part_dtype):
+            kinds[name] = _Kind("floating")
+        else:
+            kinds[name] = _Kind("int8", _intx_bits(part_dtype) if field.role == "values" else None)
     return kinds
 
 
@@ -411,18 +421,10 @@ def _low_rank_layout(prefix: str, meta: dict, shapes: dict, model_shape: tuple[i
     if model_shape is not None and len(model_shape) != 2:
         raise ValueError(f"checkpoint tensor {prefix}qdata is a linear weight, but the model's is {model_shape}")
     out_features, in_features = model_shape or shapes.get(prefix + "qdata") or (None, None)
-    rank = (shapes.get(prefix + "A") or [None])[0]
-    layout = {"qdata": (out_features, in_features), "A": (rank, in_features), "B": (out_features, rank)}
+    dims = {"out": out_features, "in": in_features, "rank": (shapes.get(prefix + "A") or [None])[0]}
     data = meta.get("_data", {})
-    group_size = data.get("group_size")
-    if group_size and in_features:
-        layout["scale"] = layout["zero_point"] = (out_features, in_features // group_size)
-    adapter_group_size = data.get("adapter_group_size")
-    if adapter_group_size and in_features and rank is not None:
-        layout["A_scale"] = layout["A_zero_point"] = (rank, in_features // adapter_group_size)
-    if adapter_group_size and rank is not None:
-        layout["B_scale"] = layout["B_zero_point"] = (out_features, rank // adapter_group_size)
-    return {f: shape for f, shape in layout.items() if None not in shape}
+    layout = {f: field.shape(dims, data.get(field.group_attribute)) for f, field in QuantWithLowRank.fields.items()}
+    return {f: shape for f, shape in layout.items() if shape is not None}
 
 
 # ---- extending transformers' torchao quantizer -------------------------------------------------------------------

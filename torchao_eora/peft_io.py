@@ -287,7 +287,10 @@ def _with_residual(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> Qu
     if isinstance(weight, QuantWithLowRank):  # keep the compressed base, replace the residual
         return weight.with_factors(A, B)
     dtype = weight.dtype  # a dense floating base (checked by _adaptable)
-    return QuantWithLowRank(weight.detach().contiguous(), A.to(dtype), B.to(dtype), None, None, dtype)
+    return QuantWithLowRank(
+        qdata=weight.detach().contiguous(), A=A.to(dtype), B=B.to(dtype), target_dtype=None, group_size=None,
+        dtype=dtype,
+    )
 
 
 def _plan(model: torch.nn.Module, adapter_dir: Path, config: dict, tensors: dict[str, torch.Tensor]

@@ -37,7 +37,7 @@ def _inner_tensors(t: torch.Tensor) -> dict[str, torch.Tensor]:
 def _int_bits(t: torch.Tensor, field: str) -> int | None:
     """Bits per value of an intN field stored unpacked in int8, or None when the field is stored as it is."""
     if isinstance(t, QuantWithLowRank):
-        return {"qdata": t.bits, "A": t.adapter_bits, "B": t.adapter_bits}.get(field)
+        return t.value_bits(field)
     target = getattr(t, "target_dtype", None)  # torchao's IntxUnpackedToInt8Tensor
     if field == "qdata" and isinstance(target, torch.dtype) and str(target).startswith("torch.int"):
         return int(str(target).removeprefix("torch.int"))
@@ -65,7 +65,7 @@ def model_bytes(model: torch.nn.Module) -> dict[str, int]:
             bits = _int_bits(tensor, field)
             packed = stored if bits is None else math.ceil(inner.numel() * bits / 8)
             if isinstance(tensor, QuantWithLowRank):
-                part = "adapters" if field.split("_")[0] in ("A", "B") else "base"
+                part = tensor.fields[field].part  # "base" or "adapters"
                 sizes[part] += stored
                 sizes[f"packed_{part}"] += packed
             else:

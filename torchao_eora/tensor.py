@@ -11,7 +11,7 @@ tensor so the subclass flattens one level deep (torch.compile, state_dict, safet
 from __future__ import annotations
 
 import itertools
-from typing import Optional
+from typing import Callable, Mapping, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -23,15 +23,55 @@ from .compression import CompressedWeight, dequantize_weight
 from .ops import quant_linear
 from .solver import LowRankFactors
 
-__all__ = ["QuantWithLowRank"]
+__all__ = ["Field", "QuantWithLowRank"]
 
 aten = torch.ops.aten
 _FLOAT_TYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+class Field(NamedTuple):
+    """One tensor field of ``QuantWithLowRank``: its shape in the layer's dimensions, what it holds, and its part.
+
+    ``rows`` / ``cols`` name dimensions (``"out"``, ``"in"``, ``"rank"``); a scale or zero point has one column
+    per group of ``cols`` (its part's group size). ``role``: ``"values"`` are intN values in int8 when the part's
+    dtype attribute is set, else floating; a ``"scale"`` is floating; a ``"zero_point"`` is int8. ``part``:
+    ``"base"`` (``target_dtype``, ``group_size``) or ``"adapters"`` (``adapter_dtype``, ``adapter_group_size``).
+    """
+
+    rows: str
+    cols: str
+    role: str
+    part: str
+
+    @property
+    def dtype_attribute(self) -> str:
+        """The attribute holding this field's part's intN dtype (None: floating values)."""
+        return "target_dtype" if self.part == "base" else "adapter_dtype"
+
+    @property
+    def group_attribute(self) -> str:
+        """The attribute holding this field's part's group size."""
+        return "group_size" if self.part == "base" else "adapter_group_size"
+
+    def is_floating(self, part_dtype) -> bool:
+        """Whether this field is floating point, given its part's intN dtype (None, or empty: floating values)."""
+        return self.role == "scale" or (self.role == "values" and not part_dtype)
+
+    def shape(self, dims: Mapping[str, Optional[int]], group: Optional[int]) -> Optional[tuple[int, int]]:
+        """``(rows, cols)`` given the layer's dimensions and the part's group size; None where one is unknown
+        (or, for a scale or zero point, without a group size)."""
+        rows, cols = dims.get(self.rows), dims.get(self.cols)
+        if self.role != "values":
+            cols = cols // group if group and cols is not None else None
+        return None if rows is None or cols is None else (rows, cols)
+
+
 class QuantWithLowRank(TorchAOBaseTensor):
     """A compressed linear weight with an EoRA residual: behaves as the dense ``W_c + B @ A`` in ``F.linear``.
 
+    The layout is declared once, in ``fields`` (the tensors) and the attribute lists below it; torchao's
+    ``tensor_data_names`` / ``optional_tensor_data_names`` are derived from ``fields``, and the checkpoint
+    checks (``hf``), the size count (``size``) and the ops here (``.to``, slices, splits) all read it.
     Tensor fields: ``qdata`` (out x in; int8 intN values, or floating point for a pruned-only base), ``A``
     (rank x in), ``B`` (out x rank), and optional ``scale`` / ``zero_point`` (out x in/group_size).
     Quantized adapters add ``A_scale`` / ``A_zero_point`` (rank x in/adapter_group_size) and ``B_scale`` /
@@ -39,31 +79,28 @@ class QuantWithLowRank(TorchAOBaseTensor):
     Attributes: ``target_dtype`` (``torch.int2`` .. ``torch.int8``, or None for a dense base), ``group_size``,
     ``dtype`` (the compute / dequantized dtype), ``adapter_dtype`` (``torch.int2`` .. ``torch.int8``, or None for
     full-precision adapters) and ``adapter_group_size``.
+    Build it by keyword; the scale, zero point and adapter fields are keyword-only.
     """
 
-    tensor_data_names = ["qdata", "A", "B"]
+    fields = {
+        "qdata": Field("out", "in", "values", "base"),
+        "A": Field("rank", "in", "values", "adapters"),
+        "B": Field("out", "rank", "values", "adapters"),
+        "scale": Field("out", "in", "scale", "base"),
+        "zero_point": Field("out", "in", "zero_point", "base"),
+        "A_scale": Field("rank", "in", "scale", "adapters"),
+        "A_zero_point": Field("rank", "in", "zero_point", "adapters"),
+        "B_scale": Field("out", "rank", "scale", "adapters"),
+        "B_zero_point": Field("out", "rank", "zero_point", "adapters"),
+    }
+    # Values are always present; scales and zero points only for an intx part. (These orders are torchao's
+    # constructor and serialization orders: checkpoints list the names in them.)
+    tensor_data_names = [name for name, field in fields.items() if field.role == "values"]
+    optional_tensor_data_names = [name for name, field in fields.items() if field.role != "values"]
     tensor_attribute_names = ["target_dtype", "group_size", "dtype"]
-    # New fields go at the end (constructor order = these lists): other code builds this class positionally.
-    optional_tensor_data_names = ["scale", "zero_point", "A_scale", "A_zero_point", "B_scale", "B_zero_point"]
     optional_tensor_attribute_names = ["adapter_dtype", "adapter_group_size"]
 
-    def __new__(
-        cls,
-        qdata: torch.Tensor,
-        A: torch.Tensor,
-        B: torch.Tensor,
-        target_dtype: Optional[torch.dtype],
-        group_size: Optional[int],
-        dtype: torch.dtype,
-        scale: Optional[torch.Tensor] = None,
-        zero_point: Optional[torch.Tensor] = None,
-        A_scale: Optional[torch.Tensor] = None,
-        A_zero_point: Optional[torch.Tensor] = None,
-        B_scale: Optional[torch.Tensor] = None,
-        B_zero_point: Optional[torch.Tensor] = None,
-        adapter_dtype: Optional[torch.dtype] = None,
-        adapter_group_size: Optional[int] = None,
-    ):
+    def __new__(cls, qdata: torch.Tensor, A: torch.Tensor, B: torch.Tensor, target_dtype, group_size, dtype, **_):
         return torch.Tensor._make_wrapper_subclass(
             cls, qdata.shape, dtype=dtype, device=qdata.device, requires_grad=False
         )
@@ -76,6 +113,7 @@ class QuantWithLowRank(TorchAOBaseTensor):
         target_dtype: Optional[torch.dtype],
         group_size: Optional[int],
         dtype: torch.dtype,
+        *,
         scale: Optional[torch.Tensor] = None,
         zero_point: Optional[torch.Tensor] = None,
         A_scale: Optional[torch.Tensor] = None,
@@ -102,19 +140,10 @@ class QuantWithLowRank(TorchAOBaseTensor):
             raise ValueError("intx adapters need int8 A and B, A/B scale and zero_point, and adapter_group_size")
         if adapter_dtype is None and any(t is not None for t in adapter_fields):
             raise ValueError("adapter scales or zero points given without adapter_dtype")
-        self.qdata = qdata
-        self.A = A
-        self.B = B
-        self.target_dtype = target_dtype
-        self.group_size = group_size
-        self.scale = scale
-        self.zero_point = zero_point
-        self.A_scale = A_scale
-        self.A_zero_point = A_zero_point
-        self.B_scale = B_scale
-        self.B_zero_point = B_zero_point
-        self.adapter_dtype = adapter_dtype
-        self.adapter_group_size = adapter_group_size
+        self.qdata, self.A, self.B, self.scale, self.zero_point = qdata, A, B, scale, zero_point
+        self.A_scale, self.A_zero_point, self.B_scale, self.B_zero_point = adapter_fields
+        self.target_dtype, self.group_size = target_dtype, group_size
+        self.adapter_dtype, self.adapter_group_size = adapter_dtype, adapter_group_size
 
     # ---- construction and views -------------------------------------------------------------------------------
 
@@ -128,30 +157,51 @@ class QuantWithLowRank(TorchAOBaseTensor):
         """Assemble from a compressed base and low-rank factors (full precision, or intx ``QuantizedFactors``);
         floating fields are cast to ``dtype``."""
         qdata = base.qdata.contiguous() if base.bits is not None else base.qdata.to(dtype).contiguous()
-        base_fields = (
-            base.target_dtype,
-            base.group_size,
-            dtype,
-            None if base.scale is None else base.scale.to(dtype).contiguous(),
-            None if base.zero_point is None else base.zero_point.contiguous(),
+        base_fields = dict(
+            qdata=qdata,
+            target_dtype=base.target_dtype,
+            group_size=base.group_size,
+            dtype=dtype,
+            scale=None if base.scale is None else base.scale.to(dtype).contiguous(),
+            zero_point=None if base.zero_point is None else base.zero_point.contiguous(),
         )
         if isinstance(factors, QuantizedFactors):
             qa, qb = factors.A, factors.B
             return cls(
-                qdata, qa.qdata.contiguous(), qb.qdata.contiguous(), *base_fields,
-                qa.scale.to(dtype).contiguous(), qa.zero_point.contiguous(),
-                qb.scale.to(dtype).contiguous(), qb.zero_point.contiguous(),
-                qa.target_dtype, factors.group_size,
+                **base_fields,
+                A=qa.qdata.contiguous(),
+                B=qb.qdata.contiguous(),
+                A_scale=qa.scale.to(dtype).contiguous(),
+                A_zero_point=qa.zero_point.contiguous(),
+                B_scale=qb.scale.to(dtype).contiguous(),
+                B_zero_point=qb.zero_point.contiguous(),
+                adapter_dtype=qa.target_dtype,
+                adapter_group_size=factors.group_size,
             )
-        return cls(qdata, factors.A.to(dtype).contiguous(), factors.B.to(dtype).contiguous(), *base_fields)
+        return cls(**base_fields, A=factors.A.to(dtype).contiguous(), B=factors.B.to(dtype).contiguous())
 
     def with_factors(self, A: torch.Tensor, B: torch.Tensor) -> "QuantWithLowRank":
         """The same compressed base with new full-precision factors (rank may change, even to 0); quantized
         adapters are replaced too (the result has full-precision ones)."""
         return QuantWithLowRank(
-            self.qdata, A.to(self.dtype).contiguous(), B.to(self.dtype).contiguous(), self.target_dtype,
-            self.group_size, self.dtype, self.scale, self.zero_point,
+            qdata=self.qdata,
+            A=A.to(self.dtype).contiguous(),
+            B=B.to(self.dtype).contiguous(),
+            target_dtype=self.target_dtype,
+            group_size=self.group_size,
+            dtype=self.dtype,
+            scale=self.scale,
+            zero_point=self.zero_point,
         )
+
+    def _rebuild(self, fn: Callable[[Field, torch.Tensor], torch.Tensor], **attributes) -> "QuantWithLowRank":
+        """A new ``QuantWithLowRank`` whose present tensor fields are ``fn(field, tensor)`` of these, with the
+        given attributes changed (the others kept): the one way ``.to``, slices and splits rebuild."""
+        tensors = {name: getattr(self, name) for name in self.fields}
+        tensors = {name: None if t is None else fn(self.fields[name], t) for name, t in tensors.items()}
+        kept = self.tensor_attribute_names + self.optional_tensor_attribute_names
+        kept = {name: getattr(self, name) for name in kept}
+        return QuantWithLowRank(**tensors, **(kept | attributes))
 
     @property
     def rank(self) -> int:
@@ -165,6 +215,11 @@ class QuantWithLowRank(TorchAOBaseTensor):
     def adapter_bits(self) -> Optional[int]:
         """Bit width of quantized adapters, or None for full-precision ``A`` and ``B``."""
         return _bits_of(self.adapter_dtype)
+
+    def value_bits(self, name: str) -> Optional[int]:
+        """Bits per value of tensor field ``name`` if it holds intN values (in int8), else None."""
+        field = self.fields[name]
+        return _bits_of(getattr(self, field.dtype_attribute)) if field.role == "values" else None
 
     def base(self) -> CompressedWeight:
         return CompressedWeight(self.qdata, self.scale, self.zero_point, self.bits, self.group_size)
@@ -286,20 +341,11 @@ def _(func, types, args, kwargs):
     if dtype not in _FLOAT_TYPES:
         raise TypeError(f"QuantWithLowRank computes in a floating dtype ({_FLOAT_TYPES}), got {dtype}")
 
-    def floating(t):
-        return None if t is None else t.to(device=device, dtype=dtype)
+    def cast(field: Field, t: torch.Tensor) -> torch.Tensor:
+        floating = field.is_floating(getattr(self, field.dtype_attribute))
+        return t.to(device=device, dtype=dtype) if floating else t.to(device)
 
-    def moved(t):
-        return None if t is None else t.to(device)
-
-    qdata = self.qdata.to(device) if self.target_dtype is not None else floating(self.qdata)
-    quantized_adapters = self.adapter_dtype is not None
-    A, B = (moved(self.A), moved(self.B)) if quantized_adapters else (floating(self.A), floating(self.B))
-    new = QuantWithLowRank(
-        qdata, A, B, self.target_dtype, self.group_size, dtype, floating(self.scale), moved(self.zero_point),
-        floating(self.A_scale), moved(self.A_zero_point), floating(self.B_scale), moved(self.B_zero_point),
-        self.adapter_dtype, self.adapter_group_size,
-    )
+    new = self._rebuild(cast, dtype=dtype)
     return return_and_correct_aliasing(func, args, kwargs, new)
 
 
@@ -314,29 +360,24 @@ def _piece(self: QuantWithLowRank, dim: int, start: int, end: int) -> QuantWithL
         raise IndexError(f"QuantWithLowRank is 2-D; cannot slice dim {dim}")
     dim %= 2
 
-    def cut(t, index):
-        return None if t is None else t[index]
-
     if dim == 0:
-        rows = slice(start, end)
-        new = QuantWithLowRank(
-            self.qdata[rows], self.A, self.B[rows], self.target_dtype, self.group_size, self.dtype,
-            cut(self.scale, rows), cut(self.zero_point, rows), self.A_scale, self.A_zero_point,
-            cut(self.B_scale, rows), cut(self.B_zero_point, rows), self.adapter_dtype, self.adapter_group_size,
-        )
+
+        def cut(field: Field, t: torch.Tensor) -> torch.Tensor:
+            return t[start:end] if field.rows == "out" else t
+
     else:
-        g, ag = self.group_size or 1, self.adapter_group_size or 1
-        for what, size in (("group_size", g), ("adapter_group_size", ag)):
+        for what in ("group_size", "adapter_group_size"):
+            size = getattr(self, what) or 1
             if start % size or end % size:
                 raise ValueError(f"column slice [{start}:{end}] must align with {what} {size}")
-        cols, groups, adapter_groups = slice(start, end), slice(start // g, end // g), slice(start // ag, end // ag)
-        new = QuantWithLowRank(
-            self.qdata[:, cols], self.A[:, cols], self.B, self.target_dtype, self.group_size, self.dtype,
-            cut(self.scale, (slice(None), groups)), cut(self.zero_point, (slice(None), groups)),
-            cut(self.A_scale, (slice(None), adapter_groups)), cut(self.A_zero_point, (slice(None), adapter_groups)),
-            self.B_scale, self.B_zero_point, self.adapter_dtype, self.adapter_group_size,
-        )
-    return new._apply_fn_to_data(torch.Tensor.contiguous)
+
+        def cut(field: Field, t: torch.Tensor) -> torch.Tensor:
+            if field.cols != "in":
+                return t
+            per = 1 if field.role == "values" else getattr(self, field.group_attribute) or 1
+            return t[:, start // per : end // per]
+
+    return self._rebuild(lambda field, t: cut(field, t).contiguous())
 
 
 @implements(aten.slice.Tensor)
