@@ -15,7 +15,7 @@ from torchao.prototype.safetensors.safetensors_support import flatten_tensor_sta
 from torchao.quantization import quantize_
 from transformers import AutoModelForCausalLM
 
-from conftest import anisotropic_moment, tiny_llama, token_batches
+from helpers import anisotropic_moment, tiny_llama, token_batches
 from torchao_eora import (
     EoRAConfig, QuantWithLowRank, RTNConfig, calibrate, eora_config, eora_factors, export_peft, model_bytes,
     resolve_B, weighted_error,

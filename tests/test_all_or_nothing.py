@@ -10,7 +10,7 @@ import torch
 from torchao.quantization import quantize_
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import tiny_llama, token_batches
+from helpers import tiny_llama, token_batches
 from torchao_eora import EoRAConfig, QuantWithLowRank, RTNConfig, calibrate, load_pretrained
 from torchao_eora.hf import save_pretrained
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import tiny_llama
+from helpers import tiny_llama
 from torchao_eora.attention_moments import kv_head_of, mixed_value_moment, per_head_compress, value_output_error
 
 

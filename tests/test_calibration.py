@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchao.quantization import quantize_
 
-from conftest import tiny_llama, token_batches
+from helpers import tiny_llama, token_batches
 from torchao_eora import Calibration, EoRAConfig, QuantWithLowRank, RTNConfig, calibrate, eora_config
 
 CONFIG = EoRAConfig(rank=8, base=RTNConfig(bits=3, group_size=32))

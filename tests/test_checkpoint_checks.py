@@ -16,7 +16,7 @@ from torchao.quantization import quantize_
 from transformers import AutoModelForCausalLM
 
 import torchao_eora  # noqa: F401  (extends transformers' torchao quantizer)
-from conftest import char_tokenizer, copy_dir, edited_copy, tiny_llama, token_batches
+from helpers import char_tokenizer, copy_dir, edited_copy, tiny_llama, token_batches
 from torchao_eora import Calibration, EoRAConfig, QuantWithLowRank, RTNConfig, calibrate, eora_config
 from torchao_eora.hf import load_pretrained, save_pretrained
 

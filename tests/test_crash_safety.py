@@ -22,7 +22,7 @@ import os, sys, time
 sys.path.insert(0, {tests!r})
 import torch
 torch.set_num_threads(int(sys.argv[2]))
-from conftest import tiny_llama, token_batches
+from helpers import tiny_llama, token_batches
 from torchao.quantization import quantize_
 from torchao_eora import EoRAConfig, GPTQConfig, calibrate, eora_config, io_utils, save_pretrained
 out, mode = sys.argv[1], sys.argv[3]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torchao.quantization import quantize_
 
-from conftest import tiny_llama, token_batches
+from helpers import tiny_llama, token_batches
 from torchao_eora import EoRAConfig, QuantWithLowRank, RTNConfig, calibrate, eora_config
 from torchao_eora.finetune import LoRALinear, adapter_parameters, fold_adapters, make_trainable
 

@@ -8,7 +8,7 @@ import torch
 from torchao.core.config import config_from_dict, config_to_dict
 from torchao.quantization.quant_primitives import _DTYPE_TO_QVALUE_BOUNDS
 
-from conftest import anisotropic_moment
+from helpers import anisotropic_moment
 from torchao_eora import EoRAConfig, GPTQConfig, PruneConfig, QuantWithLowRank, RTNConfig, svd_factors, weighted_error
 from torchao_eora.gptq import GroupQuantizer, _act_order, _upper_cholesky_of_inverse, obs_sweep
 

@@ -14,7 +14,7 @@ from torchao.quantization import quantize_
 from transformers import AutoModelForCausalLM, TorchAoConfig
 
 import torchao_eora
-from conftest import edited_copy, tiny_llama, token_batches
+from helpers import edited_copy, tiny_llama, token_batches
 from torchao_eora import (
     Calibration, EoRAConfig, PruneConfig, QuantWithLowRank, RTNConfig, calibrate, eora_config, merge_low_rank,
 )

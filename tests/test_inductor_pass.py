@@ -10,7 +10,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch._inductor.utils import fresh_cache
 from torchao.quantization import quantize_
 
-from conftest import tiny_llama
+from helpers import tiny_llama
 from torchao_eora import EoRAConfig, QuantWithLowRank, RTNConfig
 from torchao_eora.inductor_passes import FuseLowRankPass, fusion_pass_installed, install_fusion_pass
 from torchao_eora.ops import dequantize_intx, eora_linear, quant_linear

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from torchao.quantization import quantize_
 from transformers import AutoModelForCausalLM
 
-from conftest import tiny_llama, token_batches
+from helpers import tiny_llama, token_batches
 from torchao_eora import EoRAConfig, QuantWithLowRank, RTNConfig, calibrate, eora_config, export_peft, import_peft
 from torchao_eora.hf import save_pretrained
 

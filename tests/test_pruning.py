@@ -6,7 +6,7 @@ import torch
 from torchao.quantization import quantize_
 from torchao.quantization.quant_primitives import _DTYPE_TO_QVALUE_BOUNDS
 
-from conftest import anisotropic_moment, tiny_llama, token_batches
+from helpers import anisotropic_moment, tiny_llama, token_batches
 from torchao_eora import (
     EoRAConfig, GPTQConfig, PruneConfig, QuantWithLowRank, RTNConfig, calibrate, eora_config, eora_factors,
     svd_factors, weighted_error,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchao.quantization import quantize_
 
-from conftest import tiny_llama, token_batches
+from helpers import tiny_llama, token_batches
 from torchao_eora import EoRAConfig, QuantWithLowRank, RTNConfig, calibrate, eora_config, weighted_error
 from torchao_eora.solver import LowRankFactors
 

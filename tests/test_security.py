@@ -18,7 +18,7 @@ from torchao.quantization import quantize_
 from transformers import AutoModelForCausalLM
 
 import torchao_eora  # noqa: F401  (extends transformers' torchao quantizer)
-from conftest import char_tokenizer, copy_dir, tiny_llama, token_batches
+from helpers import char_tokenizer, copy_dir, tiny_llama, token_batches
 from torchao_eora import Calibration, EoRAConfig, RTNConfig, calibrate, eora_config, import_peft, load_pretrained
 from torchao_eora.config import config_from_json
 from torchao_eora.hf import save_pretrained

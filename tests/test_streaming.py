@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from conftest import char_tokenizer, token_batches
+from helpers import char_tokenizer, token_batches
 from torchao_eora import EoRAConfig, GPTQConfig, RTNConfig, compress_sequential, load_pretrained
 from torchao_eora.streaming import quantize_checkpoint
 from torchao_eora.timing import Timer
