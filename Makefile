@@ -24,8 +24,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# Everything but the tests marked slow or real_model (pyproject.toml): under two minutes on a 2-core CPU.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not real_model"
+	$(BIN)/python -m pytest -q -m "not slow and not real_model"
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -177,6 +177,7 @@ def int4_model():
     return model, config
 
 
+@pytest.mark.slow  # compiles a whole model
 def test_quantize_gives_int4_adapters_and_eager_equals_compiled(int4_model):
     model, _ = int4_model
     weights = _low_rank_weights(model)
@@ -189,6 +190,7 @@ def test_quantize_gives_int4_adapters_and_eager_equals_compiled(int4_model):
     torch.testing.assert_close(compiled, _logits(model, batch), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow  # compiles two whole models, twice
 def test_int4_adapters_reload_bit_exactly(int4_model, tmp_path):
     model, config = int4_model
     out = save_pretrained(model, tmp_path / "int4", config)

@@ -117,6 +117,7 @@ def test_missing_model_fails_in_one_line(tmp_path, capsys):
 # ---- no noise that is not ours ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a subprocess that imports torch and transformers
 def test_help_prints_nothing_but_help():
     result = subprocess.run([sys.executable, "-m", "torchao_eora.cli", "quantize", "--help"],
                             capture_output=True, text=True, check=True)

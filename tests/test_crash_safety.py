@@ -55,6 +55,7 @@ def _files(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
 
 
+@pytest.mark.slow  # subprocesses that each import torch and compress a model
 def test_same_job_same_bytes_with_one_and_two_threads(tmp_path):
     jobs = [_job(tmp_path, tmp_path / f"t{threads}", threads) for threads in (1, 2)]
     assert [j.wait(timeout=300) for j in jobs] == [0, 0]
@@ -63,6 +64,7 @@ def test_same_job_same_bytes_with_one_and_two_threads(tmp_path):
     assert one == two, "the checkpoint depends on the thread count or on the process"
 
 
+@pytest.mark.slow  # subprocesses that each import torch and compress a model
 def test_a_kill_between_the_fallback_renames_is_recovered_on_load(tmp_path):
     out = tmp_path / "out"
     assert _job(tmp_path, out).wait(timeout=300) == 0
@@ -74,6 +76,7 @@ def test_a_kill_between_the_fallback_renames_is_recovered_on_load(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["job.py", "out"]  # and removes the dead one's leftovers
 
 
+@pytest.mark.slow  # subprocesses that each import torch and compress a model
 def test_killed_saves_never_leave_a_broken_checkpoint_and_leftovers_are_cleaned(tmp_path):
     out = tmp_path / "out"
     assert _job(tmp_path, out).wait(timeout=300) == 0
@@ -89,6 +92,7 @@ def test_killed_saves_never_leave_a_broken_checkpoint_and_leftovers_are_cleaned(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["job.py", "out"]
 
 
+@pytest.mark.slow  # subprocesses that each import torch and compress a model
 def test_two_processes_saving_one_directory_end_with_one_complete_checkpoint(tmp_path):
     out = tmp_path / "out"
     jobs = [_job(tmp_path, out, mode="loop") for _ in range(2)]

@@ -241,6 +241,7 @@ def test_gold_loving_model_scores_perfect_accuracy(tmp_path, monkeypatch):
 
 
 @pytest.mark.real_model
+@pytest.mark.slow
 def test_smollm2_perplexity_and_piqa():
     model, tokenizer = data.load_model()
     assert tokenizer.pad_token_id is not None

@@ -57,6 +57,7 @@ def test_config_json_wraps_eora_config_without_statistics(saved):
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
 
 
+@pytest.mark.slow  # compiles two whole models
 def test_from_pretrained_is_bit_identical_eager_and_compiled(saved):
     model, out = saved
     reloaded = AutoModelForCausalLM.from_pretrained(out)

@@ -173,6 +173,7 @@ def test_addmm_form_is_fused():
     torch.testing.assert_close(out, module(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # compiles a whole model
 @pytest.mark.parametrize("adapter_bits", [None, 4])
 def test_whole_model_every_adapted_linear_is_fused(adapter_bits):
     model = tiny_llama()

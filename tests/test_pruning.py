@@ -105,6 +105,7 @@ def _logit_error(model, reference, batches):
         return sum(float((model(**b).logits - reference(**b).logits).pow(2).mean()) for b in batches)
 
 
+@pytest.mark.slow  # calibrates, compresses and evaluates a whole model per compressor
 @pytest.mark.parametrize("compressor", COMPRESSORS, ids=IDS)
 def test_end_to_end_one_calibration_pass_feeds_compression_and_compensation(compressor):
     reference = tiny_llama()

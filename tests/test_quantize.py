@@ -29,6 +29,7 @@ def test_decoder_linears_converted_lm_head_left_alone(model, batches):
     assert "rank=8" in repr(model.model.layers[0].mlp.down_proj)
 
 
+@pytest.mark.slow  # three whole-model passes
 def test_eora_beats_svd_beats_nothing_per_layer_and_end_to_end():
     reference = tiny_llama()
     calib_batches, held_out = token_batches(4, seed=0), token_batches(2, seed=1)

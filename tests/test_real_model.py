@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-pytestmark = pytest.mark.real_model
+pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,10 @@ def _sharded_model(path, tie: bool):
 
 
 @pytest.mark.parametrize("tie", [False, True])
-@pytest.mark.parametrize("base", [RTNConfig(bits=3, group_size=32), GPTQConfig(bits=3, group_size=32)])
+@pytest.mark.parametrize(
+    "base",  # GPTQ streams the same way, slower: only in the full run
+    [RTNConfig(bits=3, group_size=32), pytest.param(GPTQConfig(bits=3, group_size=32), marks=pytest.mark.slow)],
+)
 def test_streamed_checkpoint_equals_the_in_memory_pass(tmp_path, tie, base):
     source = _sharded_model(tmp_path / "src", tie)
     config = EoRAConfig(rank=4, base=base, adapter_bits=4, adapter_group_size=4)
