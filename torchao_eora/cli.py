@@ -270,6 +270,7 @@ def cmd_quantize(args) -> int:
                            task_limit=args.task_limit, timer=timer)
     rows.append(_row(config.describe(), metrics, sum(timer.seconds.values()), memory))
     print("time per phase (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timer.seconds.items()))
+    print(f"peak memory of the compression (GiB): {memory:.3f}")
     _print_summary(rows, tasks)
     return 0
 

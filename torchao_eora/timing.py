@@ -14,10 +14,17 @@ __all__ = ["Timer", "peak_memory_gib"]
 
 
 def peak_memory_gib() -> float:
-    """Peak resident memory of this process (CPU) or peak allocated memory (CUDA), in GiB."""
+    """Peak resident memory of this process (CPU) or peak allocated memory (CUDA), in GiB.
+
+    On Linux, ``VmHWM`` of this process's own address space: ``ru_maxrss`` also counts the peak of the parent it was
+    forked from (a benchmark that built a model before starting the CLI would be charged for it)."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**20  # kB
+    except (OSError, StopIteration, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 @dataclass
