@@ -10,7 +10,7 @@ import torch
 from torchao.quantization import quantize_
 
 import torchao_eora.transform as transform
-from conftest import tiny_llama, token_batches
+from helpers import tiny_llama, token_batches
 from torchao_eora import EoRAConfig, GPTQConfig, RTNConfig, calibrate, compress_sequential, eora_config
 from torchao_eora.timing import Timer
 

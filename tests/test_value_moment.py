@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_llama, token_batches
+from helpers import tiny_llama, token_batches
 from torchao_eora import Calibration, EoRAConfig, GPTQConfig, PruneConfig, RTNConfig, compress_sequential
 from torchao_eora.attention_moments import mixed_value_moment, value_output_error
 from torchao_eora.sequential import _capture_layer_inputs, find_decoder_layers
