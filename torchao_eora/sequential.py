@@ -126,6 +126,7 @@ def compress_sequential(
     timer = timer or Timer()
     device = torch.device(device) if device is not None else compute_device()
     layer_io = layer_io or InMemory()
+    _map_large_allocations()
     config = replace(config, calibration=None)
     batches = list(batches)
     # Statistics are collected when the config needs them or batches are given; a data-free config with no batches
@@ -529,6 +530,21 @@ def _capture_layer_inputs(model, layers, batches, device: torch.device):
             else:
                 layer.forward = forward
     return hidden, kwargs
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+_MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+def _map_large_allocations() -> None:
+    """Serve every allocation of 1 MiB or more by its own mmap (glibc; a no-op elsewhere), so freeing a tensor gives
+    its pages back to the OS at once. By default glibc raises this threshold to 32 MiB as big blocks are freed, after
+    which activations and solver temporaries come from the heap, fragment it over the layers of a long job, and the
+    peak resident size grows from layer to layer."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+    except (OSError, AttributeError):
+        pass
 
 
 def _release_free_memory() -> None:
