@@ -6,11 +6,7 @@ warnings.filterwarnings("ignore", message=".*_stable_hash_for_caching.*")
 
 import pytest
 
-# Helpers live in helpers.py (``from helpers import ...``); the names below stay importable from conftest only until
-# the last test modules that import them from here are switched.
-from helpers import (  # noqa: F401
-    anisotropic_moment, char_tokenizer, copy_dir, edited_copy, tiny_llama, token_batches,
-)
+from helpers import char_tokenizer, tiny_llama, token_batches  # tests import helpers from helpers.py too
 
 
 @pytest.fixture(scope="session")
