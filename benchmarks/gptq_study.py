@@ -47,7 +47,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 import torch.nn.functional as F
 
-from torchao_eora.attention_moments import mixed_value_moment, per_head_compress, value_output_error
+from torchao_eora.attention_moments import mixed_value_moment, value_output_error
 from torchao_eora.data import calibration_batches, load_model, token_stream, wikipedia_split
 from torchao_eora.eval import perplexity
 from torchao_eora.gptq import GPTQConfig
@@ -298,7 +298,7 @@ def compress_model(model, batches, method, opts, args):
             if not use_gptq:
                 wc = rtn.compress(w).dequantize()
             elif is_v and opts["v"] == "head":
-                wc = per_head_compress(w, mixed, lambda wb, c: gptq.compress(wb, c).dequantize())
+                wc = gptq.compress(w, mixed).dequantize()  # a (H_kv, in, in) stack: one moment per row block
             elif is_v and opts["v"] == "mixed":
                 wc = gptq.compress(w, mixed.sum(0)).dequantize()
             else:

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from helpers import tiny_llama
-from torchao_eora.attention_moments import kv_head_of, mixed_value_moment, per_head_compress, value_output_error
+from torchao_eora.attention_moments import kv_head_of, mixed_value_moment, value_output_error
+from torchao_eora.compression import CompressedWeight, by_row_blocks
 
 
 def _random_probs(b, h, t, gen, sink=0.0):
@@ -83,7 +84,8 @@ def test_per_head_compress_uses_each_heads_moment():
     w = torch.arange(12.0).view(4, 3)
     moments = torch.stack([torch.eye(3), 2 * torch.eye(3)])
     seen = []
-    out = per_head_compress(w, moments, lambda wb, c: (seen.append(float(c[0, 0])), wb + c[0, 0])[1])
+    compress = lambda wb, c: (seen.append(float(c[0, 0])), CompressedWeight(wb + c[0, 0]))[1]  # noqa: E731
+    out = by_row_blocks(compress, w, moments).dequantize()
     assert seen == [1.0, 2.0]
     torch.testing.assert_close(out, torch.cat([w[:2] + 1, w[2:] + 2]))
 

@@ -15,7 +15,8 @@ attention mass it receives, which matters when a few tokens (the "attention sink
 token, with atypical inputs) receive most of the mass in later layers.
 
 ``C_g`` is exact for every row block of v_proj, and GPTQ / EoRA treat rows independently given a moment, so a
-compressor can use one moment per kv head's row block (:func:`split_rows` / :func:`per_head_compress`); the sum
+compressor can use one moment per kv head's row block (``compression.by_row_blocks``, which every compressor's
+``compress`` applies to a (H_kv, in, in) stack); the sum
 over kv heads, ``C = sum_g C_g``, is the single-matrix version that fits the ``compress(W, C)`` interface.
 
 Cost: with ``M = sum_h A_h^T A_h`` (T x T, per sequence), ``C = X^T M X``; that is ``2 H T^3 + 4 T^2 in`` flops
@@ -25,11 +26,11 @@ never materialises the (H, T, in) mixed inputs.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
-__all__ = ["mixed_value_moment", "kv_head_of", "split_rows", "per_head_compress", "value_output_error"]
+__all__ = ["mixed_value_moment", "kv_head_of", "split_rows", "value_output_error"]
 
 
 def kv_head_of(num_heads: int, num_kv_heads: int) -> torch.Tensor:
@@ -101,14 +102,6 @@ def split_rows(weight: torch.Tensor, num_kv_heads: int) -> list[torch.Tensor]:
     if weight.shape[0] % num_kv_heads:
         raise ValueError(f"{weight.shape[0]} rows do not split into {num_kv_heads} kv heads")
     return list(weight.split(weight.shape[0] // num_kv_heads, dim=0))
-
-
-def per_head_compress(
-    weight: torch.Tensor, moments: torch.Tensor, compress: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-) -> torch.Tensor:
-    """Compress each kv head's row block with its own moment; ``compress(W_block, C_g) -> W_c block``."""
-    blocks = split_rows(weight, moments.shape[0])
-    return torch.cat([compress(w, c) for w, c in zip(blocks, moments)], dim=0)
 
 
 def value_output_error(delta: torch.Tensor, moments: torch.Tensor) -> float:

@@ -77,8 +77,8 @@ class Calibration:
 
     ``groups`` maps a group key to its ``SecondMoment``; ``group_of`` maps each linear module's name to the group
     of modules that read the same input; ``value_group_of`` maps a v_proj's name to the group of its
-    attention-weighted moment (sequential GPTQ/SparseGPT with ``value_moment="attention"``). ``config`` is the ``EoRAConfig`` the run compressed with (sequential
-    mode), so ``eora_config(calib)`` reproduces it; a loaded file keeps it as checked JSON (``config_json``) until
+    attention-weighted moment (sequential GPTQ, see ``EoRAConfig.value_moment``). ``config`` is the ``EoRAConfig``
+    the run compressed with (sequential mode), so ``eora_config(calib)`` reproduces it; a loaded file keeps it as checked JSON (``config_json``) until
     ``eora_config`` rebuilds it. ``results`` holds the weights sequential calibration already compressed, by module
     name: ``quantize_(model, eora_config(calib))`` installs them instead of compressing twice. Bind to a model
     (``bind``) to let ``quantize_`` find a module's statistics: torchao's handlers see the module, never its name.
