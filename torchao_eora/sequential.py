@@ -126,7 +126,7 @@ def compress_sequential(
     timer = timer or Timer()
     device = torch.device(device) if device is not None else compute_device()
     layer_io = layer_io or InMemory()
-    _map_large_allocations()
+    _set_mmap_threshold(_LONG_LIVED_BYTES)
     config = replace(config, calibration=None)
     batches = list(batches)
     # Statistics are collected when the config needs them or batches are given; a data-free config with no batches
@@ -149,10 +149,11 @@ def compress_sequential(
             linears = _linears(layer, f"{prefix}.{i}.")
             check_targets(linears, config, warn=False)  # now with the real weights (NaN), when they were streamed in
             values = _value_projections(layer, f"{prefix}.{i}.") if value_moments else {}
-            with _MomentCollector(linears, timer, values) as collector, timer("forward"):
+            with _MomentCollector(linears, timer, values) as collector, timer("forward"), _transient_allocations():
                 for h, kw, mask in zip(hidden, kwargs, masks):
                     collector.start_batch(mask)
                     layer(h, **kw)
+            _release_free_memory()  # the activations of the measuring passes
             if not keep_statistics:  # nobody needs the sums: divide in place, the solver reads them without a copy
                 collector.normalize_()
             stats = Calibration(collector.groups, collector.group_of, "sequential",
@@ -164,9 +165,9 @@ def compress_sequential(
             if not in_place:
                 calib.results.update(results)
             del results
-            with timer("forward"):
-                for j, (h, kw) in enumerate(zip(hidden, kwargs)):  # batch by batch: one batch's old activations live
-                    hidden[j] = _output(target(h, **kw))
+            with timer("forward"), _transient_allocations():
+                for h, kw in zip(hidden, kwargs):  # in place: these long-lived buffers are allocated once
+                    h.copy_(_output(target(h, **kw)))
             calib.group_of.update(stats.group_of)
             calib.value_group_of.update(stats.value_group_of)
             if keep_statistics:
@@ -280,6 +281,7 @@ class _MomentCollector:
         self._last_input: torch.Tensor | None = None
         self._last_group: str | None = None
         self._value_input: torch.Tensor | None = None
+        self._product: torch.Tensor | None = None
         self._handles = []
 
     def __enter__(self) -> "_MomentCollector":
@@ -294,7 +296,7 @@ class _MomentCollector:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        self._last_input = self._value_input = None
+        self._last_input = self._value_input = self._product = None
         for group, moment in self.groups.items():
             if group not in self.value_group_of.values():
                 _mirror_lower_(moment.total)
@@ -338,7 +340,10 @@ class _MomentCollector:
             with self.timer("moments"):
                 total, count = mixed_value_moment(self._value_input, probs, mask, num_kv_heads=n_kv)
             group = self.value_group_of.setdefault(name, f"{name}{VALUE_GROUP_SUFFIX}")
-            moment = self.groups.setdefault(group, SecondMoment(torch.zeros_like(total)))
+            if group not in self.groups:
+                with _long_lived_allocations():
+                    self.groups[group] = SecondMoment(torch.zeros_like(total))
+            moment = self.groups[group]
             moment.total += total
             moment.n_tokens += count
             self._value_input = None
@@ -356,16 +361,29 @@ class _MomentCollector:
                 f"non-finite (NaN/inf) activations at the input of {name!r}: the model overflowed on the "
                 "calibration data. Run calibration in float32 (model.float()) or check the inputs."
             )
+        n = flat.shape[1]
         moment = self.groups.get(group)
         if moment is None:
-            n = flat.shape[1]
-            moment = self.groups[group] = SecondMoment(torch.zeros(n, n, dtype=torch.float64, device=flat.device))
-        # fp32 products, fp64 running sum, in column blocks: the temporaries stay small (a 7B down_proj's full
-        # product is 2 GiB), and only the lower triangle is computed (x^T x is symmetric: _mirror_lower_ at exit).
-        for start in range(0, flat.shape[1], _BLOCK):
+            with _long_lived_allocations():
+                moment = self.groups[group] = SecondMoment(torch.zeros(n, n, dtype=torch.float64, device=flat.device))
+        # fp32 products, fp64 running sum, in column blocks into one reused buffer: the temporaries stay small (a 7B
+        # down_proj's full product is 2 GiB) and nothing is allocated per block; only the lower triangle is computed
+        # (x^T x is symmetric: _mirror_lower_ at exit).
+        product = self._product_buffer(n, flat)
+        for start in range(0, n, _BLOCK):
             block = flat[:, start:start + _BLOCK]
-            moment.total[start:, start:start + _BLOCK] += (flat[:, start:].T @ block).double()
+            out = product.view(-1)[: (n - start) * block.shape[1]].view(n - start, block.shape[1])  # contiguous
+            torch.mm(flat[:, start:].T, block, out=out)
+            moment.total[start:, start:start + _BLOCK].add_(out)  # fp64 += fp32, cast on the fly: no fp64 temporary
         moment.n_tokens += flat.shape[0]
+
+    def _product_buffer(self, n: int, like: torch.Tensor) -> torch.Tensor:
+        """An fp32 (n, _BLOCK) buffer for one block of products, kept for the collector's life."""
+        buffer = self._product
+        if buffer is None or buffer.shape[0] < n or buffer.device != like.device:
+            with _long_lived_allocations():
+                buffer = self._product = torch.empty(n, _BLOCK, dtype=torch.float32, device=like.device)
+        return buffer
 
 
 def _mirror_lower_(total: torch.Tensor) -> None:
@@ -532,19 +550,52 @@ def _capture_layer_inputs(model, layers, batches, device: torch.device):
     return hidden, kwargs
 
 
+# ---- where the C heap puts allocations (glibc; no-ops elsewhere) -------------------------------------------------
+#
+# A long job that keeps some tensors for many layers (moments, compressed weights, the hidden states) and makes many
+# short-lived ones (activations, solver temporaries) fragments glibc's heap when both come from it: the peak resident
+# size then grows from layer to layer. Allocations of 1 MiB or more are therefore mmapped (their pages go back to the
+# OS on free), except inside the forward passes, whose activations are all freed by the pass's end and would
+# otherwise each pay the page faults of a fresh mapping (SmolLM2's forward: 37% slower with every activation mapped).
+
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-_MMAP_THRESHOLD_BYTES = 1 << 20
+_LONG_LIVED_BYTES = 1 << 20  # mmapped from this size on: freed pages go back to the OS at once
+_TRANSIENT_BYTES = 32 << 20  # glibc's largest threshold: activations below it come from (and return to) the heap
+_mmap_threshold = [None]
 
 
-def _map_large_allocations() -> None:
-    """Serve every allocation of 1 MiB or more by its own mmap (glibc; a no-op elsewhere), so freeing a tensor gives
-    its pages back to the OS at once. By default glibc raises this threshold to 32 MiB as big blocks are freed, after
-    which activations and solver temporaries come from the heap, fragment it over the layers of a long job, and the
-    peak resident size grows from layer to layer."""
+def _set_mmap_threshold(nbytes: int) -> None:
+    """glibc serves allocations of ``nbytes`` or more by their own mmap from now on (this also stops glibc from
+    raising the threshold by itself as large blocks are freed)."""
+    if _mmap_threshold[0] == nbytes:
+        return
     try:
-        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, nbytes)
     except (OSError, AttributeError):
-        pass
+        return
+    _mmap_threshold[0] = nbytes
+
+
+@contextlib.contextmanager
+def _allocations(nbytes: int):
+    before = _mmap_threshold[0]
+    _set_mmap_threshold(nbytes)
+    try:
+        yield
+    finally:
+        if before is not None:
+            _set_mmap_threshold(before)
+
+
+def _transient_allocations():
+    """Inside: short-lived activations come from the heap (all freed when the block ends; ``_release_free_memory``
+    then hands them back)."""
+    return _allocations(_TRANSIENT_BYTES)
+
+
+def _long_lived_allocations():
+    """Inside: a tensor that outlives the forward pass (a moment) is mmapped, so it does not pin the heap."""
+    return _allocations(_LONG_LIVED_BYTES)
 
 
 def _release_free_memory() -> None:
