@@ -1,13 +1,16 @@
 """Calibration statistics are exactly sum x^T x over real tokens, shared per input, and survive a save/load."""
 
 import os
+from collections import Counter
 
 import pytest
 import torch
 from torchao.quantization import quantize_
 
 from helpers import tiny_llama, token_batches
-from torchao_eora import Calibration, EoRAConfig, QuantWithLowRank, RTNConfig, calibrate, eora_config
+from torchao_eora import (
+    Calibration, EoRAConfig, QuantWithLowRank, RTNConfig, calibrate, compress_sequential, eora_config,
+)
 
 CONFIG = EoRAConfig(rank=8, base=RTNConfig(bits=3, group_size=32))
 
@@ -76,6 +79,21 @@ def test_sequential_stats_match_what_the_compressed_model_feeds_each_layer(model
     for i in range(2):
         name = f"model.layers.{i}.self_attn.q_proj"
         torch.testing.assert_close(seq.second_moment(name).total, xs[name].T @ xs[name], rtol=1e-4, atol=1e-3)
+
+
+def test_measuring_passes_stop_once_every_statistic_is_taken(model, batches):
+    """Nothing after the last hooked input runs while measuring (one-shot: the final norm and lm_head; sequential:
+    the last layer's down_proj runs only in the pass that makes the layer's outputs, with the dense weight)."""
+    calls = Counter()
+    last = "model.layers.1.mlp.down_proj"
+    for name in ("lm_head", last):
+        model.get_submodule(name).register_forward_hook(lambda m, a, o, n=name: calls.update([n]))
+    calibrate(model, batches, mode="one-shot", progress=False)
+    assert calls == Counter()
+    compress_sequential(model, batches, CONFIG, progress=False)
+    assert calls == Counter({last: len(batches)})
+    assert isinstance(model.get_submodule(last).weight, QuantWithLowRank)
+    assert not any("forward" in m.__dict__ for m in model.modules())  # the dense forward is taken off again
 
 
 def test_save_load_round_trip_is_exact_and_atomic(tmp_path, model, batches):

@@ -14,16 +14,19 @@ import contextlib
 import copy
 import ctypes
 import logging
+import types
 from dataclasses import replace
 from typing import Iterable, Literal, Mapping, Protocol
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .attention_moments import mixed_value_moment
 from .calibration import VALUE_GROUP_SUFFIX, Calibration, SecondMoment, model_fingerprint
 from .config import EoRAConfig
 from .targets import check_targets
+from .tensor import QuantWithLowRank
 from .timing import Timer
 from .transform import eora_quantize_tensor, install
 
@@ -149,10 +152,12 @@ def compress_sequential(
             linears = _linears(layer, f"{prefix}.{i}.")
             check_targets(linears, config, warn=False)  # now with the real weights (NaN), when they were streamed in
             values = _value_projections(layer, f"{prefix}.{i}.") if value_moments else {}
-            with _MomentCollector(linears, timer, values) as collector, timer("forward"), _transient_allocations():
+            with _MomentCollector(linears, timer, values, stop_when_done=True) as collector, timer("forward"), \
+                    _transient_allocations():
                 for h, kw, mask in zip(hidden, kwargs, masks):
                     collector.start_batch(mask)
-                    layer(h, **kw)
+                    with contextlib.suppress(_StopForward):  # the rest of the layer feeds no statistic
+                        layer(h, **kw)
             _release_free_memory()  # the activations of the measuring passes
             if not keep_statistics:  # nobody needs the sums: divide in place, the solver reads them without a copy
                 collector.normalize_()
@@ -165,7 +170,7 @@ def compress_sequential(
             if not in_place:
                 calib.results.update(results)
             del results
-            with timer("forward"), _transient_allocations():
+            with timer("forward"), _transient_allocations(), _dense_linears(_linears(target, "")):
                 for h, kw in zip(hidden, kwargs):  # in place: these long-lived buffers are allocated once
                     h.copy_(_output(target(h, **kw)))
             calib.group_of.update(stats.group_of)
@@ -249,11 +254,12 @@ def _calibrate_one_shot(model, batches, progress) -> Calibration:
     fingerprint = model_fingerprint(model)
     prefix, layers = find_decoder_layers(model)
     device = next(model.parameters()).device
-    with _MomentCollector(_linears(layers, prefix + ".")) as collector:
+    with _MomentCollector(_linears(layers, prefix + "."), stop_when_done=True) as collector:
         for batch in tqdm(batches, desc="calibrating (one-shot)", disable=not progress):
             batch = _to(batch, device)
             collector.start_batch(batch.get("attention_mask"))
-            model(**batch, use_cache=False)
+            with contextlib.suppress(_StopForward):  # the final norm and lm_head feed no statistic
+                model(**batch, use_cache=False)
     return Calibration(collector.groups, collector.group_of, "one-shot", fingerprint=fingerprint)
 
 
@@ -270,8 +276,13 @@ class _MomentCollector:
     """
 
     def __init__(self, modules: Mapping[str, torch.nn.Linear], timer: Timer | None = None,
-                 values: Mapping[str, tuple[torch.nn.Module, torch.nn.Linear, int]] | None = None):
+                 values: Mapping[str, tuple[torch.nn.Module, torch.nn.Linear, int]] | None = None, *,
+                 stop_when_done: bool = False):
         self.modules = dict(modules)
+        # With stop_when_done, the hook that completes a batch's statistics raises _StopForward: the rest of the
+        # forward (a layer's down_proj and residual, a model's lm_head) feeds no statistic.
+        self.stop_when_done = stop_when_done
+        self._pending: set[str] = set()
         self.values = dict(values or {})
         self.timer = timer or Timer()
         self.groups: dict[str, SecondMoment] = {}
@@ -309,17 +320,24 @@ class _MomentCollector:
     def start_batch(self, attention_mask: torch.Tensor | None) -> None:
         self.token_mask = None if attention_mask is None else attention_mask.bool()
         self._last_input = None
+        self._pending = set(self.modules) | {name + VALUE_GROUP_SUFFIX for name in self.values}
+
+    def _done(self, key: str) -> None:
+        self._pending.discard(key)
+        if self.stop_when_done and not self._pending:
+            raise _StopForward
 
     def _hook(self, name: str):
         def hook(module, args):
             x = args[0]
             if x is self._last_input:  # same tensor as the previous module (q/k/v, gate/up): already counted
                 self.group_of.setdefault(name, self._last_group)
-                return
-            group = self.group_of.setdefault(name, name)
-            self._last_input, self._last_group = x, group
-            with self.timer("moments"):
-                self._accumulate(name, group, x)
+            else:
+                group = self.group_of.setdefault(name, name)
+                self._last_input, self._last_group = x, group
+                with self.timer("moments"):
+                    self._accumulate(name, group, x)
+            self._done(name)
 
         return hook
 
@@ -347,6 +365,7 @@ class _MomentCollector:
             moment.total += total
             moment.n_tokens += count
             self._value_input = None
+            self._done(name + VALUE_GROUP_SUFFIX)
 
         return hook
 
@@ -392,6 +411,27 @@ def _mirror_lower_(total: torch.Tensor) -> None:
     for start in range(0, total.shape[0] - _BLOCK, _BLOCK):
         end = start + _BLOCK
         total[start:end, end:] = total[end:, start:end].T
+
+
+@contextlib.contextmanager
+def _dense_linears(linears: Mapping[str, torch.nn.Linear]):
+    """Inside, each compressed linear multiplies by its dense effective weight ``W_c + B @ A``, built for the call
+    and freed after it (one module's at a time): one GEMM instead of dequantize + GEMM + two skinny GEMMs. The
+    compressed layer's outputs (the next layer's inputs) are the same up to float rounding."""
+    def forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, module.weight.dequantize(x.dtype), module.bias)
+
+    patched = {m: m.__dict__.get("forward") for m in linears.values() if isinstance(m.weight, QuantWithLowRank)}
+    for module in patched:
+        module.forward = types.MethodType(forward, module)
+    try:
+        yield
+    finally:
+        for module, own in patched.items():
+            if own is None:
+                del module.forward
+            else:
+                module.forward = own
 
 
 def _value_projections(layer: torch.nn.Module, prefix: str) -> dict[str, tuple[torch.nn.Module, torch.nn.Linear, int]]:
