@@ -39,7 +39,7 @@ from torchao_eora import EoRAConfig, RTNConfig
 from torchao_eora.data import calibration_batches, load_model, token_stream, wikipedia_split
 from torchao_eora.eval import perplexity
 from torchao_eora.finetune import fold_adapters, make_trainable
-from torchao_eora.pipeline import Timer, calibration_texts, compress
+from torchao_eora.pipeline import Timer, calibration_texts, compress_model
 from torchao_eora.report import format_table
 
 from results_io import environment, write_json  # benchmarks/ is on sys.path when run as a script
@@ -197,8 +197,8 @@ def main(argv=None) -> int:
     for init in args.inits:
         timer = Timer()
         model = copy.deepcopy(original)
-        config = EoRAConfig(rank=args.rank, base=RTNConfig(args.bits, args.group_size), method=METHOD[init])
-        compress(model, tokenizer, config, source=args.train_source, n_samples=args.calib_samples,
+        config = EoRAConfig(rank=args.rank, base=RTNConfig(args.bits, args.group_size), compensation=METHOD[init])
+        compress_model(model, tokenizer, config, source=args.train_source, n_samples=args.calib_samples,
                  seq_len=args.calib_seq_len, mode=args.calib_mode, timer=timer)
         generator = torch.Generator().manual_seed(args.seed)
         params = make_trainable(model, init="lora", rank=args.rank, generator=generator) if init == "lora" \

@@ -50,8 +50,7 @@ import torch.nn.functional as F
 from torchao_eora.attention_moments import mixed_value_moment, value_output_error
 from torchao_eora.data import calibration_batches, load_model, token_stream, wikipedia_split
 from torchao_eora.eval import perplexity
-from torchao_eora.gptq import GPTQConfig
-from torchao_eora.rtn import RTNConfig
+from torchao_eora.compressors import GPTQConfig, RTNConfig
 from torchao_eora.solver import eora_factors
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -338,7 +337,7 @@ def compress_with_engine(model, batches, method, opts, args):
     base = RTNConfig(args.bits, args.group_size) if method == "rtn" else GPTQConfig(
         args.bits, args.group_size, percdamp=float(opts["damp"]), act_order=opts["act"] == "1")
     rank = int(opts["eora"])
-    config = EoRAConfig(rank=max(rank, 1), base=base, method="eora" if rank else "none",
+    config = EoRAConfig(rank=max(rank, 1), base=base, compensation="eora" if rank else "none",
                         value_moment="attention" if opts["v"] == "head" else "plain")
     timer = Timer()
     compress_sequential(model, batches, config, keep_statistics=False, timer=timer)

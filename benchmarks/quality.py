@@ -40,7 +40,7 @@ import torch
 
 from torchao_eora import EoRAConfig, GPTQConfig, PruneConfig, RTNConfig
 from torchao_eora.data import load_model
-from torchao_eora.pipeline import Timer, compress, evaluate
+from torchao_eora.pipeline import Timer, compress_model, evaluate
 from torchao_eora.report import format_table
 
 from results_io import environment, write_json  # benchmarks/ is on sys.path when run as a script
@@ -282,8 +282,8 @@ def main(argv=None) -> int:
             if row.get("adapter_bits") is not None:
                 adapters = {"adapter_bits": row["adapter_bits"], "adapter_group_size": row["adapter_group_size"],
                             "adapter_resolve": row["resolve"]}
-            config = EoRAConfig(rank=row["rank"], base=base, method=row["method"], **adapters)
-            calibration = compress(model, tokenizer, config, source=args.calib_source, n_samples=args.calib_samples,
+            config = EoRAConfig(rank=row["rank"], base=base, compensation=row["method"], **adapters)
+            calibration = compress_model(model, tokenizer, config, source=args.calib_source, n_samples=args.calib_samples,
                                    seq_len=args.seq_len, mode=args.calib_mode, calibration=calibration, timer=timer)
         row.update(size_columns(model))
         row.update(evaluate(model, tokenizer, eval_tokens=args.eval_tokens, seq_len=args.seq_len, tasks=args.tasks,

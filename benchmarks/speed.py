@@ -160,9 +160,9 @@ def decode_models(rank: int, bits: int, group: int, dtype, device, adapter_bits=
     quantize_(models["torchao"], IntxWeightOnlyConfig(getattr(torch, f"int{bits}"), PerGroup(group)), not_head)
     base = RTNConfig(bits=bits, group_size=group)
     models["base"] = copy.deepcopy(fp)
-    quantize_(models["base"], EoRAConfig(rank=rank, base=base, method="none"), not_head)
+    quantize_(models["base"], EoRAConfig(rank=rank, base=base, compensation="none"), not_head)
     models["unfused"] = copy.deepcopy(fp)
-    eora = EoRAConfig(rank=rank, base=base, method="svd", adapter_bits=adapter_bits, adapter_group_size=64)
+    eora = EoRAConfig(rank=rank, base=base, compensation="svd", adapter_bits=adapter_bits, adapter_group_size=64)
     quantize_(models["unfused"], eora, not_head)
     models["fused"] = copy.deepcopy(models["unfused"])  # its own module: Dynamo would reuse the unfused graph
     return models

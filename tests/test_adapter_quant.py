@@ -256,7 +256,7 @@ def test_peft_export_writes_the_dequantized_adapters(int4_model, tmp_path):
 
 def test_svd_method_quantizes_its_adapters_too():
     model = tiny_llama()
-    quantize_(model, EoRAConfig(rank=8, base=BASE, method="svd", **ADAPTERS), filter_fn=_decoder_linears)
+    quantize_(model, EoRAConfig(rank=8, base=BASE, compensation="svd", **ADAPTERS), filter_fn=_decoder_linears)
     w = model.model.layers[0].mlp.up_proj.weight
     assert w.adapter_dtype == torch.int4 and w.B.dtype == torch.int8
 
@@ -280,12 +280,12 @@ def test_config_rejects_bad_adapter_settings(kwargs, message):
 def test_adapter_group_size_must_divide_in_features():
     layer = torch.nn.Sequential(torch.nn.Linear(48, 64, bias=False))
     with pytest.raises(ValueError, match=r"does not divide in_features=48.*e\.g\. \[8, 16\]"):
-        quantize_(layer, EoRAConfig(rank=32, base=RTNConfig(4, 16), method="svd", adapter_bits=4,
+        quantize_(layer, EoRAConfig(rank=32, base=RTNConfig(4, 16), compensation="svd", adapter_bits=4,
                                     adapter_group_size=32))
 
 
 def test_method_none_ignores_adapter_bits():
-    config = EoRAConfig(rank=48, method="none", adapter_bits=4)  # no residual: nothing to quantize or validate
+    config = EoRAConfig(rank=48, compensation="none", adapter_bits=4)  # no residual: nothing to quantize or validate
     assert config.describe().endswith("no residual")
     assert "int4 g32 adapters" in EoRAConfig(rank=64, adapter_bits=4).describe()
 
@@ -321,7 +321,7 @@ def test_model_bytes_counts_every_byte(tmp_path, tie):
     dense = sum(p.numel() * 4 for p in model.parameters())  # parameters() yields a tied weight once
     assert model_bytes(model) == {"stored": dense, "packed": dense, "base": 0, "adapters": 0, "other": dense,
                                   "packed_base": 0, "packed_adapters": 0}
-    config = EoRAConfig(rank=8, base=BASE, method="svd", **ADAPTERS)
+    config = EoRAConfig(rank=8, base=BASE, compensation="svd", **ADAPTERS)
     quantize_(model, config, filter_fn=_decoder_linears)
     sizes = model_bytes(model)
     assert (sizes["stored"], sizes["packed"]) == _by_hand(model, 8, 3, 32, 4, 8)

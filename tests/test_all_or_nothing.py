@@ -40,7 +40,7 @@ def _untouched(model, before) -> None:
 
 def test_a_group_size_that_fits_only_some_layers_changes_nothing():
     """24 divides hidden 48 (q/k/v/o/gate/up) but not intermediate 80 (down_proj, converted late)."""
-    config = EoRAConfig(rank=4, base=RTNConfig(bits=3, group_size=24), method="svd")
+    config = EoRAConfig(rank=4, base=RTNConfig(bits=3, group_size=24), compensation="svd")
     model = _llama()
     before = _weights(model)
     with pytest.raises(ValueError, match=r"nothing was changed.*down_proj.*does not divide in_features=80"):
@@ -64,7 +64,7 @@ def test_a_nan_weight_late_in_the_model_changes_nothing_and_is_named():
             model.model.layers[1].mlp.down_proj.weight[3, 5] = float("nan")
         before = _weights(model)
         config = EoRAConfig(rank=4, base=RTNConfig(bits=3, group_size=16), calibration=calib,
-                            method="eora" if calibrated else "svd")
+                            compensation="eora" if calibrated else "svd")
         with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.down_proj has NaN/inf"):
             quantize_(model, config)
         assert torch.isnan(model.model.layers[1].mlp.down_proj.weight).any()
@@ -75,7 +75,7 @@ def test_a_nan_weight_late_in_the_model_changes_nothing_and_is_named():
 def test_a_rank_too_large_for_small_layers_is_clamped_with_one_warning(caplog):
     model = tiny_llama()  # q_proj 64x64, k_proj/v_proj 32x64
     with caplog.at_level(logging.WARNING, logger="torchao_eora"):
-        quantize_(model, EoRAConfig(rank=40, base=BASE, method="svd"))
+        quantize_(model, EoRAConfig(rank=40, base=BASE, compensation="svd"))
     attention = model.model.layers[0].self_attn
     assert attention.q_proj.weight.rank == 40 and attention.k_proj.weight.rank == 31
     assert caplog.text.count("does not fit every layer") == 1
@@ -83,10 +83,10 @@ def test_a_rank_too_large_for_small_layers_is_clamped_with_one_warning(caplog):
 
 def test_converting_twice_fails_before_changing_anything():
     model = tiny_llama()
-    quantize_(model, EoRAConfig(rank=4, base=BASE, method="svd"))
+    quantize_(model, EoRAConfig(rank=4, base=BASE, compensation="svd"))
     state = {n: p for n, p in model.named_parameters()}
     with pytest.raises(ValueError, match="already compressed"):
-        quantize_(model, EoRAConfig(rank=8, base=BASE, method="svd"))
+        quantize_(model, EoRAConfig(rank=8, base=BASE, compensation="svd"))
     assert all(p is state[n] for n, p in model.named_parameters())
 
 
@@ -128,7 +128,7 @@ def test_the_decoder_blocks_are_found_behind_another_module_list():
 @pytest.mark.parametrize("tie", [True, False])
 def test_whole_model_quantize_leaves_lm_head_alone_and_saves_a_model_that_reloads(tmp_path, tie):
     model = _llama(64, 128, tie=tie)
-    config = EoRAConfig(rank=4, base=BASE, method="svd")
+    config = EoRAConfig(rank=4, base=BASE, compensation="svd")
     quantize_(model, config)
     assert not isinstance(model.lm_head.weight, QuantWithLowRank)
     assert (model.lm_head.weight is model.model.embed_tokens.weight) == tie
@@ -141,7 +141,7 @@ def test_whole_model_quantize_leaves_lm_head_alone_and_saves_a_model_that_reload
 
 def test_a_compressed_tied_head_is_saved_untied_and_reloads(tmp_path):
     model = _llama(64, 128, tie=True)
-    config = EoRAConfig(rank=4, base=BASE, method="svd")
+    config = EoRAConfig(rank=4, base=BASE, compensation="svd")
     quantize_(model.lm_head, config)  # asked for explicitly: the head is no longer the embedding
     assert isinstance(model.lm_head.weight, QuantWithLowRank)
     batch = token_batches(1, seed=4)[0]
@@ -178,5 +178,5 @@ def test_compressor_configs_reject_wrong_types_too():
         GPTQConfig(percdamp="0.01")
     with pytest.raises(ValueError, match="sparsity pattern must be a string"):
         PruneConfig("wanda", pattern=[2, 4])
-    with pytest.raises(ValueError, match="pruning method must be one of"):
+    with pytest.raises(ValueError, match="pruning criterion must be one of"):
         PruneConfig("random")

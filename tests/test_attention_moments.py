@@ -5,7 +5,7 @@ import torch
 
 from helpers import tiny_llama
 from torchao_eora.attention_moments import kv_head_of, mixed_value_moment, value_output_error
-from torchao_eora.compression import CompressedWeight, by_row_blocks
+from torchao_eora.compressors import CompressedWeight, by_row_blocks
 
 
 def _random_probs(b, h, t, gen, sink=0.0):

@@ -170,7 +170,7 @@ def test_statistics_of_other_weights_are_refused(stats_file):
     calib = Calibration.load(stats_file)
     with pytest.raises(ValueError, match="different weights"):
         calib.bind(other)
-    # an explicit opt-out is remembered by later binds (compress() binds again)
+    # an explicit opt-out is remembered by later binds (compress_model() binds again)
     calib = Calibration.load(stats_file, other, check_weights=False)
     quantize_(other, eora_config(calib.bind(other)))
     assert _converted(other) == 14
@@ -214,9 +214,9 @@ def test_fingerprint_is_the_uncompressed_model_and_survives_save(tmp_path):
 
 
 def test_binding_a_partly_or_fully_compressed_model_does_not_fail(stats_file):
-    """compress() binds, then quantizes layer by layer; a bind after (part of) the compression must not be mistaken
+    """compress_model() binds, then quantizes layer by layer; a bind after (part of) the compression must not be mistaken
     for other weights (the sampled weights of compressed layers are skipped)."""
-    from torchao_eora.pipeline import compress
+    from torchao_eora.pipeline import compress_model
 
     model = tiny_llama()
     calib = Calibration.load(stats_file, model)
@@ -225,7 +225,7 @@ def test_binding_a_partly_or_fully_compressed_model_does_not_fail(stats_file):
     assert _converted(model) == 14
     calib.bind(model)  # fully compressed
     fresh = tiny_llama()
-    compress(fresh, None, CONFIG, calibration=Calibration.load(stats_file, fresh), progress=False)
+    compress_model(fresh, None, CONFIG, calibration=Calibration.load(stats_file, fresh), progress=False)
     assert _converted(fresh) == 14
 
 

@@ -91,7 +91,7 @@ def test_export_peft_out_is_checked_too(tiny_dir, tmp_path, capsys):
     (["--bits", "9"], ["bits must be an integer in 2..8"]),
     (["--group-size", "48"], ["group_size 48 does not divide in_features=64"]),
     (["--adapter-bits", "4", "--adapter-group-size", "3"], ["adapter_group_size 3"]),
-    (["--method", "none"], ["--method none quantizes nothing"]),
+    (["--quantizer", "none"], ["--quantizer none quantizes nothing"]),
 ])
 def test_bad_settings_fail_in_one_line_and_leave_no_output(tiny_dir, tmp_path, capsys, flags, fragments):
     _fails_in_one_line(_quantize(tiny_dir, "--out", str(tmp_path / "out"), *flags), capsys, *fragments)

@@ -19,7 +19,7 @@ N_LINEARS = 14  # 2 decoder layers x (q, k, v, o, gate, up, down)
 
 def _compressed(method: str = "eora", rank: int = 8):
     model = tiny_llama()
-    config = EoRAConfig(rank=rank, base=BASE, method=method)
+    config = EoRAConfig(rank=rank, base=BASE, compensation=method)
     if method == "eora":
         config = eora_config(calibrate(model, token_batches(), config, progress=False))
     # decoder layers only, as calibration does (quantize_ with no calibration would also take lm_head)

@@ -10,7 +10,7 @@ from torchao.quantization.quant_primitives import _DTYPE_TO_QVALUE_BOUNDS
 
 from helpers import anisotropic_moment
 from torchao_eora import EoRAConfig, GPTQConfig, PruneConfig, QuantWithLowRank, RTNConfig, svd_factors, weighted_error
-from torchao_eora.gptq import GroupQuantizer, _act_order, _upper_cholesky_of_inverse, obs_sweep
+from torchao_eora.compressors.sweep import GroupQuantizer, _act_order, _upper_cholesky_of_inverse, obs_sweep
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

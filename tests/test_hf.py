@@ -18,7 +18,8 @@ from helpers import edited_copy, tiny_llama, token_batches
 from torchao_eora import (
     Calibration, EoRAConfig, PruneConfig, QuantWithLowRank, RTNConfig, calibrate, eora_config, merge_low_rank,
 )
-from torchao_eora.hf import atomic_directory, eora_config_of, load_pretrained, save_pretrained
+from torchao_eora.hf import load_pretrained, recorded_config, save_pretrained
+from torchao_eora.io_utils import atomic_directory
 
 BASE = RTNConfig(bits=3, group_size=32)
 Q_PROJ = "model.layers.0.self_attn.q_proj"
@@ -98,7 +99,7 @@ def test_load_pretrained_is_strict_and_eval(saved):
 ], ids=["pruned", "pruned+int3"])
 def test_round_trip_other_bases(tmp_path, base):
     model = tiny_llama()
-    config = EoRAConfig(rank=4, base=base, method="svd")
+    config = EoRAConfig(rank=4, base=base, compensation="svd")
     quantize_(model, config, filter_fn=_decoder_linears)
     reloaded = load_pretrained(save_pretrained(model, tmp_path / "ckpt", config))
     assert reloaded.config.quantization_config.quant_type.base == base
@@ -115,7 +116,7 @@ def test_tied_embeddings_round_trip(tmp_path):
         vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, tie_word_embeddings=True,
     )).eval()
-    config = EoRAConfig(rank=4, base=BASE, method="svd")
+    config = EoRAConfig(rank=4, base=BASE, compensation="svd")
     quantize_(model, config, filter_fn=_decoder_linears)
     out = save_pretrained(model, tmp_path / "tied", config)
     batch = token_batches(1, seed=10)[0]
@@ -155,7 +156,7 @@ def test_quantize_on_load_data_free_matches_quantize_and_logs_once(fp_dir, caplo
         )
     assert caplog.text.count("falling back to data-free SVD") == 1
     reference = tiny_llama()
-    quantize_(reference, EoRAConfig(rank=4, base=BASE, method="svd"), filter_fn=_decoder_linears)
+    quantize_(reference, EoRAConfig(rank=4, base=BASE, compensation="svd"), filter_fn=_decoder_linears)
     assert set(_low_rank_weights(loaded)) == set(_low_rank_weights(reference))
     assert not isinstance(loaded.lm_head.weight, QuantWithLowRank)
     batch = token_batches(1, seed=6)[0]
@@ -260,16 +261,16 @@ class _FailingTokenizer:
 def test_failed_save_leaves_nothing(saved, tmp_path):
     model, _ = saved
     with pytest.raises(OSError, match="disk full"):
-        save_pretrained(model, tmp_path / "out", eora_config_of(model), tokenizer=_FailingTokenizer())
+        save_pretrained(model, tmp_path / "out", recorded_config(model), tokenizer=_FailingTokenizer())
     assert list(tmp_path.iterdir()) == []
 
 
 def test_failed_save_keeps_the_previous_directory(saved, tmp_path):
     model, _ = saved
-    out = save_pretrained(model, tmp_path / "out", eora_config_of(model))
+    out = save_pretrained(model, tmp_path / "out", recorded_config(model))
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     with pytest.raises(OSError, match="disk full"):
-        save_pretrained(model, out, eora_config_of(model), tokenizer=_FailingTokenizer())
+        save_pretrained(model, out, recorded_config(model), tokenizer=_FailingTokenizer())
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     save_pretrained(model, out)  # a successful save replaces it; config now comes from model.config
@@ -305,7 +306,7 @@ def test_cli_quantize_writes_a_directory_from_pretrained_loads(tiny_dir, tmp_pat
     assert code == 0
     loaded = AutoModelForCausalLM.from_pretrained(out)
     reference = tiny_llama()
-    quantize_(reference, EoRAConfig(rank=4, base=RTNConfig(3, 32), method="svd"),
+    quantize_(reference, EoRAConfig(rank=4, base=RTNConfig(3, 32), compensation="svd"),
               filter_fn=_decoder_linears)
     batch = token_batches(1, seed=8)[0]
     assert torch.equal(_logits(loaded, batch), _logits(reference, batch))
@@ -320,7 +321,7 @@ def test_extension_is_installed_once():
     from transformers.quantizers.quantizer_torchao import TorchAoHfQuantizer
 
     assert TorchAoHfQuantizer._torchao_eora_extended
-    assert torchao_eora.hf.extend_transformers_torchao()  # idempotent
+    assert torchao_eora.hf_patches.extend_transformers_torchao()  # idempotent
     quantizer = TorchAoHfQuantizer(TorchAoConfig(EoRAConfig(rank=4, base=BASE)), pre_quantized=True)
     quantizer.metadata = {}
     if hasattr(type(quantizer), "serialized_names"):

@@ -13,7 +13,8 @@ from torchao.quantization import quantize_
 from helpers import tiny_llama
 from torchao_eora import EoRAConfig, QuantWithLowRank, RTNConfig
 from torchao_eora.inductor_passes import FuseLowRankPass, fusion_pass_installed, install_fusion_pass
-from torchao_eora.ops import dequantize_intx, eora_linear, quant_linear
+from torchao_eora.intx import dequantize_intx
+from torchao_eora.ops import eora_linear, quant_linear
 from torchao_eora.solver import LowRankFactors
 
 OUT, IN, RANK, GROUP = 48, 96, 8, 32
@@ -177,7 +178,7 @@ def test_addmm_form_is_fused():
 @pytest.mark.parametrize("adapter_bits", [None, 4])
 def test_whole_model_every_adapted_linear_is_fused(adapter_bits):
     model = tiny_llama()
-    config = EoRAConfig(rank=16, base=RTNConfig(bits=4, group_size=32), method="svd", adapter_bits=adapter_bits,
+    config = EoRAConfig(rank=16, base=RTNConfig(bits=4, group_size=32), compensation="svd", adapter_bits=adapter_bits,
                         adapter_group_size=16)
     quantize_(model, config)  # int4 adapters: the pass fuses their dequantized values like any other A, B
     n_adapted = sum(isinstance(getattr(m, "weight", None), QuantWithLowRank) for m in model.modules())

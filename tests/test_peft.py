@@ -56,9 +56,9 @@ def test_export_writes_peft_files_and_a_base_only_checkpoint(eora):
     assert a.shape == (8, 64) and b.shape == (32, 8)
     assert torch.equal(a, k_proj.A) and torch.equal(b, k_proj.B)
     base_config = json.loads((out / "base" / "config.json").read_text())["quantization_config"]
-    assert base_config["quant_type"]["default"]["_data"]["method"] == "none"
+    assert base_config["quant_type"]["default"]["_data"]["compensation"] == "none"
     # The exporting model is left as it was: residuals in place, config still the full one.
-    assert k_proj.rank == 8 and model.config.quantization_config.quant_type.method == "eora"
+    assert k_proj.rank == 8 and model.config.quantization_config.quant_type.compensation == "eora"
 
 
 def test_peft_on_the_reloaded_base_reproduces_our_logits(eora):
@@ -83,9 +83,9 @@ def test_import_of_our_export_is_bit_identical(eora):
 
 def test_mixed_ranks_use_rank_and_alpha_patterns(tmp_path):
     model = tiny_llama()
-    quantize_(model, EoRAConfig(rank=4, base=BASE, method="svd"), filter_fn=_linears_in("self_attn."))
-    quantize_(model, EoRAConfig(rank=8, base=BASE, method="svd"), filter_fn=_linears_in("mlp."))
-    out = export_peft(model, tmp_path / "adapter", config=EoRAConfig(rank=4, base=BASE, method="svd"))
+    quantize_(model, EoRAConfig(rank=4, base=BASE, compensation="svd"), filter_fn=_linears_in("self_attn."))
+    quantize_(model, EoRAConfig(rank=8, base=BASE, compensation="svd"), filter_fn=_linears_in("mlp."))
+    out = export_peft(model, tmp_path / "adapter", config=EoRAConfig(rank=4, base=BASE, compensation="svd"))
     config = json.loads((out / "adapter_config.json").read_text())
     mlp = {f"model.layers.{i}.mlp.{p}": 8 for i in range(2) for p in ("gate_proj", "up_proj", "down_proj")}
     assert config["r"] == config["lora_alpha"] == 4  # 8 attention projections of rank 4, 6 MLP ones of rank 8
@@ -100,8 +100,8 @@ def test_mixed_ranks_use_rank_and_alpha_patterns(tmp_path):
 
 def test_partial_export_names_modules_in_full(tmp_path):
     model = tiny_llama()
-    quantize_(model, EoRAConfig(rank=4, base=BASE, method="svd"), filter_fn=_linears_in("model.layers.0."))
-    out = export_peft(model, tmp_path / "adapter", config=EoRAConfig(rank=4, base=BASE, method="svd"))
+    quantize_(model, EoRAConfig(rank=4, base=BASE, compensation="svd"), filter_fn=_linears_in("model.layers.0."))
+    out = export_peft(model, tmp_path / "adapter", config=EoRAConfig(rank=4, base=BASE, compensation="svd"))
     targets = json.loads((out / "adapter_config.json").read_text())["target_modules"]
     assert targets == sorted(f"model.layers.0.{p}" for p in
                              ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -290,9 +290,9 @@ def test_import_refuses_pickle_adapters(eora, tmp_path):
 
 def test_export_needs_residuals(tmp_path):
     model = tiny_llama()
-    quantize_(model, EoRAConfig(rank=4, base=BASE, method="none"))
+    quantize_(model, EoRAConfig(rank=4, base=BASE, compensation="none"))
     with pytest.raises(ValueError, match="rank > 0"):
-        export_peft(model, tmp_path / "adapter", config=EoRAConfig(rank=4, base=BASE, method="none"))
+        export_peft(model, tmp_path / "adapter", config=EoRAConfig(rank=4, base=BASE, compensation="none"))
     assert not (tmp_path / "adapter").exists()
 
 

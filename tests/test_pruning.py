@@ -113,7 +113,7 @@ def test_end_to_end_one_calibration_pass_feeds_compression_and_compensation(comp
     errors = {}
     for method in ("none", "svd", "eora"):
         model = tiny_llama()
-        calib = calibrate(model, calib_batches, EoRAConfig(rank=8, base=compressor, method=method), progress=False)
+        calib = calibrate(model, calib_batches, EoRAConfig(rank=8, base=compressor, compensation=method), progress=False)
         quantize_(model, eora_config(calib))
         weight = model.model.layers[1].mlp.down_proj.weight
         assert isinstance(weight, QuantWithLowRank) and weight.rank == (0 if method == "none" else 8)
@@ -130,7 +130,7 @@ def test_bad_inputs_are_rejected_clearly():
             PruneConfig("magnitude", ratio=ratio)
     with pytest.raises(ValueError, match="not both"):
         PruneConfig("magnitude", "2:4", ratio=0.5)
-    with pytest.raises(ValueError, match="pruning method"):
+    with pytest.raises(ValueError, match="pruning criterion"):
         PruneConfig("random")
     with pytest.raises(ValueError, match="natural column order"):
         PruneConfig("sparsegpt", quantizer=GPTQConfig(act_order=True))
@@ -154,14 +154,14 @@ def test_cli_flags_build_the_paper_compressions():
     def config(*flags):
         return _config_from_args(build_parser().parse_args(["quantize", *flags]))
 
-    assert config().base == RTNConfig(3, 64) and config().method == "eora"
-    assert config("--method", "gptq", "--bits", "3", "--act-order", "--compensation", "svd").base == GPTQConfig(
+    assert config().base == RTNConfig(3, 64) and config().compensation == "eora"
+    assert config("--quantizer", "gptq", "--bits", "3", "--act-order", "--compensation", "svd").base == GPTQConfig(
         3, 64, act_order=True)
-    assert config("--method", "gptq", "--bits", "4", "--sparsity", "2:4", "--prune", "sparsegpt").base == PruneConfig(
+    assert config("--quantizer", "gptq", "--bits", "4", "--sparsity", "2:4", "--prune", "sparsegpt").base == PruneConfig(
         "sparsegpt", "2:4", quantizer=GPTQConfig(4, 64))
-    assert config("--method", "none", "--sparsity", "2:4", "--prune", "wanda").base == PruneConfig("wanda", "2:4")
-    assert config("--method", "none", "--sparsity", "0.5").base == PruneConfig("sparsegpt", ratio=0.5)
-    for bad in (["--method", "none"], ["--prune", "wanda"], ["--act-order"]):
+    assert config("--quantizer", "none", "--sparsity", "2:4", "--prune", "wanda").base == PruneConfig("wanda", "2:4")
+    assert config("--quantizer", "none", "--sparsity", "0.5").base == PruneConfig("sparsegpt", ratio=0.5)
+    for bad in (["--quantizer", "none"], ["--prune", "wanda"], ["--act-order"]):
         with pytest.raises(ValueError, match="--"):  # the CLI prints it as one line, exit status 2
             config(*bad)
     for bad in ("4:2", "1.5", "half"):

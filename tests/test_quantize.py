@@ -37,7 +37,7 @@ def test_eora_beats_svd_beats_nothing_per_layer_and_end_to_end():
     per_layer = {}
     for method in ("none", "svd", "eora"):
         m = tiny_llama()
-        config = EoRAConfig(rank=8, base=BASE, method=method)
+        config = EoRAConfig(rank=8, base=BASE, compensation=method)
         calib = calibrate(m, calib_batches, config, progress=False)
         quantize_(m, eora_config(calib))
         errors[method] = _logit_error(m, reference, held_out)
@@ -56,7 +56,7 @@ def test_data_free_fallback_is_plain_svd_and_says_so(caplog, batches):
     a, b = tiny_llama(), tiny_llama()
     with caplog.at_level(logging.WARNING):
         quantize_(a, EoRAConfig(rank=8, base=BASE))  # no calibration
-    quantize_(b, EoRAConfig(rank=8, base=BASE, method="svd"))
+    quantize_(b, EoRAConfig(rank=8, base=BASE, compensation="svd"))
     assert caplog.text.count("falling back to data-free SVD") == 1
     with torch.no_grad():
         assert torch.equal(a(**batches[0]).logits, b(**batches[0]).logits)
@@ -74,23 +74,23 @@ def test_compiled_model_matches_eager(model, batches):
 def test_bad_configs_and_modules_are_rejected(model):
     with pytest.raises(ValueError, match="rank must be a positive integer"):
         EoRAConfig(rank=0)
-    with pytest.raises(ValueError, match="method"):
-        EoRAConfig(method="lora")
+    with pytest.raises(ValueError, match="compensation"):
+        EoRAConfig(compensation="lora")
     with pytest.raises(ValueError, match="is a Embedding, not a torch.nn.Linear"):
         quantize_(model, EoRAConfig(rank=8, base=BASE), filter_fn=lambda m, n: n == "model.embed_tokens")
     with pytest.raises(ValueError, match="does not divide"):
-        quantize_(tiny_llama(), EoRAConfig(rank=8, base=RTNConfig(bits=3, group_size=48), method="svd"))
+        quantize_(tiny_llama(), EoRAConfig(rank=8, base=RTNConfig(bits=3, group_size=48), compensation="svd"))
 
 
 def test_already_converted_layer_is_rejected(model):
-    quantize_(model, EoRAConfig(rank=4, base=BASE, method="svd"))
+    quantize_(model, EoRAConfig(rank=4, base=BASE, compensation="svd"))
     with pytest.raises(ValueError, match="already compressed"):
-        quantize_(model, EoRAConfig(rank=4, base=BASE, method="svd"))
+        quantize_(model, EoRAConfig(rank=4, base=BASE, compensation="svd"))
 
 
 def test_half_precision_model_keeps_dtype(batches):
     m = tiny_llama().to(torch.bfloat16)
-    quantize_(m, EoRAConfig(rank=8, base=BASE, method="svd"))
+    quantize_(m, EoRAConfig(rank=8, base=BASE, compensation="svd"))
     w = m.model.layers[0].self_attn.q_proj.weight
     assert w.dtype == torch.bfloat16 and w.A.dtype == torch.bfloat16
     with torch.no_grad():

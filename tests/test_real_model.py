@@ -19,7 +19,7 @@ def test_eora_beats_svd_beats_rtn_on_smollm2(smollm2):
     from torchao_eora import EoRAConfig, RTNConfig
     from torchao_eora.data import token_stream, wikipedia_split
     from torchao_eora.eval import perplexity
-    from torchao_eora.pipeline import compress
+    from torchao_eora.pipeline import compress_model
 
     model, tokenizer = smollm2
     held_out = token_stream(tokenizer, wikipedia_split()[1])
@@ -30,8 +30,8 @@ def test_eora_beats_svd_beats_rtn_on_smollm2(smollm2):
     results = {"fp": ppl(model)}
     for method in ("none", "svd", "eora"):
         m = copy.deepcopy(model)
-        config = EoRAConfig(rank=32, base=RTNConfig(bits=3, group_size=64), method=method)
-        compress(m, tokenizer, config, n_samples=8, seq_len=256, progress=False)
+        config = EoRAConfig(rank=32, base=RTNConfig(bits=3, group_size=64), compensation=method)
+        compress_model(m, tokenizer, config, n_samples=8, seq_len=256, progress=False)
         results[method] = ppl(m)
         del m
     assert all(torch.isfinite(torch.tensor(v)) for v in results.values()), results

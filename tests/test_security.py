@@ -134,9 +134,9 @@ def test_the_real_configs_still_round_trip_through_json():
 
     for config in [
         EoRAConfig(rank=8, base=BASE, adapter_bits=4, adapter_group_size=8),
-        EoRAConfig(rank=8, base=GPTQConfig(bits=4, group_size=32, act_order=True), method="svd"),
+        EoRAConfig(rank=8, base=GPTQConfig(bits=4, group_size=32, act_order=True), compensation="svd"),
         EoRAConfig(rank=8, base=PruneConfig("sparsegpt", "2:4", quantizer=GPTQConfig(bits=4))),
-        EoRAConfig(base=PruneConfig("wanda", ratio=0.5), method="none", rank=0),
+        EoRAConfig(base=PruneConfig("wanda", ratio=0.5), compensation="none", rank=0),
     ]:
         data = config_to_dict(config)
         assert config_from_json(data) == config

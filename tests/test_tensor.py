@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from torchao_eora import QuantWithLowRank, RTNConfig, svd_factors
 from torchao_eora.adapter_quant import quantize_factors
-from torchao_eora.compression import CompressedWeight
+from torchao_eora.compressors import CompressedWeight
 
 
 def _weight(out_features=48, in_features=64, rank=8, bits=3, dtype=torch.float32, dense=False, seed=0,

@@ -100,7 +100,7 @@ def test_gptq_with_the_attention_moment_lowers_the_attention_output_error(seed):
     minimises it beats GPTQ on the plain moment in that error (layer 0, whose inputs are the model's own)."""
     model = tiny_llama(seed=seed)
     batches = token_batches(2, seed=seed)
-    calib = compress_sequential(model, batches, EoRAConfig(rank=1, base=GPTQConfig(3, 16), method="none"),
+    calib = compress_sequential(model, batches, EoRAConfig(rank=1, base=GPTQConfig(3, 16), compensation="none"),
                                 in_place=False, progress=False)
     name = "model.layers.0.self_attn.v_proj"
     stats = calib.stats_of(name)

@@ -12,25 +12,19 @@ from .quiet import install_log_filters
 
 install_log_filters()  # before torchao is imported: its import-time noise about CUDA-only kernels is not ours
 
-import torchao.core.config as _ao_config  # noqa: E402
-
 from .calibration import Calibration, SecondMoment
-from .compression import CompressedWeight, Compressor
+from .compressors import CompressedWeight, Compressor, GPTQConfig, PruneConfig, RTNConfig
 from .config import EoRAConfig, eora_config
-from .gptq import GPTQConfig
-from .hf import load_pretrained, save_pretrained  # importing hf extends transformers' torchao quantizer
+from .hf import load_pretrained, save_pretrained
 from .merge import merge_low_rank
 from .peft_io import export_peft, import_peft
-from .pruning import PruneConfig
-from .rtn import RTNConfig
+from .registrations import register_all
 from .sequential import calibrate, compress_sequential
 from .size import model_bytes
 from .solver import LowRankFactors, eora_factors, resolve_B, svd_factors, weighted_error
 from .tensor import QuantWithLowRank
 
-# Let torchao's config_from_dict rebuild our configs by name: allow the module that holds only the configs, never
-# the package (config_from_dict calls whatever name the JSON gives, with the JSON's arguments).
-_ao_config.ALLOWED_AO_MODULES.add("torchao_eora.json_types")
+register_all()  # quantize_'s handler, torchao safetensors, config_from_dict, transformers' torchao quantizer
 
 __all__ = [
     "Calibration",

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .compression import CompressedWeight
-from .rtn import RTNConfig
+from .compressors import CompressedWeight, RTNConfig
 from .solver import LowRankFactors, resolve_B
 
 __all__ = ["QuantizedFactors", "check_adapter_group_size", "quantize_factors"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, replace
@@ -22,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .checks import check_config_json
-from .io_utils import current_umask
+from .io_utils import atomic_file
 from .solver import Eigen, eigen_of
 
 if TYPE_CHECKING:
@@ -133,7 +132,7 @@ class Calibration:
         were collected on, and raises ``ValueError`` saying what differs: statistics of another model would convert
         some layers with wrong statistics and silently skip others. ``check_weights=False`` accepts other weights
         of the same shapes (e.g. statistics of a base model for its fine-tune). An explicit choice is remembered
-        (as ``load(..., check_weights=...)``'s is): later binds, such as the one in ``compress``, keep it; the
+        (as ``load(..., check_weights=...)``'s is): later binds, such as the one in ``compress_model``, keep it; the
         default, None, uses the remembered one (True unless set).
         Weights already compressed (``QuantWithLowRank``) are not compared, so binding after quantizing works.
         (With a ``prefix``, only a part of the model is bound, e.g. the copy of one decoder layer in sequential
@@ -190,15 +189,8 @@ class Calibration:
             "fingerprint": self.fingerprint,
         }
         tensors = {k: m.total.contiguous() for k, m in self.groups.items()}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"torchao_eora.calibration": json.dumps(meta)})
-            os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp creates 0600; give the file the usual permissions
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_file(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"torchao_eora.calibration": json.dumps(meta)})
 
     @classmethod
     def load(

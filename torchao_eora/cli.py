@@ -55,7 +55,7 @@ def _count(minimum: int):
 
 def _sparsity(text: str) -> dict:
     """``--sparsity``: ``"N:M"`` -> ``{"pattern": "N:M"}``; a fraction in (0, 1) -> ``{"ratio": r}``."""
-    from .pruning import parse_pattern
+    from .compressors import parse_pattern
 
     try:
         if ":" in text:
@@ -71,10 +71,10 @@ def _sparsity(text: str) -> dict:
 
 def _add_compress_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("base compression",
-                             "quantize (--method), prune (--sparsity), or both: e.g. '--method gptq --bits 4 "
+                             "quantize (--quantizer), prune (--sparsity), or both: e.g. '--quantizer gptq --bits 4 "
                              "--sparsity 2:4 --prune sparsegpt' is the paper's GPTQ 4-bit + SparseGPT 2:4 (one joint "
-                             "sweep); '--method none --sparsity 2:4 --prune wanda' prunes only")
-    g.add_argument("--method", default="rtn", choices=["rtn", "gptq", "none"],
+                             "sweep); '--quantizer none --sparsity 2:4 --prune wanda' prunes only")
+    g.add_argument("--quantizer", default="rtn", choices=["rtn", "gptq", "none"],
                    help="base quantizer: rtn (round to nearest, data-free; default), gptq (calibrated, error "
                         "feedback from the calibration second moment), none (no quantization: needs --sparsity)")
     g.add_argument("--bits", type=int, default=3, help="weight bits for rtn/gptq, 2..8 (default 3)")
@@ -204,27 +204,26 @@ def _print_summary(rows: list[dict], tasks: Sequence[str]) -> None:
 
 def _config_from_args(args) -> "EoRAConfig":
     """The ``EoRAConfig`` the quantize flags describe; inconsistent flags raise ValueError (one line from main)."""
+    from .compressors import GPTQConfig, PruneConfig, RTNConfig
     from .config import EoRAConfig
-    from .gptq import GPTQConfig
-    from .pruning import PruneConfig
-    from .rtn import RTNConfig
 
-    if args.act_order is not None and args.method != "gptq":
-        raise ValueError("--act-order applies to --method gptq only")
+    if args.act_order is not None and args.quantizer != "gptq":
+        raise ValueError("--act-order applies to --quantizer gptq only")
     if args.sparsity is None and args.prune is not None:
         raise ValueError(f"--prune {args.prune} needs --sparsity (e.g. --sparsity 2:4)")
-    if args.sparsity is None and args.method == "none":
-        raise ValueError("--method none quantizes nothing: add --sparsity N:M to prune only, or use --method rtn/gptq")
+    if args.sparsity is None and args.quantizer == "none":
+        raise ValueError("--quantizer none quantizes nothing: add --sparsity N:M to prune only, or use --quantizer "
+                         "rtn/gptq")
     quantizer = None
-    if args.method == "rtn":
+    if args.quantizer == "rtn":
         quantizer = RTNConfig(args.bits, args.group_size, args.symmetric)
-    elif args.method == "gptq":
+    elif args.quantizer == "gptq":
         quantizer = GPTQConfig(args.bits, args.group_size, args.symmetric, percdamp=args.percdamp,
                                act_order=args.act_order)
     base = quantizer
     if args.sparsity is not None:
         base = PruneConfig(args.prune or "sparsegpt", quantizer=quantizer, percdamp=args.percdamp, **args.sparsity)
-    return EoRAConfig(rank=args.rank, base=base, method=args.compensation, adapter_bits=args.adapter_bits,
+    return EoRAConfig(rank=args.rank, base=base, compensation=args.compensation, adapter_bits=args.adapter_bits,
                       adapter_group_size=args.adapter_group_size, adapter_resolve=not args.no_adapter_resolve,
                       value_moment=args.value_moment)
 
@@ -234,7 +233,7 @@ def cmd_quantize(args) -> int:
     from .data import load_model
     from .hf import save_pretrained
     from .io_utils import check_output_dir
-    from .pipeline import Timer, compress, evaluate, peak_memory_gib
+    from .pipeline import Timer, compress_model, evaluate, peak_memory_gib
 
     config = _config_from_args(args)
     if args.out:  # before hours of work, not after
@@ -254,7 +253,7 @@ def cmd_quantize(args) -> int:
     else:
         model, tokenizer = load_model(args.model, _dtype(args.dtype))
         calib = Calibration.load(args.load_calibration, model) if args.load_calibration else None
-        calib = compress(model, tokenizer, config, source=args.calib_source, n_samples=args.calib_samples,
+        calib = compress_model(model, tokenizer, config, source=args.calib_source, n_samples=args.calib_samples,
                          seq_len=args.seq_len, batch_size=args.calib_batch_size, mode=args.calib_mode,
                          calibration=calib, keep_statistics=bool(args.save_calibration), timer=timer)
         if args.out:
@@ -289,7 +288,7 @@ def _quantize_streaming(args, config, timer):
     from .streaming import quantize_checkpoint
 
     tokenizer = load_tokenizer(args.model)
-    needs_data = config.method == "eora" or getattr(config.base, "needs_calibration", False)
+    needs_data = config.compensation == "eora" or getattr(config.base, "needs_calibration", False)
     batches = []
     if needs_data:
         batches = calibration_batches(tokenizer, calibration_texts(args.calib_source), args.calib_samples,
@@ -325,8 +324,8 @@ def cmd_demo(args) -> int:
     from .config import EoRAConfig
     from .data import load_model
     from .hf import save_pretrained
-    from .pipeline import Timer, compress, evaluate, peak_memory_gib
-    from .rtn import RTNConfig
+    from .pipeline import Timer, compress_model, evaluate, peak_memory_gib
+    from .compressors import RTNConfig
 
     check_output_dir(args.out, overwrite=args.overwrite)
     tasks = _tasks(DEFAULT_TASKS)
@@ -336,13 +335,13 @@ def cmd_demo(args) -> int:
     def run(name, m, config=None):
         timer = Timer()
         if config is not None:
-            compress(m, tokenizer, config, n_samples=args.calib_samples, timer=timer)
+            compress_model(m, tokenizer, config, n_samples=args.calib_samples, timer=timer)
         metrics = evaluate(m, tokenizer, eval_tokens=args.eval_tokens, tasks=tasks, task_limit=args.task_limit,
                            timer=timer)
         return _row(name, metrics, sum(timer.seconds.values()), peak_memory_gib())
 
     rows = [run("SmolLM2-135M fp32", model)]
-    rows.append(run("3-bit g64 RTN", copy.deepcopy(model), EoRAConfig(base=base, method="none")))
+    rows.append(run("3-bit g64 RTN", copy.deepcopy(model), EoRAConfig(base=base, compensation="none")))
     eora = EoRAConfig(rank=64, base=base)
     rows.append(run("3-bit g64 RTN + EoRA r64", model, eora))
     print(f"saved to {save_pretrained(model, args.out, eora, tokenizer, overwrite=args.overwrite)}")

@@ -5,22 +5,19 @@ The ``quantize_`` handler that applies it lives in ``transform.py``."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional
 
 from torchao.core.config import AOBaseConfig
 
 from .adapter_quant import check_adapter_group_size
 from .calibration import Calibration
 from .checks import check_bool, check_choice, check_config_json, check_int
-from .compression import Compressor
-from .gptq import GPTQConfig
-from .pruning import PruneConfig
-from .rtn import RTNConfig
+from .compressors import Compressor, GPTQConfig, PruneConfig, RTNConfig
 
 __all__ = ["EoRAConfig", "config_from_json", "eora_config"]
 
-Method = Literal["eora", "svd", "none"]
-METHODS = ("eora", "svd", "none")
+Compensation = Literal["eora", "svd", "none"]
+COMPENSATIONS = ("eora", "svd", "none")
 FORMS = ("auto", "eigen", "inverse_free")
 VALUE_MOMENTS = ("auto", "attention", "plain")
 
@@ -31,18 +28,19 @@ class EoRAConfig(AOBaseConfig):
 
     Args:
         rank: rank of the residual path (``1 <= rank < min(out, in)``).
-        base: the compressor for ``W_c``: ``RTNConfig``, ``GPTQConfig`` or ``PruneConfig`` (any ``Compressor``).
-        method: ``"eora"`` (activation-weighted, needs ``calibration``), ``"svd"`` (plain SVD of the error,
+        base: the compressor for ``W_c``, any ``Compressor``: ``RTNConfig``, ``GPTQConfig``, ``PruneConfig``, or
+            one of your own (only these three reload from a saved checkpoint or calibration file).
+        compensation: ``"eora"`` (activation-weighted, needs ``calibration``), ``"svd"`` (plain SVD of the error,
             data-free) or ``"none"`` (compression only: a rank-0 residual, for baselines).
         calibration: a ``Calibration`` from ``calibrate()``. Modules it did not see (e.g. ``lm_head``) are left
-            unchanged. Without one, ``method="eora"`` falls back to data-free SVD and says so.
+            unchanged. Without one, ``compensation="eora"`` falls back to data-free SVD and says so.
         form: solver form, ``"auto"`` / ``"eigen"`` / ``"inverse_free"`` (same optimum, different cost).
         adapter_bits: quantize ``A`` and ``B`` to this many bits (2..8; 4 is the paper's recommendation) in
-            torchao's intx layout, or None (default) for adapters in the model dtype. Ignored by ``method="none"``.
+            torchao's intx layout, or None (default) for adapters in the model dtype. Ignored by ``compensation="none"``.
         adapter_group_size: values per scale along each factor's input dimension (``A``: in_features, ``B``: the
             rank); must divide the rank and every in_features (default 32).
         adapter_resolve: with ``adapter_bits``, re-solve ``B`` in closed form against the quantized ``A`` before
-            quantizing ``B``, so ``B`` absorbs ``A``'s rounding error (default True; same norm as the method:
+            quantizing ``B``, so ``B`` absorbs ``A``'s rounding error (default True; same norm as the compensation:
             activation-weighted for EoRA, plain for SVD).
         value_moment: what a calibrated base compressor (GPTQ, SparseGPT, Wanda) minimises for ``v_proj`` in
             sequential calibration: ``"attention"`` the error of the attention output, from the inputs mixed by
@@ -55,8 +53,8 @@ class EoRAConfig(AOBaseConfig):
     """
 
     rank: int = 64
-    base: Union[RTNConfig, GPTQConfig, PruneConfig] = field(default_factory=RTNConfig)
-    method: Method = "eora"
+    base: Compressor = field(default_factory=RTNConfig)
+    compensation: Compensation = "eora"
     calibration: Optional[Calibration] = field(default=None, repr=False, compare=False)
     form: str = "auto"
     adapter_bits: Optional[int] = None
@@ -65,9 +63,11 @@ class EoRAConfig(AOBaseConfig):
     value_moment: str = "auto"
 
     def __post_init__(self) -> None:
-        check_choice("method", self.method, METHODS)
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < (self.method != "none"):
-            raise ValueError(f"rank must be a positive integer, got {self.rank!r} (use method='none' for no residual)")
+        check_choice("compensation", self.compensation, COMPENSATIONS)
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < (self.compensation != "none"):
+            raise ValueError(
+                f"rank must be a positive integer, got {self.rank!r} (use compensation='none' for no residual)"
+            )
         if not isinstance(self.base, Compressor) or isinstance(self.base, type):
             raise ValueError(
                 f"base must be a compressor config such as RTNConfig(bits=3), GPTQConfig(bits=3) or "
@@ -86,7 +86,7 @@ class EoRAConfig(AOBaseConfig):
                     f"adapter_bits must be None (adapters in the model dtype) or an integer in 2..8, got "
                     f"{self.adapter_bits!r}; 4 bits is the paper's recommendation"
                 )
-            if self.method != "none":
+            if self.compensation != "none":
                 check_adapter_group_size(self.adapter_group_size, self.rank)  # in_features: checked per layer
 
     @property
@@ -97,8 +97,8 @@ class EoRAConfig(AOBaseConfig):
         return self.value_moment == "attention" or isinstance(self.base, GPTQConfig)
 
     def describe(self) -> str:
-        residual = "no residual" if self.method == "none" else f"{self.method} r{self.rank}"
-        if self.method != "none" and self.adapter_bits is not None:
+        residual = "no residual" if self.compensation == "none" else f"{self.compensation} r{self.rank}"
+        if self.compensation != "none" and self.adapter_bits is not None:
             resolve = "" if self.adapter_resolve else ", no re-solve"
             residual += f" (int{self.adapter_bits} g{self.adapter_group_size} adapters{resolve})"
         return f"{self.base.describe()} + {residual}"

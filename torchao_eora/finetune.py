@@ -12,9 +12,9 @@ trainable tensors of the model. Gradients flow through the frozen base to the in
     ...                                             # eager or torch.compile(model)
     fold_adapters(model)                            # back to QuantWithLowRank weights: save_pretrained / export_peft
 
-Starting points (same compressed base ``W_c``): ``EoRAConfig(method="none")`` then ``init="lora"`` (QLoRA);
-``EoRAConfig(method="svd")`` (LoftQ with one alternating step is exactly the truncated SVD of ``W - W_c``);
-``EoRAConfig(method="eora")`` with calibration statistics.
+Starting points (same compressed base ``W_c``): ``EoRAConfig(compensation="none")`` then ``init="lora"`` (QLoRA);
+``EoRAConfig(compensation="svd")`` (LoftQ with one alternating step is exactly the truncated SVD of ``W - W_c``);
+``EoRAConfig(compensation="eora")`` with calibration statistics.
 
 The same residual is also a PEFT LoRA adapter with scaling 1 (:func:`torchao_eora.export_peft`):
 ``PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)`` trains it with PEFT's own layers instead.
@@ -122,7 +122,7 @@ def make_trainable(
     the model (embeddings, norms, ``lm_head``, biases) gets ``requires_grad=False``.
 
     Args:
-        model: a model compressed with ``EoRAConfig`` (any method; ``"none"`` needs ``init="lora"``).
+        model: a model compressed with ``EoRAConfig`` (any compensation; ``"none"`` needs ``init="lora"``).
         init: ``"factors"``: start from the residual stored in the weights (``dequantize_A()`` /
             ``dequantize_B()``: EoRA, SVD, an imported adapter); the model computes exactly what it did.
             ``"lora"``: QLoRA's / PEFT's default, ``A`` Kaiming-uniform (``a = sqrt(5)``) and ``B = 0``, so the

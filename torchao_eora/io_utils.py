@@ -20,7 +20,10 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
-__all__ = ["atomic_directory", "canonicalize_safetensors_header", "check_output_dir", "current_umask", "recover_directory"]
+__all__ = [
+    "atomic_directory", "atomic_file", "canonicalize_safetensors_header", "check_output_dir", "current_umask",
+    "recover_directory",
+]
 
 _STAGES = ("tmp", "old")  # .NAME.tmp-PID-XXXX: being written (or the old one after a swap); .old-: moved aside
 
@@ -64,6 +67,22 @@ def _is_our_output(directory: Path) -> bool:
         return config["quantization_config"]["quant_type"]["default"]["_type"] == "EoRAConfig"
     except (OSError, ValueError, KeyError, TypeError):
         return False
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a hidden temporary sibling of ``path`` to write; once the block completes it replaces ``path`` (one
+    rename). If the block raises, the temporary is removed and an existing ``path`` is untouched."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp creates 0600; give the file the usual permissions
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 @contextlib.contextmanager

@@ -7,6 +7,4 @@ Our own loaders go further: :func:`torchao_eora.config.config_from_json` checks 
 """
 
 from .config import EoRAConfig  # noqa: F401
-from .gptq import GPTQConfig  # noqa: F401
-from .pruning import PruneConfig  # noqa: F401
-from .rtn import RTNConfig  # noqa: F401
+from .compressors import GPTQConfig, PruneConfig, RTNConfig  # noqa: F401

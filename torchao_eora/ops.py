@@ -20,19 +20,9 @@ import torch
 from torch import Tensor
 from torch._inductor.decomposition import register_decomposition
 
-__all__ = ["quant_linear", "eora_linear", "dequantize_intx"]
+from .intx import dequantize_intx
 
-
-def dequantize_intx(qdata: Tensor, scale: Tensor, zero_point: Tensor, group_size: int, dtype: torch.dtype) -> Tensor:
-    """``(qdata - zero_point) * scale`` per group of ``group_size`` input columns.
-
-    The same arithmetic, in the same order and dtypes, as torchao's ``dequantize_affine`` (so results are
-    bit-identical), written out because torchao's refuses float64, which the reference tests use.
-    """
-    out_features, in_features = qdata.shape
-    groups = (out_features, in_features // group_size, group_size)
-    w = qdata.reshape(groups).to(dtype) - zero_point.reshape(*groups[:2], 1).to(dtype)
-    return (w * scale.reshape(*groups[:2], 1)).reshape(out_features, in_features).to(dtype)
+__all__ = ["quant_linear", "eora_linear"]
 
 
 def _check(x: Tensor, qdata: Tensor, scale: Tensor, group_size: int) -> None:

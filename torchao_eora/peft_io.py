@@ -26,7 +26,8 @@ from typing import Iterator
 import torch
 
 from .config import EoRAConfig
-from .hf import atomic_directory, attach_quantizer, eora_config_of, write_checkpoint
+from .hf import attach_quantizer, recorded_config, write_checkpoint
+from .io_utils import atomic_directory
 from .tensor import QuantWithLowRank
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "BASE_DIR", "base_only", "export_peft", "import_peft"]
@@ -125,7 +126,7 @@ def export_peft(
         tensors[f"{_PREFIX}{name}.lora_A.weight"] = module.weight.dequantize_A().detach().contiguous()
         tensors[f"{_PREFIX}{name}.lora_B.weight"] = module.weight.dequantize_B().detach().contiguous()
     if save_base:
-        config = config if config is not None else eora_config_of(model)
+        config = config if config is not None else recorded_config(model)
         base_model_name_or_path = base_model_name_or_path or str(out / BASE_DIR)
     adapter_config = _adapter_config(
         {n: m.weight.rank for n, m in modules.items()}, _target_modules(model, list(modules)), base_model_name_or_path
@@ -140,7 +141,7 @@ def export_peft(
             (tmp / BASE_DIR).mkdir()
             try:
                 with base_only(model):
-                    write_checkpoint(model, tmp / BASE_DIR, replace(config, method="none"), tokenizer)
+                    write_checkpoint(model, tmp / BASE_DIR, replace(config, compensation="none"), tokenizer)
             finally:  # write_checkpoint recorded the base-only config; the model itself still has its residuals
                 attach_quantizer(model, config)
     return out

@@ -17,7 +17,7 @@ from .data import bbc_articles, calibration_batches, token_stream, wikipedia_spl
 from .eval import perplexity, zero_shot
 from .timing import Timer, peak_memory_gib
 
-__all__ = ["CALIBRATION_SOURCES", "calibration_texts", "compress", "evaluate", "Timer", "peak_memory_gib"]
+__all__ = ["CALIBRATION_SOURCES", "calibration_texts", "compress_model", "evaluate", "Timer", "peak_memory_gib"]
 
 CALIBRATION_SOURCES = ("wikipedia", "bbc")
 
@@ -31,7 +31,7 @@ def calibration_texts(source: str) -> list[str]:
     raise ValueError(f"calibration source must be one of {CALIBRATION_SOURCES}, got {source!r}")
 
 
-def compress(
+def compress_model(
     model: torch.nn.Module,
     tokenizer,
     config: EoRAConfig,
@@ -53,7 +53,7 @@ def compress(
     before the first one changes. Returns the calibration used (None for data-free methods).
     """
     timer = timer or Timer()
-    needs_data = config.method == "eora" or getattr(config.base, "needs_calibration", False)
+    needs_data = config.compensation == "eora" or getattr(config.base, "needs_calibration", False)
     if needs_data and calibration is None:
         batches = calibration_batches(tokenizer, calibration_texts(source), n_samples, seq_len, batch_size)
         if mode == "sequential":

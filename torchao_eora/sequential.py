@@ -134,7 +134,7 @@ def compress_sequential(
     batches = list(batches)
     # Statistics are collected when the config needs them or batches are given; a data-free config with no batches
     # (streaming RTN + SVD) runs no forward pass at all.
-    needs_data = bool(batches) or config.method == "eora" or bool(getattr(config.base, "needs_calibration", False))
+    needs_data = bool(batches) or config.compensation == "eora" or bool(getattr(config.base, "needs_calibration", False))
     batches = _check_batches(batches) if needs_data else []
     prefix, layers = find_decoder_layers(model)
     check_targets(_linears(layers, prefix + "."), config)  # every layer before the first changes (meta: shapes only)

@@ -35,7 +35,7 @@ def warn_once(config: object, message: str) -> None:
 def module_rank(config: "EoRAConfig", out_features: int, in_features: int) -> int:
     """The residual rank a layer gets: ``config.rank``, clamped below ``min(out, in)`` (a full-rank residual is
     just the dense weight) and, with quantized adapters, to a multiple of ``adapter_group_size``."""
-    if config.method == "none":
+    if config.compensation == "none":
         return 0
     rank = min(config.rank, min(out_features, in_features) - 1)
     if config.adapter_bits is not None:
@@ -47,7 +47,7 @@ def _layout_problem(config: "EoRAConfig", in_features: int) -> str | None:
     """Why ``in_features`` does not fit the base's groups / N:M pattern or the adapters' groups, in the words of the
     check that would fail during compression (with its suggestions)."""
     from .adapter_quant import check_adapter_group_size
-    from .compression import check_group_size
+    from .compressors import check_group_size
 
     base = config.base
     quantizer = getattr(base, "quantizer", base)
@@ -56,7 +56,7 @@ def _layout_problem(config: "EoRAConfig", in_features: int) -> str | None:
             return f"in_features={in_features} is not a multiple of M={base.nm[1]} for the {base.pattern} pattern"
         if getattr(quantizer, "group_size", None):
             check_group_size(quantizer.group_size, in_features)
-        if config.adapter_bits is not None and config.method != "none":
+        if config.adapter_bits is not None and config.compensation != "none":
             check_adapter_group_size(config.adapter_group_size, config.rank, in_features)
     except ValueError as e:
         return str(e)
@@ -74,10 +74,10 @@ def _problem(name: str, module: torch.nn.Module, config: "EoRAConfig") -> str | 
     layout = _layout_problem(config, in_features)
     if layout is not None:
         return f"{name}: {layout}"
-    if config.method != "none" and module_rank(config, out_features, in_features) == 0:
+    if config.compensation != "none" and module_rank(config, out_features, in_features) == 0:
         return f"{name} ({out_features}x{in_features}) has no room for a rank-{config.rank} residual"
     calib = config.calibration
-    if calib is not None and (config.method == "eora" or getattr(config.base, "needs_calibration", False)):
+    if calib is not None and (config.compensation == "eora" or getattr(config.base, "needs_calibration", False)):
         moment = calib.groups.get(calib.group_of.get(name, ""))
         if moment is None:
             return f"the calibration has no statistics for {name}"
@@ -102,7 +102,7 @@ def check_targets(modules: Mapping[str, torch.nn.Module], config: "EoRAConfig", 
         return
     clamped = sorted({
         module_rank(config, *m.weight.shape) for m in modules.values()
-        if config.method != "none" and module_rank(config, *m.weight.shape) != config.rank
+        if config.compensation != "none" and module_rank(config, *m.weight.shape) != config.rank
     })
     if clamped:
         warn_once(config, f"rank {config.rank} does not fit every layer: the smaller layers get rank {clamped}")

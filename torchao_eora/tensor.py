@@ -19,7 +19,8 @@ from torch.utils._python_dispatch import return_and_correct_aliasing
 from torchao.utils import TorchAOBaseTensor, fill_defaults
 
 from .adapter_quant import QuantizedFactors
-from .compression import CompressedWeight, dequantize_weight
+from .compressors import CompressedWeight
+from .intx import dequantize_weight
 from .ops import quant_linear
 from .solver import LowRankFactors
 
@@ -274,17 +275,6 @@ class QuantWithLowRank(TorchAOBaseTensor):
 def _bits_of(dtype: Optional[torch.dtype]) -> Optional[int]:
     return None if dtype is None else int(str(dtype).removeprefix("torch.int"))
 
-
-def _register_with_torchao_safetensors() -> None:
-    """torchao (and transformers through it) only (de)serializes tensor subclasses it has been told about."""
-    from torchao.prototype.safetensors import safetensors_utils
-
-    if "QuantWithLowRank" not in safetensors_utils.ALLOWED_TENSORS_SUBCLASSES:
-        safetensors_utils.ALLOWED_TENSORS_SUBCLASSES.append("QuantWithLowRank")
-    safetensors_utils.ALLOWED_CLASSES["QuantWithLowRank"] = QuantWithLowRank
-
-
-_register_with_torchao_safetensors()
 
 implements = QuantWithLowRank.implements
 implements_torch_function = QuantWithLowRank.implements_torch_function

@@ -13,8 +13,6 @@ from functools import partial
 from typing import Optional, Union
 
 import torch
-from torchao.quantization.transform_module import register_quantize_module_handler
-
 from .adapter_quant import QuantizedFactors, quantize_factors
 from .calibration import ModuleStats
 from .config import EoRAConfig
@@ -23,7 +21,7 @@ from .targets import check_targets, module_rank, quantize_call_targets, warn_onc
 from .tensor import QuantWithLowRank
 from .timing import Timer
 
-__all__ = ["eora_quantize_tensor"]
+__all__ = ["eora_module_transform", "eora_quantize_tensor"]
 
 
 def eora_quantize_tensor(
@@ -35,7 +33,7 @@ def eora_quantize_tensor(
         weight: the dense weight (any floating dtype; the result keeps it).
         config: what to do; ``config.calibration`` is not read here.
         stats: the layer's input statistics. Needed by calibrated compressors (GPTQ, SparseGPT, Wanda) and by
-            ``method="eora"``; without them the residual is the plain SVD of the error.
+            ``compensation="eora"``; without them the residual is the plain SVD of the error.
         timer: adds the seconds spent in ``"compress"`` and ``"solve"`` (benchmarks report them apart).
     """
     timer = timer or Timer()
@@ -48,14 +46,14 @@ def eora_quantize_tensor(
         compressed = config.base.compress(w32, stats.compressor_moment.mean() if attention else moment)
         delta = w32 - compressed.dequantize(torch.float32)  # in fp32: the error underflows in fp16/bf16
     with timer("solve"):
-        weighted = None if config.method == "svd" else stats
+        weighted = None if config.compensation == "svd" else stats
         factors = _solve(delta, config, module_rank(config, *delta.shape), weighted)
         factors = _quantize_adapters(delta, factors, config, None if weighted is None else moment, weight.dtype)
     return QuantWithLowRank.from_parts(compressed, factors, dtype=weight.dtype)
 
 
 def _solve(delta: torch.Tensor, config: EoRAConfig, rank: int, stats: ModuleStats | None) -> LowRankFactors:
-    if config.method == "none" or rank == 0:
+    if config.compensation == "none" or rank == 0:
         return LowRankFactors(delta.new_zeros(0, delta.shape[1]), delta.new_zeros(delta.shape[0], 0))
     if stats is None:
         return svd_factors(delta, rank)
@@ -71,7 +69,7 @@ def _solve(delta: torch.Tensor, config: EoRAConfig, rank: int, stats: ModuleStat
 def _quantize_adapters(
     delta: torch.Tensor, factors: LowRankFactors, config: EoRAConfig, moment: torch.Tensor | None, dtype: torch.dtype
 ) -> Union[LowRankFactors, QuantizedFactors]:
-    """intx adapters when the config asks for them; the re-solve of B uses the method's own norm."""
+    """intx adapters when the config asks for them; the re-solve of B uses the compensation's own norm."""
     if config.adapter_bits is None or factors.rank == 0:
         return factors
     return quantize_factors(
@@ -93,8 +91,9 @@ def _extra_repr(self, original) -> str:
 # ---- the quantize_ handler -------------------------------------------------------------------------------------
 
 
-@register_quantize_module_handler(EoRAConfig)
-def _eora_transform(module: torch.nn.Module, config: EoRAConfig, **kwargs) -> torch.nn.Module:
+def eora_module_transform(module: torch.nn.Module, config: EoRAConfig, **kwargs) -> torch.nn.Module:
+    """torchao's module handler for ``EoRAConfig`` (registered in ``registrations.py``): find the module's
+    statistics, check it, and replace its weight with ``eora_quantize_tensor``'s (or the sequential pass's)."""
     calib = config.calibration
     call = quantize_call_targets(module)  # every module this quantize_ call converts, by name (None: unknown)
     name = None
@@ -123,8 +122,9 @@ def _eora_transform(module: torch.nn.Module, config: EoRAConfig, **kwargs) -> to
             name = next(n for n, m in targets.items() if m is module)
         shape = "x".join(map(str, getattr(getattr(module, "weight", None), "shape", ())))
         check_targets({name or f"a {shape} {type(module).__name__} layer": module}, config, warn=call is None)
-        if config.method == "eora":
-            warn_once(config, "EoRAConfig(method='eora') without calibration statistics: falling back to data-free SVD")
+        if config.compensation == "eora":
+            warn_once(config, "EoRAConfig(compensation='eora') without calibration statistics: falling back to "
+                      "data-free SVD")
     stats = None if calib is None else calib.stats_of(name)
     install(module, eora_quantize_tensor(module.weight, config, stats))
     return module

@@ -1,10 +1,9 @@
-"""GPTQ (arXiv 2210.17323): quantize column by column, pushing each column's error onto the columns not yet done.
+"""The Optimal Brain Surgeon column sweep shared by GPTQ (``gptq.py``) and SparseGPT (``pruning.py``).
 
-With ``H = X^T X / n`` (GPTQ's Hessian ``2 X^T X / n`` up to a factor that cancels), the Optimal Brain Surgeon
-update for fixing column ``i`` to ``q`` is ``W[:, i:] -= (w - q) / U_ii * U[i, i:]`` where ``U`` is the upper
-Cholesky factor of ``H^-1``. Updates inside a block of columns are applied eagerly, to the rest of the matrix once
-per block ("lazy batch" updates). The same sweep, with a pruning mask instead of (or as well as) rounding, is
-SparseGPT (``pruning.py``): it is written once here, as :func:`obs_sweep`.
+With ``H = X^T X / n`` (GPTQ's Hessian ``2 X^T X / n`` up to a factor that cancels), the OBS update for fixing
+column ``i`` to ``q`` is ``W[:, i:] -= (w - q) / U_ii * U[i, i:]`` where ``U`` is the upper Cholesky factor of
+``H^-1``. Updates inside a block of columns are applied eagerly, to the rest of the matrix once per block ("lazy
+batch" updates). Fixing a column means rounding it (GPTQ), zeroing its pruned entries (SparseGPT), or both.
 
 Group parameters come from torchao's ``choose_qparams_affine`` with the arguments ``RTNConfig`` (torchao's
 ``IntxWeightOnlyConfig``) uses, and columns are rounded with ``quantize_affine``'s exact arithmetic, so the output
@@ -20,67 +19,11 @@ from typing import Optional, Protocol
 import torch
 from torchao.quantization.quant_primitives import _DTYPE_TO_QVALUE_BOUNDS, MappingType, choose_qparams_affine
 
-from .checks import check_bool, check_fraction, check_int
-from .compression import CompressedWeight, by_row_blocks, check_group_size
-from .solver import one_cpu_thread
+from ..checks import check_fraction, check_int
+from ..solver import one_cpu_thread
+from .base import check_group_size
 
-__all__ = ["GPTQConfig", "GroupQuantizer", "MaskPicker", "SweepResult", "obs_sweep", "check_second_moment"]
-
-
-@dataclass
-class GPTQConfig:
-    """GPTQ group-wise weight quantization, in the same torchao intx layout as ``RTNConfig``.
-
-    Args:
-        bits: 2..8.
-        group_size: input channels sharing one scale / zero point (must divide in_features).
-        symmetric: symmetric (zero point 0) or asymmetric (min/max) mapping, as in ``RTNConfig``.
-        percdamp: damping added to the Hessian diagonal, as a fraction of its mean.
-        act_order: visit columns by decreasing ``H_ii``, ties in index order (GPTQ's "desc_act"). Group
-            parameters are then computed up front from the original weight in natural order ("static groups"), so
-            the stored groups stay contiguous and the layout is unchanged. None (default): on, the better choice
-            measured on SmolLM2 and Gemma-3 at 3 bits (README), except in SparseGPT's joint sweep, which picks its
-            mask in natural column order.
-        block_size: columns per lazy-batch update (rounded to a multiple of ``group_size``).
-    """
-
-    bits: int = 4
-    group_size: int = 64
-    symmetric: bool = False
-    percdamp: float = 0.01
-    act_order: Optional[bool] = None
-    block_size: int = 128
-
-    needs_calibration = True  # class attribute, not a config field
-
-    def __post_init__(self) -> None:
-        check_int("bits", self.bits, 2, 8)
-        check_int("group_size", self.group_size, 1)
-        check_bool("symmetric", self.symmetric)
-        if self.act_order is not None:
-            check_bool("act_order", self.act_order)
-        check_sweep_args(self.percdamp, self.block_size)
-
-    def describe(self) -> str:
-        order = " act-order" if self.act_order_on else ""
-        return f"int{self.bits} g{self.group_size} {'sym' if self.symmetric else 'asym'} GPTQ{order}"
-
-    @property
-    def act_order_on(self) -> bool:
-        """Whether the sweep visits columns by decreasing ``H_ii`` (``act_order`` None or True)."""
-        return self.act_order is not False
-
-    def compress(self, weight: torch.Tensor, second_moment: Optional[torch.Tensor] = None) -> CompressedWeight:
-        return by_row_blocks(self._compress, weight, second_moment)
-
-    def _compress(self, weight: torch.Tensor, second_moment: Optional[torch.Tensor]) -> CompressedWeight:
-        check_group_size(self.group_size, weight.shape[1])
-        h = check_second_moment(second_moment, weight.shape[1], self.describe())
-        result = obs_sweep(
-            weight, h, percdamp=self.percdamp, block_size=self.block_size,
-            quantizer=GroupQuantizer(self.bits, self.group_size, self.symmetric), act_order=self.act_order_on,
-        )
-        return CompressedWeight(result.qdata, result.scale, result.zero_point, self.bits, self.group_size)
+__all__ = ["GroupQuantizer", "MaskPicker", "SweepResult", "check_second_moment", "check_sweep_args", "obs_sweep"]
 
 
 def check_sweep_args(percdamp: float, block_size: int) -> None:

@@ -8,8 +8,8 @@ import torch
 from torchao.quantization.quant_primitives import MappingType
 from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import IntxUnpackedToInt8Tensor
 
-from .checks import check_bool, check_int
-from .compression import CompressedWeight, check_group_size
+from ..checks import check_bool, check_int
+from .base import CompressedWeight, check_group_size
 
 __all__ = ["RTNConfig"]
 

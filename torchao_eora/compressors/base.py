@@ -13,7 +13,7 @@ from typing import Callable, Protocol, runtime_checkable
 
 import torch
 
-from .ops import dequantize_intx
+from ..intx import dequantize_weight
 
 __all__ = ["CompressedWeight", "Compressor", "by_row_blocks", "check_group_size"]
 
@@ -35,21 +35,6 @@ class CompressedWeight:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense compressed weight ``W_c``."""
         return dequantize_weight(self.qdata, self.scale, self.zero_point, self.target_dtype, self.group_size, dtype)
-
-
-def dequantize_weight(
-    qdata: torch.Tensor,
-    scale: torch.Tensor | None,
-    zero_point: torch.Tensor | None,
-    target_dtype: torch.dtype | None,
-    group_size: int | None,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """``W_c`` in ``dtype``: the dense pruned weight, or the intx values dequantized by the same arithmetic the
-    ``quant_linear`` op uses (bit-identical to torchao's ``dequantize_affine``)."""
-    if target_dtype is None:
-        return qdata.to(dtype)
-    return dequantize_intx(qdata, scale, zero_point, group_size, dtype)
 
 
 @runtime_checkable

@@ -20,14 +20,15 @@ from typing import Optional, Union
 
 import torch
 
-from .checks import check_choice, check_fraction
-from .compression import CompressedWeight, by_row_blocks, check_group_size
-from .gptq import GPTQConfig, GroupQuantizer, check_second_moment, check_sweep_args, obs_sweep
+from ..checks import check_choice, check_fraction
+from .base import CompressedWeight, by_row_blocks, check_group_size
+from .gptq import GPTQConfig
 from .rtn import RTNConfig
+from .sweep import GroupQuantizer, check_second_moment, check_sweep_args, obs_sweep
 
 __all__ = ["PruneConfig", "parse_pattern", "prune_mask"]
 
-_METHODS = ("magnitude", "wanda", "sparsegpt")
+_CRITERIA = ("magnitude", "wanda", "sparsegpt")
 _NAMES = {"magnitude": "magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT"}
 
 
@@ -100,7 +101,7 @@ class PruneConfig:
     """Prune to an N:M pattern or an unstructured ratio, then optionally quantize.
 
     Args:
-        method: ``"sparsegpt"``, ``"wanda"`` or ``"magnitude"``.
+        criterion: how pruned weights are chosen: ``"sparsegpt"``, ``"wanda"`` or ``"magnitude"``.
         pattern: ``"N:M"`` (keep N of every M consecutive input weights; ``"2:4"`` when neither this nor
             ``ratio`` is given).
         ratio: fraction of weights to prune, unstructured (per output row for Wanda, per layer for magnitude, per
@@ -112,7 +113,7 @@ class PruneConfig:
         block_size: columns per lazy-batch update of the sweep.
     """
 
-    method: str = "sparsegpt"
+    criterion: str = "sparsegpt"
     pattern: Optional[str] = None
     ratio: Optional[float] = None
     quantizer: Union[RTNConfig, GPTQConfig, None] = None
@@ -120,7 +121,7 @@ class PruneConfig:
     block_size: int = 128
 
     def __post_init__(self) -> None:
-        check_choice("pruning method", self.method, _METHODS)
+        check_choice("pruning criterion", self.criterion, _CRITERIA)
         if self.pattern is None and self.ratio is None:
             self.pattern = "2:4"
         if self.pattern is not None and self.ratio is not None:
@@ -134,13 +135,13 @@ class PruneConfig:
         if self.quantizer is not None and not isinstance(self.quantizer, (RTNConfig, GPTQConfig)):
             kind = type(self.quantizer).__name__
             raise TypeError(f"quantizer must be an RTNConfig, a GPTQConfig or None, got {kind}")
-        if self.method == "sparsegpt" and isinstance(self.quantizer, GPTQConfig) and self.quantizer.act_order is True:
+        if self.criterion == "sparsegpt" and isinstance(self.quantizer, GPTQConfig) and self.quantizer.act_order is True:
             raise ValueError("SparseGPT picks its N:M mask in natural column order: use GPTQConfig(act_order=False)")
         check_sweep_args(self.percdamp, self.block_size)
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method != "magnitude" or bool(getattr(self.quantizer, "needs_calibration", False))
+        return self.criterion != "magnitude" or bool(getattr(self.quantizer, "needs_calibration", False))
 
     @property
     def nm(self) -> Optional[tuple[int, int]]:
@@ -148,21 +149,21 @@ class PruneConfig:
 
     def describe(self) -> str:
         sparsity = self.pattern if self.pattern is not None else f"{self.ratio:.0%}"
-        text = f"{_NAMES[self.method]} {sparsity}"
+        text = f"{_NAMES[self.criterion]} {sparsity}"
         quantizer = self.quantizer
-        if self.method == "sparsegpt" and isinstance(quantizer, GPTQConfig):  # one joint sweep, natural order
+        if self.criterion == "sparsegpt" and isinstance(quantizer, GPTQConfig):  # one joint sweep, natural order
             quantizer = replace(quantizer, act_order=False)
         return text if quantizer is None else f"{text} + {quantizer.describe()}"
 
     def mask(self, weight: torch.Tensor, second_moment: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The magnitude or Wanda mask (True = pruned), chosen once from the original weight."""
         scores = weight.detach().float().abs()
-        if self.method == "wanda":
+        if self.criterion == "wanda":
             h = check_second_moment(second_moment, weight.shape[1], self.describe())
             scores = scores * h.diagonal().clamp_min(0).sqrt().to(scores)[None, :]  # ||X_j|| / sqrt(n)
-        elif self.method != "magnitude":
+        elif self.criterion != "magnitude":
             raise ValueError("SparseGPT's mask is chosen during its sweep, not up front")
-        return prune_mask(scores, self.nm, self.ratio, per_row=self.method == "wanda")
+        return prune_mask(scores, self.nm, self.ratio, per_row=self.criterion == "wanda")
 
     def compress(self, weight: torch.Tensor, second_moment: Optional[torch.Tensor] = None) -> CompressedWeight:
         """Prune (and quantize) ``weight``; a stack of moments, one per row block, prunes each block with its own
@@ -182,9 +183,9 @@ class PruneConfig:
         sweep = dict(percdamp=self.percdamp, block_size=self.block_size)
         if gptq is not None:
             sweep.update(quantizer=GroupQuantizer(gptq.bits, gptq.group_size, gptq.symmetric),
-                         act_order=gptq.act_order_on and self.method != "sparsegpt")
+                         act_order=gptq.act_order_on and self.criterion != "sparsegpt")
 
-        if self.method == "sparsegpt":
+        if self.criterion == "sparsegpt":
             picker = _SparseGPTPicker(self.nm, self.ratio, out_features)
             result = obs_sweep(w, second_moment, picker=picker, **sweep)
         elif gptq is not None:  # Wanda / magnitude mask held fixed while GPTQ rounds the pruned weight
