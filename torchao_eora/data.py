@@ -29,6 +29,7 @@ __all__ = [
     "bbc_articles",
     "token_stream",
     "calibration_batches",
+    "bos_token_id",
 ]
 
 _WIKI_DUMP = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
@@ -197,6 +198,17 @@ def token_stream(tokenizer, texts: list[str]) -> torch.LongTensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def bos_token_id(tokenizer) -> int | None:
+    """The BOS token the tokenizer puts before a text by itself (Gemma's ``<bos>``), or None when it adds none
+    (SmolLM2, Llama-style tokenizers configured without it). Models trained with a BOS at the start of every
+    sequence need it at the start of every window too: Gemma-3's perplexity is 2.3x higher without it."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bos if ids and ids[0] == bos else None
+
+
 def calibration_batches(
     tokenizer,
     texts: list[str],
@@ -209,7 +221,8 @@ def calibration_batches(
 
     Window starts are drawn uniformly (with replacement) from a ``torch.Generator`` seeded with ``seed``, so the
     result is deterministic. Each batch is ``{"input_ids": (B, seq_len) long, "attention_mask": (B, seq_len) long}``
-    with ``B = batch_size`` except possibly the last.
+    with ``B = batch_size`` except possibly the last. When the tokenizer starts texts with a BOS token
+    (:func:`bos_token_id`), every window is that BOS followed by ``seq_len - 1`` tokens of the stream.
     """
     if n_samples < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")
@@ -221,9 +234,13 @@ def calibration_batches(
             f"the text has only {stream.numel()} tokens, fewer than seq_len={seq_len}: pass more text or a "
             "shorter seq_len"
         )
+    bos = bos_token_id(tokenizer)
+    n = seq_len - (bos is not None)
     gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, stream.numel() - seq_len + 1, (n_samples,), generator=gen)
-    windows = torch.stack([stream[s : s + seq_len] for s in starts.tolist()])
+    starts = torch.randint(0, stream.numel() - n + 1, (n_samples,), generator=gen)
+    windows = torch.stack([stream[s : s + n] for s in starts.tolist()])
+    if bos is not None:
+        windows = torch.cat([windows.new_full((n_samples, 1), bos), windows], dim=1)
     return [
         {"input_ids": chunk, "attention_mask": torch.ones_like(chunk)}
         for chunk in windows.split(batch_size)

@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-__all__ = ["Doc", "perplexity", "load_task_requests", "loglikelihoods", "zero_shot"]
+from .data import bos_token_id
+
+__all__ = ["Doc", "accuracy_stderr", "perplexity", "load_task_requests", "loglikelihoods", "zero_shot"]
 
 # Request ids at or above this offset are "unconditional" requests (continuation without the question), used by
 # OLMo for calibrated metrics; plain accuracy does not need them.
@@ -55,12 +57,16 @@ def perplexity(
     batch_size: int = 4,
     max_tokens: int | None = None,
     progress: bool = True,
+    bos_token_id: int | None = None,
 ) -> float:
     """Perplexity of ``model`` on a 1-D token stream.
 
     The first ``max_tokens`` tokens (all when ``None``) are cut into non-overlapping windows of ``seq_len``; a
     shorter trailing window is kept when it has at least two tokens. Every window predicts all its tokens but the
     first, and the result is ``exp`` of the mean next-token negative log-likelihood over all predicted tokens.
+    With ``bos_token_id`` (models trained with a BOS at the start of every sequence, see
+    ``data.bos_token_id``), each window is that BOS followed by ``seq_len - 1`` stream tokens, all of them
+    predicted (the first from the BOS alone): the same number of predictions per window.
     ``batch_size`` windows are evaluated at a time, which bounds the ``(B, T, vocab)`` logits held in memory; the
     loss is computed in fp32 whatever the model's dtype.
     """
@@ -69,13 +75,17 @@ def perplexity(
     if seq_len < 2 or batch_size < 1:
         raise ValueError(f"need seq_len >= 2 and batch_size >= 1, got {seq_len} and {batch_size}")
     tokens = tokens[:max_tokens] if max_tokens is not None else tokens
-    n_full = tokens.numel() // seq_len
-    batches = list(tokens[: n_full * seq_len].view(n_full, seq_len).split(batch_size))
-    tail = tokens[n_full * seq_len :]
+    width = seq_len - (bos_token_id is not None)  # stream tokens per window
+    n_full = tokens.numel() // width
+    windows = list(tokens[: n_full * width].view(n_full, width).split(batch_size))
+    tail = tokens[n_full * width :]
     if tail.numel() >= 2:
-        batches.append(tail[None])
-    if not batches:
+        windows.append(tail[None])
+    if not windows:
         raise ValueError(f"need at least 2 tokens, got {tokens.numel()}")
+    if bos_token_id is not None:
+        windows = [torch.cat([w.new_full((w.shape[0], 1), bos_token_id), w], dim=1) for w in windows]
+    batches = windows
 
     device = _device(model)
     nll = torch.zeros((), dtype=torch.float64)
@@ -157,6 +167,9 @@ def _encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int],
     continuation_ids = tokenizer.encode(continuation, add_special_tokens=False)
     if not continuation_ids:
         raise ValueError(f"empty continuation after tokenization: {continuation!r}")
+    bos = bos_token_id(tokenizer)
+    if bos is not None:  # as the tokenizer itself would start the text (lm-eval does the same)
+        context_ids = [bos] + context_ids
     if not context_ids:  # something must predict the first continuation token
         context_ids = [tokenizer.eos_token_id]
     return context_ids, continuation_ids
@@ -209,6 +222,12 @@ def loglikelihoods(
     return results
 
 
+def accuracy_stderr(accuracy: float, n: int) -> float:
+    """Standard error of an accuracy measured on ``n`` independent docs (the sample standard deviation of the
+    0/1 outcomes over ``sqrt(n)``, as lm-eval reports it); 0 for a single doc."""
+    return math.sqrt(accuracy * (1 - accuracy) / (n - 1)) if n > 1 else 0.0
+
+
 def zero_shot(
     model: torch.nn.Module,
     tokenizer,
@@ -222,7 +241,8 @@ def zero_shot(
     Multiple-choice tasks predict the choice with the highest continuation log-likelihood (``"<task>"``) and
     with the highest log-likelihood per continuation character (``"<task>_norm"``, lm-eval's ``acc_norm``).
     ``"lambada"`` has a single choice per doc (the gold last word); its ``"lambada"`` accuracy is the fraction of
-    docs whose gold word is the model's greedy continuation, and it has no ``_norm`` variant.
+    docs whose gold word is the model's greedy continuation, and it has no ``_norm`` variant. ``"<task>_stderr"``
+    is the standard error of ``"<task>"`` over the docs (lm-eval's ``acc_stderr``: ``sqrt(p (1 - p) / (n - 1))``).
     """
     metrics: dict[str, float] = {}
     for task in tasks:
@@ -242,6 +262,7 @@ def zero_shot(
             correct += max(range(len(lls)), key=lls.__getitem__) == doc.gold
             correct_norm += max(range(len(per_char)), key=per_char.__getitem__) == doc.gold
         metrics[task] = correct / len(docs)
+        metrics[f"{task}_stderr"] = accuracy_stderr(metrics[task], len(docs))
         if any(len(doc.continuations) > 1 for doc in docs):
             metrics[f"{task}_norm"] = correct_norm / len(docs)
     return metrics

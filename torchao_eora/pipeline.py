@@ -13,7 +13,7 @@ from .calibration import Calibration
 from .config import EoRAConfig
 from .sequential import _linears, calibrate, compress_sequential, find_decoder_layers
 from .targets import check_targets
-from .data import bbc_articles, calibration_batches, token_stream, wikipedia_split
+from .data import bbc_articles, bos_token_id, calibration_batches, token_stream, wikipedia_split
 from .eval import perplexity, zero_shot
 from .timing import Timer, peak_memory_gib
 
@@ -80,15 +80,18 @@ def evaluate(
     seq_len: int = 512,
     tasks: Sequence[str] = ("piqa", "arc_easy", "hellaswag"),
     task_limit: int | None = 500,
+    texts: Sequence[str] | None = None,
     timer: Timer | None = None,
     progress: bool = True,
 ) -> dict[str, float]:
-    """Held-out Wikipedia perplexity (articles calibration never sees) plus zero-shot accuracies."""
+    """Perplexity on ``texts`` (default: the held-out Wikipedia articles calibration never sees) plus zero-shot
+    accuracies and their standard errors. Windows start with BOS when the tokenizer adds one (Gemma)."""
     timer = timer or Timer()
     metrics: dict[str, float] = {}
     with timer("evaluate"):
-        tokens = token_stream(tokenizer, wikipedia_split()[1])
-        metrics["ppl"] = perplexity(model, tokens, seq_len=seq_len, max_tokens=eval_tokens, progress=progress)
+        tokens = token_stream(tokenizer, list(texts) if texts is not None else wikipedia_split()[1])
+        metrics["ppl"] = perplexity(model, tokens, seq_len=seq_len, max_tokens=eval_tokens, progress=progress,
+                                    bos_token_id=bos_token_id(tokenizer))
         if tasks:
             metrics.update(zero_shot(model, tokenizer, tasks=tuple(tasks), limit=task_limit, progress=progress))
     return metrics
