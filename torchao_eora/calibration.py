@@ -100,6 +100,7 @@ class Calibration:
         config_json: "dict | None" = None,
         results: "Mapping[str, QuantWithLowRank] | None" = None,
         value_group_of: "Mapping[str, str] | None" = None,
+        ranks: "Mapping[str, int] | None" = None,
     ):
         self.groups = dict(groups)
         self.group_of = dict(group_of)
@@ -108,6 +109,7 @@ class Calibration:
         self.config = config
         self.config_json = config_json
         self.results = dict(results or {})
+        self.ranks = dict(ranks or {})  # per-module residual ranks of a global rank budget (empty: uniform)
         self.fingerprint = fingerprint
         self.check_weights = check_weights
         self._names: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
@@ -187,6 +189,7 @@ class Calibration:
             "n_tokens": {k: m.n_tokens for k, m in self.groups.items()},
             "config": self.config_json if self.config is None else config_to_dict(replace(self.config, calibration=None)),
             "fingerprint": self.fingerprint,
+            "ranks": self.ranks,
         }
         tensors = {k: m.total.contiguous() for k, m in self.groups.items()}
         with atomic_file(path) as tmp:
@@ -222,6 +225,10 @@ class Calibration:
             raise ValueError(f"{path} is corrupt: 'value_group_of' must map v_proj names to moments in the file")
         if meta["config"] is not None:  # only our configs, plain values: refused here if crafted, built by eora_config
             check_config_json(meta["config"], f"calibration file {path}")
+        ranks = meta.get("ranks") or {}
+        if not isinstance(ranks, dict) or any(isinstance(r, bool) or not isinstance(r, int) or r < 0
+                                              for r in ranks.values()):
+            raise ValueError(f"{path} is corrupt: 'ranks' must map module names to ranks >= 0")
         fingerprint = meta.get("fingerprint")
         if fingerprint is None:
             log.warning(
@@ -229,7 +236,7 @@ class Calibration:
                 "belong to this model; recalibrate to get a checked file", path,
             )
         calib = cls(groups, meta["group_of"], meta["mode"], None, fingerprint, check_weights, config_json=meta["config"],
-                    value_group_of=values)
+                    value_group_of=values, ranks=ranks)
         return calib.bind(model) if model is not None else calib
 
 

@@ -100,6 +100,10 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
                         "sparsegpt (OBS weight updates; default)")
     g = p.add_argument_group("compensation")
     g.add_argument("--rank", type=_count(0), default=64, help="rank of the residual B @ A (default 64)")
+    g.add_argument("--rank-budget", default="uniform", choices=["uniform", "global"],
+                   help="uniform: every layer gets --rank (default); global: the same total adapter parameters, "
+                        "spent where they remove the most activation-weighted error (two calibration passes; "
+                        "in memory only)")
     g.add_argument("--compensation", default="eora", choices=["eora", "svd", "none"],
                    help="eora: activation-weighted closed form (default); svd: plain SVD of the error, data-free; "
                         "none: compression only")
@@ -241,7 +245,7 @@ def _config_from_args(args) -> "EoRAConfig":
         base = PruneConfig(args.prune or "sparsegpt", quantizer=quantizer, percdamp=args.percdamp, **args.sparsity)
     return EoRAConfig(rank=args.rank, base=base, compensation=args.compensation, adapter_bits=args.adapter_bits,
                       adapter_group_size=args.adapter_group_size, adapter_resolve=not args.no_adapter_resolve,
-                      value_moment=args.value_moment)
+                      value_moment=args.value_moment, rank_budget=args.rank_budget)
 
 
 def cmd_quantize(args) -> int:

@@ -20,6 +20,7 @@ Compensation = Literal["eora", "svd", "none"]
 COMPENSATIONS = ("eora", "svd", "none")
 FORMS = ("auto", "eigen", "inverse_free")
 VALUE_MOMENTS = ("auto", "attention", "plain")
+RANK_BUDGETS = ("uniform", "global")
 
 
 @dataclass
@@ -50,6 +51,10 @@ class EoRAConfig(AOBaseConfig):
             most of the attention in later layers, but count once in ``X^T X``. ``"auto"`` (default): attention
             for ``GPTQConfig`` (measured better on SmolLM2 and Gemma-3, README), plain for the pruning compressors
             (not measured on a real model). EoRA's residual always uses the plain moment.
+        rank_budget: ``"uniform"`` (default): every module gets ``rank``; ``"global"``: the same total adapter
+            parameters, spent where they remove the most activation-weighted error (``rank_budget.py``; ranks of at
+            most ``4 * rank`` per module, chosen from a first sequential pass, so calibration takes about twice as
+            long; the chosen ranks are kept in the ``Calibration`` and in the saved weights).
     """
 
     rank: int = 64
@@ -61,6 +66,7 @@ class EoRAConfig(AOBaseConfig):
     adapter_group_size: int = 32
     adapter_resolve: bool = True
     value_moment: str = "auto"
+    rank_budget: str = "uniform"
 
     def __post_init__(self) -> None:
         check_choice("compensation", self.compensation, COMPENSATIONS)
@@ -78,6 +84,7 @@ class EoRAConfig(AOBaseConfig):
             raise ValueError(f"calibration must be a Calibration from calibrate() or None, got a {kind}")
         check_choice("form", self.form, FORMS)
         check_choice("value_moment", self.value_moment, VALUE_MOMENTS)
+        check_choice("rank_budget", self.rank_budget, RANK_BUDGETS)
         check_bool("adapter_resolve", self.adapter_resolve)
         check_int("adapter_group_size", self.adapter_group_size, 1)
         if self.adapter_bits is not None:
@@ -98,6 +105,8 @@ class EoRAConfig(AOBaseConfig):
 
     def describe(self) -> str:
         residual = "no residual" if self.compensation == "none" else f"{self.compensation} r{self.rank}"
+        if self.compensation != "none" and self.rank_budget == "global":
+            residual += " (global budget)"
         if self.compensation != "none" and self.adapter_bits is not None:
             resolve = "" if self.adapter_resolve else ", no re-solve"
             residual += f" (int{self.adapter_bits} g{self.adapter_group_size} adapters{resolve})"

@@ -25,7 +25,9 @@ from tqdm.auto import tqdm
 from .attention_moments import mixed_value_moment
 from .calibration import VALUE_GROUP_SUFFIX, Calibration, SecondMoment, model_fingerprint
 from .config import EoRAConfig
-from .targets import check_targets
+from .rank_budget import allocate_ranks
+from .solver import error_spectrum
+from .targets import check_targets, module_rank
 from .tensor import QuantWithLowRank
 from .timing import Timer
 from .transform import eora_quantize_tensor, install
@@ -105,6 +107,8 @@ def compress_sequential(
     device: torch.device | str | None = None,
     progress: bool = True,
     timer: Timer | None = None,
+    ranks: Mapping[str, int] | None = None,
+    spectra: dict[str, torch.Tensor] | None = None,
 ) -> Calibration:
     """Compress every linear of every decoder layer with ``config``, layer by layer, each exactly once.
 
@@ -121,6 +125,10 @@ def compress_sequential(
         layer_io: loads and stores layers (default: the model is in memory).
         device: where to run each layer (default: CUDA when present, else CPU).
         timer: adds seconds to ``forward``, ``moments``, ``compress``, ``solve`` (and whatever ``layer_io`` adds).
+        ranks: per-module residual ranks (module name -> rank) instead of ``config.rank``. With
+            ``config.rank_budget == "global"`` and no ``ranks``, a first pass (on layer copies) measures every
+            module's error spectrum and ``rank_budget.allocate_ranks`` chooses them.
+        spectra: filled with every module's error spectrum (``solver.error_spectrum``), when given.
 
     Returns:
         The ``Calibration`` (config, fingerprint of the uncompressed model, statistics if kept, results if not
@@ -132,13 +140,18 @@ def compress_sequential(
     _set_mmap_threshold(_LONG_LIVED_BYTES)
     config = replace(config, calibration=None)
     batches = list(batches)
+    if ranks is None and config.rank_budget == "global" and config.compensation != "none":
+        if not isinstance(layer_io, InMemory):
+            raise ValueError("rank_budget='global' runs two passes over the layers: compress the model in memory, "
+                             "or use rank_budget='uniform' when streaming it from disk")
+        ranks = _global_ranks(model, batches, config, device=device, progress=progress, timer=timer)
     # Statistics are collected when the config needs them or batches are given; a data-free config with no batches
     # (streaming RTN + SVD) runs no forward pass at all.
     needs_data = bool(batches) or config.compensation == "eora" or bool(getattr(config.base, "needs_calibration", False))
     batches = _check_batches(batches) if needs_data else []
     prefix, layers = find_decoder_layers(model)
     check_targets(_linears(layers, prefix + "."), config)  # every layer before the first changes (meta: shapes only)
-    calib = Calibration({}, {}, "sequential", config, fingerprint=model_fingerprint(model))
+    calib = Calibration({}, {}, "sequential", config, fingerprint=model_fingerprint(model), ranks=ranks)
     # v_proj's compressor sees the attention-weighted moment: it needs the attention probabilities (eager attention)
     value_moments = needs_data and config.attention_value_moment
     with _attention("eager" if value_moments else None, model):
@@ -166,7 +179,8 @@ def compress_sequential(
             del collector  # stats holds the moments alone now: each is freed once its last reader is compressed
             target = layer if in_place else copy.deepcopy(layer)
             results = _compress_layer(_linears(target, f"{prefix}.{i}."), config, stats if needs_data else None,
-                                      free_statistics=not keep_statistics, timer=timer)
+                                      free_statistics=not keep_statistics, timer=timer, ranks=ranks or {},
+                                      spectra=spectra)
             if not in_place:
                 calib.results.update(results)
             del results
@@ -187,17 +201,23 @@ def compress_sequential(
 
 def _compress_layer(
     targets: Mapping[str, torch.nn.Linear], config: EoRAConfig, stats: Calibration | None, *,
-    free_statistics: bool, timer: Timer,
+    free_statistics: bool, timer: Timer, ranks: Mapping[str, int], spectra: dict[str, torch.Tensor] | None,
 ) -> dict[str, torch.Tensor]:
     """Compress and solve each linear of one layer once, in place; returns the new weights by name. With
-    ``free_statistics``, a moment is dropped from ``stats`` as soon as its last reader is done (q/k/v: v_proj)."""
+    ``free_statistics``, a moment is dropped from ``stats`` as soon as its last reader is done (q/k/v: v_proj).
+    ``spectra``, when given, receives each module's error spectrum."""
     last_reader = {} if stats is None else {stats.group_of[n]: n for n in targets if n in stats.group_of}
     if stats is not None:
         last_reader.update({g: n for n, g in stats.value_group_of.items()})
     results = {}
     for name, module in targets.items():
-        weight = eora_quantize_tensor(module.weight, config, None if stats is None else stats.stats_of(name),
-                                      timer=timer)
+        module_stats = None if stats is None else stats.stats_of(name)
+        weight = eora_quantize_tensor(module.weight, config, module_stats, rank=ranks.get(name), timer=timer)
+        if spectra is not None:
+            with timer("solve"):
+                delta = module.weight.detach().float() - weight.dequantize_base(torch.float32)
+                eigen = module_stats.eigen() if module_stats is not None and config.compensation == "eora" else None
+                spectra[name] = error_spectrum(delta, eigen)
         install(module, weight)
         results[name] = weight
         if free_statistics and stats is not None:
@@ -206,6 +226,24 @@ def _compress_layer(
                     del stats.groups[group]
                     stats._eigen_cache.pop(group, None)
     return results
+
+
+def _global_ranks(model, batches, config: EoRAConfig, *, device, progress: bool, timer: Timer) -> dict[str, int]:
+    """The per-module ranks of ``config.rank_budget == "global"``: a sequential pass with uniform ranks on layer copies
+    (the model is untouched) measures every module's error spectrum, then the same adapter parameters as uniform
+    ranks are spent greedily (``rank_budget.allocate_ranks``)."""
+    spectra: dict[str, torch.Tensor] = {}
+    compress_sequential(model, batches, replace(config, rank_budget="uniform"), in_place=False, keep_statistics=False,
+                        device=device, progress=progress, timer=timer, spectra=spectra)
+    prefix, layers = find_decoder_layers(model)
+    shapes = {name: tuple(m.weight.shape) for name, m in _linears(layers, prefix + ".").items()}
+    step = config.adapter_group_size if config.adapter_bits is not None else 1
+    budget = sum(module_rank(config, *shape) * sum(shape) for shape in shapes.values())
+    largest = replace(config, rank=4 * config.rank)
+    max_ranks = {name: module_rank(largest, *shape) for name, shape in shapes.items()}
+    ranks = allocate_ranks(spectra, shapes, budget, max_ranks, step)
+    log.info("global rank budget: ranks %d..%d (uniform %d)", min(ranks.values()), max(ranks.values()), config.rank)
+    return ranks
 
 
 @torch.inference_mode()

@@ -215,6 +215,18 @@ def eora_factors(
     raise ValueError(f"form must be 'auto', 'eigen' or 'inverse_free', got {form!r}")
 
 
+def error_spectrum(delta: torch.Tensor, eigen: Eigen | None = None) -> torch.Tensor:
+    """The squared singular values of ``dW Q`` (``C = Q Q^T`` from ``eigen``; of ``dW`` itself without it, the plain
+    SVD's norm), descending, fp64. Entry ``k`` is exactly what the ``k+1``-th rank removes from the squared error
+    ``||(dW - B A) X^T||_F^2`` of the best rank-``k`` residual (Eckart-Young): the rank budget spends ranks by it."""
+    d = delta.to(torch.float64)
+    m = d if eigen is None else d @ (eigen.vectors * eigen.values.sqrt())
+    gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
+    with one_cpu_thread(gram.device):
+        values = torch.linalg.eigvalsh(0.5 * (gram + gram.T))
+    return values.flip(0).clamp_min(0.0)
+
+
 def resolve_B(delta: torch.Tensor, A: torch.Tensor, second_moment: torch.Tensor | None = None) -> torch.Tensor:
     """The ``B`` (out x r) minimising ``||(delta - B A) X^T||_F`` for a fixed ``A`` (r x in), ``C = X^T X``.
 

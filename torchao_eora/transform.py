@@ -25,7 +25,8 @@ __all__ = ["eora_module_transform", "eora_quantize_tensor"]
 
 
 def eora_quantize_tensor(
-    weight: torch.Tensor, config: EoRAConfig, stats: ModuleStats | None = None, *, timer: Timer | None = None
+    weight: torch.Tensor, config: EoRAConfig, stats: ModuleStats | None = None, *, rank: int | None = None,
+    timer: Timer | None = None,
 ) -> QuantWithLowRank:
     """Compress one (out x in) weight with ``config`` and add its rank-r residual.
 
@@ -34,6 +35,7 @@ def eora_quantize_tensor(
         config: what to do; ``config.calibration`` is not read here.
         stats: the layer's input statistics. Needed by calibrated compressors (GPTQ, SparseGPT, Wanda) and by
             ``compensation="eora"``; without them the residual is the plain SVD of the error.
+        rank: this module's residual rank when a rank budget chose it (default: ``config.rank``, clamped to fit).
         timer: adds the seconds spent in ``"compress"`` and ``"solve"`` (benchmarks report them apart).
     """
     timer = timer or Timer()
@@ -47,7 +49,8 @@ def eora_quantize_tensor(
         delta = w32 - compressed.dequantize(torch.float32)  # in fp32: the error underflows in fp16/bf16
     with timer("solve"):
         weighted = None if config.compensation == "svd" else stats
-        factors = _solve(delta, config, module_rank(config, *delta.shape), weighted)
+        rank = module_rank(config, *delta.shape) if rank is None else rank
+        factors = _solve(delta, config, rank, weighted)
         factors = _quantize_adapters(delta, factors, config, None if weighted is None else moment, weight.dtype)
     return QuantWithLowRank.from_parts(compressed, factors, dtype=weight.dtype)
 
@@ -126,7 +129,8 @@ def eora_module_transform(module: torch.nn.Module, config: EoRAConfig, **kwargs)
             warn_once(config, "EoRAConfig(compensation='eora') without calibration statistics: falling back to "
                       "data-free SVD")
     stats = None if calib is None else calib.stats_of(name)
-    install(module, eora_quantize_tensor(module.weight, config, stats))
+    rank = None if calib is None else calib.ranks.get(name)
+    install(module, eora_quantize_tensor(module.weight, config, stats, rank=rank))
     return module
 
 
