@@ -28,13 +28,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from results_io import environment, write_json  # noqa: E402
 
-BIG = dict(num_hidden_layers=24, hidden_size=2048, intermediate_size=5632, num_attention_heads=16,
-           num_key_value_heads=16, vocab_size=49152, max_position_embeddings=2048)
+SIZES = {  # the random Llama of the "big" measurement; "tiny" is the smoke test's (tests/test_benchmarks.py)
+    "1.4b": dict(num_hidden_layers=24, hidden_size=2048, intermediate_size=5632, num_attention_heads=16,
+                 num_key_value_heads=16, vocab_size=49152, max_position_embeddings=2048),
+    "tiny": dict(num_hidden_layers=2, hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                 num_key_value_heads=4, vocab_size=49152, max_position_embeddings=2048),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", choices=["big", "smollm2"], default=None, help="run one of the two measurements")
+    p.add_argument("--size", choices=sorted(SIZES), default="1.4b",
+                   help="the random Llama of the big measurement: 1.4b (default) or tiny (2 layers, a smoke test)")
     p.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "torchao-eora"),
                    help="where the random 1.4B checkpoint is built once and kept (default ~/.cache/torchao-eora)")
     p.add_argument("--calib-samples", type=int, default=32,
@@ -48,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def build_big_model(directory: Path) -> Path:
+def build_big_model(directory: Path, size: str = "1.4b") -> Path:
     """The random Llama checkpoint (fp32 shards) and SmolLM2's tokenizer, built once."""
     if (directory / "model.safetensors.index.json").exists():
         return directory
@@ -59,7 +65,7 @@ def build_big_model(directory: Path) -> Path:
 
     _, tokenizer = load_model(None)  # SmolLM2's tokenizer: real text tokenizes as it would for a real model
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**BIG, tie_word_embeddings=False)).eval()
+    model = LlamaForCausalLM(LlamaConfig(**SIZES[size], tie_word_embeddings=False)).eval()
     tmp = directory.with_name(directory.name + ".partial")
     model.save_pretrained(tmp, max_shard_size="1GB")
     tokenizer.save_pretrained(tmp)
@@ -89,14 +95,17 @@ def directory_bytes(path: Path, pattern: str = "*.safetensors") -> int:
 
 
 def measure_big(args) -> dict:
-    source = build_big_model(Path(args.cache_dir) / "random-llama-1.4b")
-    out = Path(args.out_dir or Path(args.cache_dir) / "out") / "random-llama-1.4b-3bit-eora"
+    source = build_big_model(Path(args.cache_dir) / f"random-llama-{args.size}", args.size)
+    out = Path(args.out_dir or Path(args.cache_dir) / "out") / f"random-llama-{args.size}-3bit-eora"
     row = run_cli(["quantize", "--model", str(source), "--bits", "3", "--group-size", "128", "--rank", "64",
                    "--calib-samples", str(args.calib_samples), "--calib-batch-size", str(args.calib_batch_size),
                    "--eval-tokens", "0", "--tasks", "",
                    "--out", str(out), "--overwrite"])
     checkpoint = directory_bytes(source)
-    row.update({"model": "random Llama 24 x 2048 / 5632, vocab 49152", "calibration": f"{args.calib_samples} x 512, {args.calib_batch_size} per forward",
+    shape = SIZES[args.size]
+    model = (f"random Llama {shape['num_hidden_layers']} x {shape['hidden_size']} / {shape['intermediate_size']}, "
+             f"vocab {shape['vocab_size']}")
+    row.update({"model": model, "calibration": f"{args.calib_samples} x 512, {args.calib_batch_size} per forward",
                 "checkpoint_gib": round(checkpoint / 2**30, 3), "written_gib": round(directory_bytes(out) / 2**30, 3)})
     row["peak_rss_fraction_of_checkpoint"] = round(row["peak_rss_gib"] * 2**30 / checkpoint, 3)
     return row
