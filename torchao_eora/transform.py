@@ -43,16 +43,36 @@ def eora_quantize_tensor(
     moment = None if stats is None else stats.moment.mean()
     if getattr(config.base, "needs_calibration", False) and moment is None:
         raise ValueError(f"{config.base.describe()} needs calibration statistics: run calibrate() first")
+    attention = stats is not None and stats.compressor_moment is not None and config.attention_value_moment
+    compressor_moment = stats.compressor_moment.mean() if attention else moment
+    weighted = None if config.compensation == "svd" else stats
+    rank = module_rank(config, *w32.shape) if rank is None else rank
     with timer("compress"):
-        attention = stats is not None and stats.compressor_moment is not None and config.attention_value_moment
-        compressed = config.base.compress(w32, stats.compressor_moment.mean() if attention else moment)
+        compressed = config.base.compress(w32, compressor_moment)
         delta = w32 - compressed.dequantize(torch.float32)  # in fp32: the error underflows in fp16/bf16
     with timer("solve"):
-        weighted = None if config.compensation == "svd" else stats
-        rank = module_rank(config, *delta.shape) if rank is None else rank
         factors = _solve(delta, config, rank, weighted)
+    for _ in range(config.refine_rounds if rank else 0):
+        # Alternate: compress what the residual leaves (W - B A), re-solve; keep a round only if it lowers the
+        # error the residual minimises (the compressor's own rounding is not aware of that norm).
+        with timer("compress"):
+            again = config.base.compress(w32 - factors.B @ factors.A, compressor_moment)
+            delta_again = w32 - again.dequantize(torch.float32)
+        with timer("solve"):
+            factors_again = _solve(delta_again, config, rank, weighted)
+            norm = None if weighted is None else moment
+            if _residual_error(delta_again, factors_again, norm) >= _residual_error(delta, factors, norm):
+                break
+        compressed, delta, factors = again, delta_again, factors_again
+    with timer("solve"):
         factors = _quantize_adapters(delta, factors, config, None if weighted is None else moment, weight.dtype)
     return QuantWithLowRank.from_parts(compressed, factors, dtype=weight.dtype)
+
+
+def _residual_error(delta: torch.Tensor, factors: LowRankFactors, moment: torch.Tensor | None) -> float:
+    """``||(delta - B A) X^T||_F^2`` (``X^T X = moment``; the plain Frobenius norm without one)."""
+    e = delta - factors.B @ factors.A
+    return float((e * e).sum()) if moment is None else float(((e.double() @ moment.double()) * e.double()).sum())
 
 
 def _solve(delta: torch.Tensor, config: EoRAConfig, rank: int, stats: ModuleStats | None) -> LowRankFactors:
