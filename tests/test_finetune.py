@@ -215,3 +215,15 @@ def test_quantized_adapters_are_a_starting_point_and_fold_back_in_full_precision
     weight = model.model.layers[0].self_attn.q_proj.weight
     assert weight.adapter_bits is None and weight.rank == 8
     assert torch.equal(_logits(model, batches[0]), reference)
+
+
+def test_a_model_compressed_by_the_sequential_pass_trains(batches):
+    """The pass runs its forwards in inference mode; the weights it installs must still work under autograd
+    (the CLI and benchmarks/finetune.py compress in place, then fine-tune)."""
+    from torchao_eora import compress_sequential
+
+    model = tiny_llama()
+    compress_sequential(model, token_batches(), EoRAConfig(rank=8, base=BASE), progress=False)
+    make_trainable(model)
+    _loss(model, batches[0]).backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if n.endswith(("lora_A", "lora_B")))

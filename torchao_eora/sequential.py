@@ -211,21 +211,30 @@ def _compress_layer(
         last_reader.update({g: n for n, g in stats.value_group_of.items()})
     results = {}
     for name, module in targets.items():
-        module_stats = None if stats is None else stats.stats_of(name)
-        weight = eora_quantize_tensor(module.weight, config, module_stats, rank=ranks.get(name), timer=timer)
-        if spectra is not None:
-            with timer("solve"):
-                delta = module.weight.detach().float() - weight.dequantize_base(torch.float32)
-                eigen = module_stats.eigen() if module_stats is not None and config.compensation == "eora" else None
-                spectra[name] = error_spectrum(delta, eigen)
-        install(module, weight)
-        results[name] = weight
+        with torch.inference_mode(False), torch.no_grad():  # normal tensors: the model may be fine-tuned later
+            results[name] = _compress_module(name, module, config, stats, ranks, spectra, timer)
         if free_statistics and stats is not None:
             for group in (stats.group_of.get(name), stats.value_group_of.get(name)):
                 if group is not None and last_reader.get(group) == name:
                     del stats.groups[group]
                     stats._eigen_cache.pop(group, None)
     return results
+
+
+def _compress_module(
+    name: str, module: torch.nn.Linear, config: EoRAConfig, stats: Calibration | None, ranks: Mapping[str, int],
+    spectra: dict[str, torch.Tensor] | None, timer: Timer,
+) -> QuantWithLowRank:
+    """One module's compressed weight, installed; its error spectrum into ``spectra`` when given."""
+    module_stats = None if stats is None else stats.stats_of(name)
+    weight = eora_quantize_tensor(module.weight, config, module_stats, rank=ranks.get(name), timer=timer)
+    if spectra is not None:
+        with timer("solve"):
+            delta = module.weight.detach().float() - weight.dequantize_base(torch.float32)
+            eigen = module_stats.eigen() if module_stats is not None and config.compensation == "eora" else None
+            spectra[name] = error_spectrum(delta, eigen)
+    install(module, weight)
+    return weight
 
 
 def _global_ranks(model, batches, config: EoRAConfig, *, device, progress: bool, timer: Timer) -> dict[str, int]:
