@@ -89,7 +89,9 @@ class StreamingIO:
             _materialise(layer, f"{self.prefix}.{index}.", self.weights, self.dtype, device)
 
     def done(self, index: int, layer: torch.nn.Module) -> None:
-        with self.timer("io"):
+        # outside inference mode: the compressed weights are normal tensors, and torchao's subclass detach cannot
+        # make an inference tensor of one
+        with self.timer("io"), torch.inference_mode(False):
             state = {f"{self.prefix}.{index}.{k}": v.detach().to("cpu") for k, v in layer.state_dict().items()}
             self.write(index + 1, state)
             _to_meta(layer)  # free it: the next layer needs the memory

@@ -1,0 +1,70 @@
+"""Every benchmark script runs end to end on a tiny model, so none of them can rot unnoticed (the numbers are
+not checked here: the scripts themselves are the measurement)."""
+
+from __future__ import annotations
+
+import json
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+
+pytestmark = pytest.mark.slow
+
+
+def _main(script: str, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # the scripts import their sibling results_io
+    return runpy.run_path(str(BENCHMARKS / script), run_name="benchmark")["main"]
+
+
+def _rows(path: Path) -> list[dict]:
+    rows = json.loads(path.read_text())["rows"]
+    return list(rows.values()) if isinstance(rows, dict) else rows
+
+
+def test_quality(tiny_dir, tmp_path, monkeypatch):
+    out = tmp_path / "quality.json"
+    assert _main("quality.py", monkeypatch)([
+        "--model", str(tiny_dir), "--bits", "3", "--group-size", "32", "--ranks", "4", "--calib-samples", "2",
+        "--seq-len", "32", "--eval-tokens", "256", "--tasks", "--json", str(out),
+    ]) == 0
+    rows = _rows(out)
+    assert {r["method"] for r in rows} == {"fp", "none", "svd", "eora"}
+    assert all(r["ppl"] > 1 for r in rows)
+
+
+def test_finetune(tiny_dir, tmp_path, monkeypatch):
+    out = tmp_path / "finetune.json"
+    assert _main("finetune.py", monkeypatch)([
+        "--model", str(tiny_dir), "--group-size", "32", "--rank", "4", "--steps", "2", "--batch-size", "1",
+        "--seq-len", "16", "--calib-samples", "2", "--calib-seq-len", "32", "--eval-tokens", "128",
+        "--eval-seq-len", "32", "--no-compile", "--json", str(out),
+    ]) == 0
+    assert len(_rows(out)) >= 3  # the three starts (lora, svd, eora), at least
+
+
+def test_speed(tmp_path):
+    out = tmp_path / "speed.json"
+    subprocess.run([sys.executable, str(BENCHMARKS / "speed.py"), "--models", "smollm2-135m", "--tokens", "1",
+                    "--modes", "eager", "--no-decode", "--min-run-time", "0.01", "--json", str(out)],
+                   check=True, capture_output=True, timeout=600)
+    layers = json.loads(out.read_text())["layers"]
+    assert layers and all(r["M"] == 1 and r["mode"] == "eager" for r in layers)
+
+
+@pytest.mark.real_model  # the scale benchmark tokenizes with SmolLM2's tokenizer; gptq_study loads the model
+def test_scale_and_gptq_study(tmp_path):
+    out = tmp_path / "scale.json"
+    subprocess.run([sys.executable, str(BENCHMARKS / "scale.py"), "--only", "big", "--size", "tiny",
+                    "--calib-samples", "2", "--cache-dir", str(tmp_path), "--json", str(out)],
+                   check=True, capture_output=True, timeout=600)
+    big = _rows(out)[0]
+    assert big["peak_rss_gib"] > 0 and big["written_gib"] > 0 and {"forward", "solve"} <= set(big["phases_s"])
+    study = subprocess.run([sys.executable, str(BENCHMARKS / "gptq_study.py"), "--runs", "rtn", "gptq",
+                            "--n-samples", "2", "--seq-len", "64", "--eval-tokens", "128", "--no-save"],
+                           check=True, capture_output=True, text=True, timeout=600)
+    assert "gptq" in study.stdout
