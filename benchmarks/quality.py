@@ -89,8 +89,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="quantized adapters: re-solve B against the quantized A (on, default), quantize B as solved "
                         "(off), or both")
     p.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
-    p.add_argument("--calib-source", default="wikipedia", choices=["wikipedia", "bbc"],
-                   help="calibration text (default: Wikipedia articles disjoint from the evaluation ones)")
+    p.add_argument("--calib-source", default="wikipedia",
+                   help="calibration text: wikipedia (default: articles disjoint from the evaluation ones), bbc, or "
+                        "task:NAME (the calibration half of a zero-shot task, e.g. task:arc_easy; pair it with "
+                        "--held-out-tasks)")
+    p.add_argument("--held-out-tasks", action="store_true",
+                   help="score each task on the half of its docs task calibration never sees")
     p.add_argument("--calib-mode", default=None, choices=["sequential", "one-shot"],
                    help="sequential (default; one-shot with --suite paper --quick): one calibration pass per row, "
                         "each layer measured behind compressed+compensated earlier layers; one-shot: one pass on "
@@ -307,7 +311,7 @@ def main(argv=None) -> int:
                                    seq_len=args.seq_len, mode=args.calib_mode, calibration=calibration, timer=timer)
         row.update(size_columns(model))
         row.update(evaluate(model, tokenizer, eval_tokens=args.eval_tokens, seq_len=args.seq_len, tasks=args.tasks,
-                            task_limit=args.task_limit, timer=timer))
+                            task_limit=args.task_limit, held_out_tasks=args.held_out_tasks, timer=timer))
         row.update({f"{k}_s": round(v, 1) for k, v in timer.seconds.items()})
         record(row)
         return calibration

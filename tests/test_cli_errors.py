@@ -92,6 +92,7 @@ def test_export_peft_out_is_checked_too(tiny_dir, tmp_path, capsys):
     (["--group-size", "48"], ["group_size 48 does not divide in_features=64"]),
     (["--adapter-bits", "4", "--adapter-group-size", "3"], ["adapter_group_size 3"]),
     (["--quantizer", "none"], ["--quantizer none quantizes nothing"]),
+    (["--calib-task", "no_such_task"], ["no_such_task"]),
 ])
 def test_bad_settings_fail_in_one_line_and_leave_no_output(tiny_dir, tmp_path, capsys, flags, fragments):
     _fails_in_one_line(_quantize(tiny_dir, "--out", str(tmp_path / "out"), *flags), capsys, *fragments)

@@ -282,6 +282,26 @@ def test_gold_loving_model_scores_perfect_accuracy(tmp_path, monkeypatch):
     assert metrics == {"lambada": 0.5, "lambada_stderr": 0.5}  # sqrt(0.5 * 0.5 / (2 - 1))
 
 
+def test_task_calibration_and_held_out_scoring_use_disjoint_halves(tmp_path, monkeypatch):
+    path = tmp_path / "requests.jsonl.gz"
+    # even docs (the calibration half) have the model's favourite as a wrong answer, odd docs as the right one
+    write_requests(path, [("Q:", ["abc", "xyz"], 0), ("Q:", ["xyz", "abc"], 0), ("R:", ["abc", "xyz"], 0),
+                          ("R:", ["abc", "xyz"], 1), ("S:", ["xyz", "b"], 1), ("S:", ["b", "xyz"], 1)])
+    monkeypatch.setattr(ev, "_requests_path", lambda task: path)
+    calibration, evaluation = ev.split_task_docs(ev.load_task_requests("fake"))
+    assert [d.doc_id for d in calibration] == [0, 2, 4] and [d.doc_id for d in evaluation] == [1, 3, 5]
+    assert ev.task_calibration_texts("fake") == ["Q: abc", "R: abc", "S: b"]  # question + correct answer
+    from torchao_eora.pipeline import calibration_texts
+
+    assert calibration_texts("task:fake") == ["Q: abc", "R: abc", "S: b"]
+    with pytest.raises(ValueError, match="task:NAME"):
+        calibration_texts("task:")
+    model, tok = gold_loving_model(), ByteTokenizer()
+    assert ev.zero_shot(model, tok, tasks=("fake",), limit=None, progress=False, held_out=True)["fake"] == 1.0
+    assert ev.zero_shot(model, tok, tasks=("fake",), limit=None, progress=False)["fake"] == 0.5
+    assert ev.zero_shot(model, tok, tasks=("fake",), limit=2, progress=False, held_out=True)["fake"] == 1.0
+
+
 def test_accuracy_stderr_is_lm_evals():
     outcomes = torch.tensor([1.0, 0, 1, 1, 0, 0, 0, 1, 1, 1])
     assert ev.accuracy_stderr(0.6, 10) == pytest.approx((outcomes.std() / math.sqrt(10)).item())

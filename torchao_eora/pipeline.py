@@ -14,7 +14,7 @@ from .config import EoRAConfig
 from .sequential import _linears, calibrate, compress_sequential, find_decoder_layers
 from .targets import check_targets
 from .data import bbc_articles, bos_token_id, calibration_batches, token_stream, wikipedia_split
-from .eval import perplexity, zero_shot
+from .eval import perplexity, task_calibration_texts, zero_shot
 from .timing import Timer, peak_memory_gib
 
 __all__ = ["CALIBRATION_SOURCES", "calibration_texts", "compress_model", "evaluate", "Timer", "peak_memory_gib"]
@@ -23,12 +23,17 @@ CALIBRATION_SOURCES = ("wikipedia", "bbc")
 
 
 def calibration_texts(source: str) -> list[str]:
-    """Calibration text: Wikipedia articles disjoint from the evaluation ones, or BBC News (another domain)."""
+    """Calibration text: Wikipedia articles disjoint from the evaluation ones, BBC News (another domain), or
+    ``"task:NAME"``: the calibration half of a zero-shot task's docs, questions with their correct answers
+    (``eval.task_calibration_texts``; score the other half with ``held_out_tasks``)."""
     if source == "wikipedia":
         return wikipedia_split()[0]
     if source == "bbc":
         return bbc_articles()
-    raise ValueError(f"calibration source must be one of {CALIBRATION_SOURCES}, got {source!r}")
+    if source.startswith("task:") and source[5:]:
+        return task_calibration_texts(source[5:])
+    raise ValueError(f"calibration source must be one of {CALIBRATION_SOURCES} or task:NAME (e.g. task:piqa), "
+                     f"got {source!r}")
 
 
 def compress_model(
@@ -81,6 +86,7 @@ def evaluate(
     tasks: Sequence[str] = ("piqa", "arc_easy", "hellaswag"),
     task_limit: int | None = 500,
     texts: Sequence[str] | None = None,
+    held_out_tasks: bool = False,
     timer: Timer | None = None,
     progress: bool = True,
 ) -> dict[str, float]:
@@ -93,5 +99,6 @@ def evaluate(
         metrics["ppl"] = perplexity(model, tokens, seq_len=seq_len, max_tokens=eval_tokens, progress=progress,
                                     bos_token_id=bos_token_id(tokenizer))
         if tasks:
-            metrics.update(zero_shot(model, tokenizer, tasks=tuple(tasks), limit=task_limit, progress=progress))
+            metrics.update(zero_shot(model, tokenizer, tasks=tuple(tasks), limit=task_limit, progress=progress,
+                                     held_out=held_out_tasks))
     return metrics
