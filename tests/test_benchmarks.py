@@ -30,10 +30,13 @@ def test_quality(tiny_dir, tmp_path, monkeypatch):
     out = tmp_path / "quality.json"
     assert _main("quality.py", monkeypatch)([
         "--model", str(tiny_dir), "--bits", "3", "--group-size", "32", "--ranks", "4", "--calib-samples", "2",
-        "--seq-len", "32", "--eval-tokens", "256", "--tasks", "--json", str(out),
+        "--seq-len", "32", "--eval-tokens", "256", "--tasks", "--rank-budgets", "uniform", "global",
+        "--refine-rounds", "0", "1", "--json", str(out),
     ]) == 0
     rows = _rows(out)
     assert {r["method"] for r in rows} == {"fp", "none", "svd", "eora"}
+    eora = {(r.get("rank_budget", "uniform"), r.get("refine_rounds", 0)) for r in rows if r["method"] == "eora"}
+    assert eora == {("uniform", 0), ("uniform", 1), ("global", 0), ("global", 1)}
     assert all(r["ppl"] > 1 for r in rows)
 
 
