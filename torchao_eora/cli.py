@@ -106,10 +106,10 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rank-budget", default="uniform", choices=["uniform", "global"],
                    help="uniform: every layer gets --rank (default); global: the same total adapter parameters, "
                         "spent where they remove the most activation-weighted error (two calibration passes; "
-                        "in memory only)")
+                        "in memory only; measured worse than uniform on SmolLM2, see README)")
     g.add_argument("--refine-rounds", type=_count(0), default=0,
                    help="alternating rounds after the first solve: compress W - B A again and re-solve, each kept only "
-                        "if it lowers the residual's error (default 0)")
+                        "if it lowers the residual's error (default 0; 2 took SmolLM2 3-bit from 27.59 to 26.39 ppl)")
     g.add_argument("--compensation", default="eora", choices=["eora", "svd", "none"],
                    help="eora: activation-weighted closed form (default); svd: plain SVD of the error, data-free; "
                         "none: compression only")
