@@ -302,6 +302,16 @@ def test_task_calibration_and_held_out_scoring_use_disjoint_halves(tmp_path, mon
     assert ev.zero_shot(model, tok, tasks=("fake",), limit=2, progress=False, held_out=True)["fake"] == 1.0
 
 
+def test_zero_eval_tokens_scores_tasks_only(tmp_path, monkeypatch):
+    from torchao_eora.pipeline import evaluate
+
+    path = tmp_path / "requests.jsonl.gz"
+    write_requests(path, [("Q:", ["xyz", "abc"], 0), ("Q:", ["abc", "xyz"], 0)])
+    monkeypatch.setattr(ev, "_requests_path", lambda task: path)
+    metrics = evaluate(gold_loving_model(), ByteTokenizer(), eval_tokens=0, tasks=("fake",), progress=False)
+    assert "ppl" not in metrics and metrics["fake"] == 0.5
+
+
 def test_accuracy_stderr_is_lm_evals():
     outcomes = torch.tensor([1.0, 0, 1, 1, 0, 0, 0, 1, 1, 1])
     assert ev.accuracy_stderr(0.6, 10) == pytest.approx((outcomes.std() / math.sqrt(10)).item())

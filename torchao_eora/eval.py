@@ -80,7 +80,7 @@ def perplexity(
     tokens = tokens[:max_tokens] if max_tokens is not None else tokens
     width = seq_len - (bos_token_id is not None)  # stream tokens per window
     n_full = tokens.numel() // width
-    windows = list(tokens[: n_full * width].view(n_full, width).split(batch_size))
+    windows = [w for w in tokens[: n_full * width].view(n_full, width).split(batch_size) if w.shape[0]]
     tail = tokens[n_full * width :]
     if tail.numel() >= 2:
         windows.append(tail[None])
@@ -214,6 +214,9 @@ def loglikelihoods(
         context_ids, continuation_ids = _encode_pair(tokenizer, context, continuation)
         ids = (context_ids + continuation_ids)[:-1]  # the last token is only a target
         if max_len is not None:
+            if len(continuation_ids) >= max_len:
+                raise ValueError(f"a continuation of {len(continuation_ids)} tokens does not fit the model's "
+                                 f"{max_len} positions: score this task with a model of a longer context")
             ids = ids[-max_len:]  # left-truncate an over-long context
         inputs.append((ids, continuation_ids))
 

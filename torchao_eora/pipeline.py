@@ -95,9 +95,10 @@ def evaluate(
     timer = timer or Timer()
     metrics: dict[str, float] = {}
     with timer("evaluate"):
-        tokens = token_stream(tokenizer, list(texts) if texts is not None else wikipedia_split()[1])
-        metrics["ppl"] = perplexity(model, tokens, seq_len=seq_len, max_tokens=eval_tokens, progress=progress,
-                                    bos_token_id=bos_token_id(tokenizer))
+        if eval_tokens != 0:  # 0: zero-shot tasks only
+            tokens = token_stream(tokenizer, list(texts) if texts is not None else wikipedia_split()[1])
+            metrics["ppl"] = perplexity(model, tokens, seq_len=seq_len, max_tokens=eval_tokens, progress=progress,
+                                        bos_token_id=bos_token_id(tokenizer))
         if tasks:
             metrics.update(zero_shot(model, tokenizer, tasks=tuple(tasks), limit=task_limit, progress=progress,
                                      held_out=held_out_tasks))
