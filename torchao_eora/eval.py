@@ -88,13 +88,12 @@ def perplexity(
         raise ValueError(f"need at least 2 tokens, got {tokens.numel()}")
     if bos_token_id is not None:
         windows = [torch.cat([w.new_full((w.shape[0], 1), bos_token_id), w], dim=1) for w in windows]
-    batches = windows
 
     device = _device(model)
     nll = torch.zeros((), dtype=torch.float64)
     count = 0
     with _eval_mode(model):
-        for batch in tqdm(batches, desc="perplexity", disable=not progress):
+        for batch in tqdm(windows, desc="perplexity", disable=not progress):
             batch = batch.to(device)
             logits = model(input_ids=batch, attention_mask=torch.ones_like(batch)).logits
             # One row at a time: an fp32 copy of a single row's logits instead of the whole batch's.
@@ -174,7 +173,7 @@ def task_calibration_texts(task: str) -> list[str]:
     return [doc.contexts[doc.gold] + doc.continuations[doc.gold] for doc in calibration]
 
 
-def _encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+def _encode_pair(tokenizer, context: str, continuation: str, bos: int | None) -> tuple[list[int], list[int]]:
     # As lm-eval-harness: trailing context whitespace moves to the continuation ("Answer: " + "x" is scored as
     # "Answer:" + " x"), and both parts are encoded separately so the continuation's tokens don't depend on
     # how the context happens to end.
@@ -185,7 +184,6 @@ def _encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int],
     continuation_ids = tokenizer.encode(continuation, add_special_tokens=False)
     if not continuation_ids:
         raise ValueError(f"empty continuation after tokenization: {continuation!r}")
-    bos = bos_token_id(tokenizer)
     if bos is not None:  # as the tokenizer itself would start the text (lm-eval does the same)
         context_ids = [bos] + context_ids
     if not context_ids:  # something must predict the first continuation token
@@ -209,9 +207,10 @@ def loglikelihoods(
     """
     max_len = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    bos = bos_token_id(tokenizer)  # once: it tokenizes a probe text
     inputs: list[tuple[list[int], list[int]]] = []  # (model input ids, continuation ids)
     for context, continuation in requests:
-        context_ids, continuation_ids = _encode_pair(tokenizer, context, continuation)
+        context_ids, continuation_ids = _encode_pair(tokenizer, context, continuation, bos)
         ids = (context_ids + continuation_ids)[:-1]  # the last token is only a target
         if max_len is not None:
             if len(continuation_ids) >= max_len:

@@ -16,7 +16,7 @@ import torch
 from .adapter_quant import QuantizedFactors, quantize_factors
 from .calibration import ModuleStats
 from .config import EoRAConfig
-from .solver import LowRankFactors, eora_factors, svd_factors
+from .solver import LowRankFactors, eora_factors, svd_factors, weighted_error
 from .targets import check_targets, module_rank, quantize_call_targets, warn_once
 from .tensor import QuantWithLowRank
 from .timing import Timer
@@ -70,9 +70,11 @@ def eora_quantize_tensor(
 
 
 def _residual_error(delta: torch.Tensor, factors: LowRankFactors, moment: torch.Tensor | None) -> float:
-    """``||(delta - B A) X^T||_F^2`` (``X^T X = moment``; the plain Frobenius norm without one)."""
-    e = delta - factors.B @ factors.A
-    return float((e * e).sum()) if moment is None else float(((e.double() @ moment.double()) * e.double()).sum())
+    """``||(delta - B A) X^T||_F`` (``X^T X = moment``: ``solver.weighted_error``); the plain Frobenius norm
+    without one."""
+    if moment is not None:
+        return weighted_error(delta, factors, moment)
+    return float(torch.linalg.norm(delta.double() - factors.B.double() @ factors.A.double()))
 
 
 def _solve(delta: torch.Tensor, config: EoRAConfig, rank: int, stats: ModuleStats | None) -> LowRankFactors:
