@@ -40,6 +40,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 from torchao_eora import EoRAConfig, GPTQConfig, PruneConfig, RTNConfig
+from torchao_eora.cli import shrinkage_arg
 from torchao_eora.data import load_model
 from torchao_eora.pipeline import Timer, compress_model, evaluate
 from torchao_eora.report import format_table
@@ -73,6 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="EoRA rows per rank budget (EoRAConfig.rank_budget; default uniform)")
     p.add_argument("--refine-rounds", nargs="+", type=int, default=[0],
                    help="EoRA rows per number of refinement rounds (EoRAConfig.refine_rounds; default 0)")
+    p.add_argument("--shrinkage", nargs="+", type=shrinkage_arg, default=["auto"],
+                   help="EoRA rows per shrinkage (EoRAConfig.shrinkage): 'auto' (default: cross-validated per "
+                        "module) or a number in [0, 1] (0: the paper's EoRA, 1: plain SVD)")
     p.add_argument("--suite", default="rtn", choices=["rtn", "paper"],
                    help="rtn (default): RTN bits x ranks; paper: SparseGPT 2:4, Wanda 2:4, GPTQ 3-bit, GPTQ 4-bit + "
                         "SparseGPT 2:4, each with none / svd / eora at the first --ranks value (default 64)")
@@ -88,7 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resolve", nargs="+", default=["on"], choices=["on", "off"],
                    help="quantized adapters: re-solve B against the quantized A (on, default), quantize B as solved "
                         "(off), or both")
-    p.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
+    p.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default 128; 8 with --quick)")
     p.add_argument("--calib-source", default="wikipedia",
                    help="calibration text: wikipedia (default: articles disjoint from the evaluation ones), bbc, or "
                         "task:NAME (the calibration half of a zero-shot task, e.g. task:arc_easy; pair it with "
@@ -104,9 +108,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tasks", nargs="*", default=TASKS, help=f"zero-shot tasks (default {' '.join(TASKS)})")
     p.add_argument("--task-limit", type=int, default=200, help="documents per task (default 200)")
     p.add_argument("--quick", action="store_true",
-                   help="8 calibration windows; rtn suite: 3 bits, ranks 32 64, 2048 eval tokens, 5 docs per task; "
-                        "paper suite (13 rows): one-shot statistics shared by all rows, 2048 eval tokens, 5 docs per "
-                        "task (aims at under 10 minutes on 2 cores; zero-shot at this size is only a smoke test)")
+                   help="8 calibration windows (unless --calib-samples says otherwise); rtn suite: 3 bits, ranks "
+                        "32 64, 2048 eval tokens, 5 docs per task; paper suite (13 rows): one-shot statistics shared "
+                        "by all rows, 2048 eval tokens, 5 docs per task (aims at under 10 minutes on 2 cores; "
+                        "zero-shot at this size is only a smoke test)")
     p.add_argument("--json", default=None, metavar="PATH", help="write the rows as JSON (rewritten after each row)")
     p.add_argument("--plot", default=None, metavar="PATH", help="PNG of perplexity against rank (needs matplotlib)")
     p.add_argument("--size-plot", default=None, metavar="PATH",
@@ -116,8 +121,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.ranks is None:
         args.ranks = [64] if args.suite == "paper" else [16, 32, 64, 128]
+    if args.calib_samples is None:
+        args.calib_samples = 8 if args.quick else 128
     if args.quick:
-        args.calib_samples = 8
         if args.suite == "rtn":
             args.bits, args.ranks, args.eval_tokens, args.task_limit = [3], [32, 64], 2048, 5
         else:  # 13 evaluations: evaluation, not compression, dominates the time
@@ -306,7 +312,8 @@ def main(argv=None) -> int:
                             "adapter_resolve": row["resolve"]}
             config = EoRAConfig(rank=row["rank"], base=base, compensation=row["method"],
                                 rank_budget=row.get("rank_budget", "uniform"),
-                                refine_rounds=row.get("refine_rounds", 0), **adapters)
+                                refine_rounds=row.get("refine_rounds", 0), shrinkage=row.get("shrinkage", "auto"),
+                                **adapters)
             calibration = compress_model(model, tokenizer, config, source=args.calib_source, n_samples=args.calib_samples,
                                    seq_len=args.seq_len, mode=args.calib_mode, calibration=calibration, timer=timer)
         row.update(size_columns(model))
@@ -330,11 +337,13 @@ def main(argv=None) -> int:
                 for adapters in adapter_rows(args):
                     if "svd" in args.methods:
                         run({**rtn, "method": "svd", "rank": rank, **adapters}, base)
-                    for budget, rounds in itertools.product(args.rank_budgets, args.refine_rounds):
+                    for budget, rounds, amount in itertools.product(args.rank_budgets, args.refine_rounds,
+                                                                    args.shrinkage):
                         if "eora" not in args.methods:
                             break
                         extra = {} if budget == "uniform" else {"rank_budget": budget}
                         extra.update({"refine_rounds": rounds} if rounds else {})
+                        extra["shrinkage"] = amount
                         calib = run({**rtn, "method": "eora", "rank": rank, **adapters, **extra}, base, shared)
                         shared = (calib or shared) if args.calib_mode == "one-shot" else None
     else:
@@ -345,9 +354,12 @@ def main(argv=None) -> int:
             row = {"compression": key, "bits": getattr(quantizer, "bits", None),
                    "group_size": getattr(quantizer, "group_size", None),
                    "sparsity": getattr(base, "pattern", None)}
-            for method in METHODS:  # the sequential pass compresses each row's layers once
-                calib = run({**row, "method": method, "rank": 0 if method == "none" else rank}, base, shared)
-                shared = (calib or shared) if args.calib_mode == "one-shot" else None
+            for method in args.methods:  # the sequential pass compresses each row's layers once
+                for amount in args.shrinkage if method == "eora" else [None]:
+                    extra = {} if amount is None else {"shrinkage": amount}
+                    calib = run({**row, "method": method, "rank": 0 if method == "none" else rank, **extra}, base,
+                                shared)
+                    shared = (calib or shared) if args.calib_mode == "one-shot" else None
 
     fp = rows[0]["ppl"]
     for r in rows:
@@ -358,7 +370,7 @@ def main(argv=None) -> int:
     if args.json:
         write_json(args.json, {**meta, "rows": rows, "total_s": round(time.perf_counter() - start, 1)})
     columns = ["compression", "bits", "group_size", "sparsity", "method", "rank", "rank_budget", "refine_rounds",
-               "adapter_bits",
+               "shrinkage", "adapter_bits",
                "resolve", "ppl",
                *args.tasks, "gap_closed", "size_mb", "packed_mb"]
     columns = [c for c in columns if any(c in r for r in rows)]

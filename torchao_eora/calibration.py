@@ -32,6 +32,7 @@ __all__ = ["Calibration", "ModuleStats", "SecondMoment", "VALUE_GROUP_SUFFIX", "
 
 log = logging.getLogger(__name__)
 Mode = Literal["sequential", "one-shot"]
+_HALF_SUFFIX = ":half"  # tensor name of a group's even-window sum in the saved file
 VALUE_GROUP_SUFFIX = ":attention"  # group key of a v_proj's attention-weighted moment: "<v_proj name>:attention"
 
 
@@ -45,12 +46,25 @@ class SecondMoment:
     total: torch.Tensor
     n_tokens: int = 0
     normalized: bool = False  # total already divided by n_tokens, in place (see normalize_)
+    # The sum over the even-numbered calibration windows alone (fp32: it only chooses EoRA's shrinkage), and their
+    # token count; None when the statistics were not split (one window, attention-weighted moments, old files).
+    half: torch.Tensor | None = None
+    n_half: int = 0
 
     def mean(self) -> torch.Tensor:
         """``X^T X / n``: the scale-free form the solver and GPTQ use (do not modify it)."""
         if self.n_tokens == 0:
             raise ValueError("no calibration tokens reached this layer (all padding?)")
         return self.total if self.normalized else self.total / self.n_tokens
+
+    def halves(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The mean second moments (fp64) of the even- and of the odd-numbered windows, for cross-validation
+        (``solver.choose_shrinkage``); None unless both halves have tokens."""
+        if self.half is None or not 0 < self.n_half < self.n_tokens:
+            return None
+        total = self.total.to(torch.float64) * (self.n_tokens if self.normalized else 1)
+        half = self.half.to(torch.float64)
+        return half / self.n_half, (total - half) / (self.n_tokens - self.n_half)
 
     def normalize_(self) -> "SecondMoment":
         """Divide ``total`` by ``n_tokens`` in place, so ``mean()`` costs no copy (a 7B down_proj's is 1 GiB)."""
@@ -187,11 +201,13 @@ class Calibration:
             "group_of": self.group_of,
             "value_group_of": {n: g for n, g in self.value_group_of.items() if g in self.groups},
             "n_tokens": {k: m.n_tokens for k, m in self.groups.items()},
+            "n_half": {k: m.n_half for k, m in self.groups.items() if m.half is not None},
             "config": self.config_json if self.config is None else config_to_dict(replace(self.config, calibration=None)),
             "fingerprint": self.fingerprint,
             "ranks": self.ranks,
         }
         tensors = {k: m.total.contiguous() for k, m in self.groups.items()}
+        tensors.update({k + _HALF_SUFFIX: m.half.contiguous() for k, m in self.groups.items() if m.half is not None})
         with atomic_file(path) as tmp:
             save_file(tensors, str(tmp), metadata={"torchao_eora.calibration": json.dumps(meta)})
 
@@ -219,7 +235,12 @@ class Calibration:
         missing = set(meta["n_tokens"]) - set(tensors)
         if missing:
             raise ValueError(f"{path} is truncated or corrupt: missing tensors {sorted(missing)[:5]}")
-        groups = {k: SecondMoment(tensors[k], n) for k, n in meta["n_tokens"].items()}
+        halves = meta.get("n_half") or {}
+        if not isinstance(halves, dict) or any(k not in meta["n_tokens"] or k + _HALF_SUFFIX not in tensors
+                                               or not isinstance(n, int) for k, n in halves.items()):
+            raise ValueError(f"{path} is truncated or corrupt: 'n_half' does not match the tensors in the file")
+        groups = {k: SecondMoment(tensors[k], n, half=tensors.get(k + _HALF_SUFFIX) if k in halves else None,
+                                  n_half=halves.get(k, 0)) for k, n in meta["n_tokens"].items()}
         values = meta.get("value_group_of") or {}
         if not isinstance(values, dict) or any(not isinstance(g, str) or g not in groups for g in values.values()):
             raise ValueError(f"{path} is corrupt: 'value_group_of' must map v_proj names to moments in the file")

@@ -56,6 +56,17 @@ def _count(minimum: int):
     return parse
 
 
+def shrinkage_arg(text: str) -> str | float:
+    """An argparse type: 'auto' or a number in [0, 1]."""
+    try:
+        value = text if text == "auto" else float(text)
+    except ValueError:
+        value = None
+    if value is None or (value != "auto" and not 0 <= value <= 1):
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number in [0, 1], got {text!r}")
+    return value
+
+
 def _sparsity(text: str) -> dict:
     """``--sparsity``: ``"N:M"`` -> ``{"pattern": "N:M"}``; a fraction in (0, 1) -> ``{"ratio": r}``."""
     from .compressors import parse_pattern
@@ -110,6 +121,10 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--refine-rounds", type=_count(0), default=0,
                    help="alternating rounds after the first solve: compress W - B A again and re-solve, each kept only "
                         "if it lowers the residual's error (default 0; 2 took SmolLM2 3-bit from 27.59 to 26.39 ppl)")
+    g.add_argument("--shrinkage", type=shrinkage_arg, default="auto", metavar="auto|A",
+                   help="pull EoRA's calibration second moment toward the identity by A in [0, 1] before solving (0: "
+                        "the paper's EoRA, 1: plain SVD); auto (default): chosen per layer by cross-validation "
+                        "over the calibration windows, so little calibration data cannot make EoRA worse than SVD")
     g.add_argument("--compensation", default="eora", choices=["eora", "svd", "none"],
                    help="eora: activation-weighted closed form (default); svd: plain SVD of the error, data-free; "
                         "none: compression only")
@@ -255,7 +270,7 @@ def _config_from_args(args) -> "EoRAConfig":
     return EoRAConfig(rank=args.rank, base=base, compensation=args.compensation, adapter_bits=args.adapter_bits,
                       adapter_group_size=args.adapter_group_size, adapter_resolve=not args.no_adapter_resolve,
                       value_moment=args.value_moment, rank_budget=args.rank_budget,
-                      refine_rounds=args.refine_rounds)
+                      refine_rounds=args.refine_rounds, shrinkage=args.shrinkage)
 
 
 def cmd_quantize(args) -> int:

@@ -5,7 +5,7 @@ The ``quantize_`` handler that applies it lives in ``transform.py``."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from torchao.core.config import AOBaseConfig
 
@@ -58,6 +58,12 @@ class EoRAConfig(AOBaseConfig):
         refine_rounds: alternating rounds after the first solve (default 0): compress ``W - B A`` again and
             re-solve ``B A`` for the new error; a round is kept only if it lowers the residual's own error
             (activation-weighted for EoRA). Each round costs one more compression and solve per module.
+        shrinkage: how far EoRA pulls the calibration second moment toward a multiple of the identity before
+            solving (``solver.shrink``: 0 is the paper's EoRA, 1 plain SVD). ``"auto"`` (default) chooses it per
+            module from ``solver.SHRINKAGE_GRID`` by 2-fold cross-validation over the calibration windows (even
+            against odd); with little calibration data the exact fit to the sample overfits, and this keeps EoRA
+            from losing to plain SVD. Needs statistics collected with the split (sequential calibration with this
+            config, or one-shot); without it ``"auto"`` means 0. A float in [0, 1] fixes the amount.
     """
 
     rank: int = 64
@@ -71,6 +77,7 @@ class EoRAConfig(AOBaseConfig):
     value_moment: str = "auto"
     rank_budget: str = "uniform"
     refine_rounds: int = 0
+    shrinkage: Union[str, float] = "auto"
 
     def __post_init__(self) -> None:
         check_choice("compensation", self.compensation, COMPENSATIONS)
@@ -90,6 +97,10 @@ class EoRAConfig(AOBaseConfig):
         check_choice("value_moment", self.value_moment, VALUE_MOMENTS)
         check_choice("rank_budget", self.rank_budget, RANK_BUDGETS)
         check_int("refine_rounds", self.refine_rounds, 0, 10)
+        if self.shrinkage != "auto" and (isinstance(self.shrinkage, bool) or not isinstance(self.shrinkage, (int, float))
+                                         or not 0 <= self.shrinkage <= 1):
+            raise ValueError(f"shrinkage must be 'auto' or a number in [0, 1] (0: plain EoRA, 1: plain SVD), got "
+                             f"{self.shrinkage!r}")
         check_bool("adapter_resolve", self.adapter_resolve)
         check_int("adapter_group_size", self.adapter_group_size, 1)
         if self.adapter_bits is not None:
@@ -112,6 +123,8 @@ class EoRAConfig(AOBaseConfig):
         residual = "no residual" if self.compensation == "none" else f"{self.compensation} r{self.rank}"
         if self.compensation != "none" and self.rank_budget == "global":
             residual += " (global budget)"
+        if self.compensation == "eora" and self.shrinkage != "auto":
+            residual += f" (shrinkage {self.shrinkage:g})"
         if self.compensation != "none" and self.refine_rounds:
             residual += f" (refined x{self.refine_rounds})"
         if self.compensation != "none" and self.adapter_bits is not None:

@@ -154,6 +154,7 @@ def compress_sequential(
     calib = Calibration({}, {}, "sequential", config, fingerprint=model_fingerprint(model), ranks=ranks)
     # v_proj's compressor sees the attention-weighted moment: it needs the attention probabilities (eager attention)
     value_moments = needs_data and config.attention_value_moment
+    split = config.compensation == "eora" and config.shrinkage == "auto"  # halves to cross-validate the shrinkage
     with _attention("eager" if value_moments else None, model):
         with timer("forward"):
             hidden, layer_kwargs = _capture_layer_inputs(model, layers, batches, device)
@@ -165,10 +166,11 @@ def compress_sequential(
             linears = _linears(layer, f"{prefix}.{i}.")
             check_targets(linears, config, warn=False)  # now with the real weights (NaN), when they were streamed in
             values = _value_projections(layer, f"{prefix}.{i}.") if value_moments else {}
-            with _MomentCollector(linears, timer, values, stop_when_done=True) as collector, timer("forward"), \
+            with _MomentCollector(linears, timer, values, stop_when_done=True, split=split) as collector, \
+                    timer("forward"), \
                     _transient_allocations():
                 for h, kw, mask in zip(hidden, kwargs, masks):
-                    collector.start_batch(mask)
+                    collector.start_batch(mask, h.shape[0])
                     with contextlib.suppress(_StopForward):  # the rest of the layer feeds no statistic
                         layer(h, **kw)
             _release_free_memory()  # the activations of the measuring passes
@@ -290,21 +292,22 @@ def calibrate(
         calib = compress_sequential(model, batches, config, in_place=False, progress=progress,
                                     device=next(model.parameters()).device)
     elif mode == "one-shot":
-        calib = _calibrate_one_shot(model, batches, progress)
+        split = config is None or config.shrinkage == "auto"  # a later config may still want it: None keeps them
+        calib = _calibrate_one_shot(model, batches, progress, split)
         calib.config = None if config is None else replace(config, calibration=None)
     else:
         raise ValueError(f"mode must be 'sequential' or 'one-shot', got {mode!r}")
     return calib.bind(model)
 
 
-def _calibrate_one_shot(model, batches, progress) -> Calibration:
+def _calibrate_one_shot(model, batches, progress, split: bool) -> Calibration:
     fingerprint = model_fingerprint(model)
     prefix, layers = find_decoder_layers(model)
     device = next(model.parameters()).device
-    with _MomentCollector(_linears(layers, prefix + "."), stop_when_done=True) as collector:
+    with _MomentCollector(_linears(layers, prefix + "."), stop_when_done=True, split=split) as collector:
         for batch in tqdm(batches, desc="calibrating (one-shot)", disable=not progress):
             batch = _to(batch, device)
-            collector.start_batch(batch.get("attention_mask"))
+            collector.start_batch(batch.get("attention_mask"), batch["input_ids"].shape[0])
             with contextlib.suppress(_StopForward):  # the final norm and lm_head feed no statistic
                 model(**batch, use_cache=False)
     return Calibration(collector.groups, collector.group_of, "one-shot", fingerprint=fingerprint)
@@ -319,13 +322,18 @@ class _MomentCollector:
     * ``sum x^T x`` of every linear input, once per distinct input tensor (q/k/v share one, as do gate/up);
     * for each v_proj in ``values`` (name -> (attention module, v_proj, kv heads)), the attention-weighted moment
       ``sum x~ x~^T`` per kv head (``attention_moments.mixed_value_moment``), from the attention probabilities the
-      (eager) attention module returns.
+      (eager) attention module returns;
+    * with ``split``, also the plain sums of the even-numbered windows alone (``SecondMoment.half``), from which
+      EoRA's shrinkage is cross-validated.
     """
 
     def __init__(self, modules: Mapping[str, torch.nn.Linear], timer: Timer | None = None,
                  values: Mapping[str, tuple[torch.nn.Module, torch.nn.Linear, int]] | None = None, *,
-                 stop_when_done: bool = False):
+                 stop_when_done: bool = False, split: bool = False):
         self.modules = dict(modules)
+        self.split = split
+        self._first_window = 0  # index of the current batch's first window, over all batches
+        self._windows = 0
         # With stop_when_done, the hook that completes a batch's statistics raises _StopForward: the rest of the
         # forward (a layer's down_proj and residual, a model's lm_head) feeds no statistic.
         self.stop_when_done = stop_when_done
@@ -358,13 +366,19 @@ class _MomentCollector:
         for group, moment in self.groups.items():
             if group not in self.value_group_of.values():
                 _mirror_lower_(moment.total)
+                if moment.half is not None:  # total summed the odd-numbered windows only until now
+                    _mirror_lower_(moment.half)
+                    moment.total += moment.half
 
     def normalize_(self) -> None:
         """Divide every sum by its count in place (no copy of a moment is made later)."""
         for moment in self.groups.values():
             moment.normalize_()
 
-    def start_batch(self, attention_mask: torch.Tensor | None) -> None:
+    def start_batch(self, attention_mask: torch.Tensor | None, windows: int) -> None:
+        """Before each batch's forward: its padding mask (None: no padding) and its number of windows (rows)."""
+        self._first_window += self._windows
+        self._windows = windows
         self.token_mask = None if attention_mask is None else attention_mask.bool()
         self._last_input = None
         self._pending = set(self.modules) | {name + VALUE_GROUP_SUFFIX for name in self.values}
@@ -418,9 +432,15 @@ class _MomentCollector:
 
     def _accumulate(self, name: str, group: str, x: torch.Tensor) -> None:
         flat = x.detach().reshape(-1, x.shape[-1])
-        mask = self.token_mask
-        if mask is not None and mask.numel() == flat.shape[0] and not bool(mask.all()):  # a copy only if padded
-            flat = flat[mask.reshape(-1).to(flat.device)]
+        keep = self.token_mask
+        keep = None if keep is None or keep.numel() != flat.shape[0] or bool(keep.all()) else keep.reshape(-1)
+        even = None  # which rows belong to even-numbered windows
+        if self.split and x.dim() == 3 and x.shape[0] == self._windows:
+            window = torch.arange(self._first_window, self._first_window + x.shape[0], device=flat.device)
+            even = (window % 2 == 0).repeat_interleave(x.shape[1])
+            even = even if keep is None else even[keep.to(flat.device)]
+        if keep is not None:  # a copy only if padded
+            flat = flat[keep.to(flat.device)]
         flat = flat.float()
         if not torch.isfinite(flat).all():
             raise ValueError(
@@ -432,16 +452,27 @@ class _MomentCollector:
         if moment is None:
             with _long_lived_allocations():
                 moment = self.groups[group] = SecondMoment(torch.zeros(n, n, dtype=torch.float64, device=flat.device))
-        # fp32 products, fp64 running sum, in column blocks into one reused buffer: the temporaries stay small (a 7B
-        # down_proj's full product is 2 GiB) and nothing is allocated per block; only the lower triangle is computed
-        # (x^T x is symmetric: _mirror_lower_ at exit).
+                if self.split:
+                    moment.half = torch.zeros(n, n, dtype=torch.float32, device=flat.device)
+        if even is None or moment.half is None:
+            self._add_products(moment.total, flat)
+        else:  # odd windows into total, even ones into half; __exit__ adds half to total
+            self._add_products(moment.total, flat[~even])
+            self._add_products(moment.half, flat[even])
+            moment.n_half += int(even.sum())
+        moment.n_tokens += flat.shape[0]
+
+    def _add_products(self, total: torch.Tensor, flat: torch.Tensor) -> None:
+        """``total += flat^T flat``, lower block triangle only (``_mirror_lower_`` at exit). fp32 products in column
+        blocks into one reused buffer: the temporaries stay small (a 7B down_proj's full product is 2 GiB) and
+        nothing is allocated per block; the fp64 running sum takes them without an fp64 temporary."""
+        n = flat.shape[1]
         product = self._product_buffer(n, flat)
         for start in range(0, n, _BLOCK):
             block = flat[:, start:start + _BLOCK]
             out = product.view(-1)[: (n - start) * block.shape[1]].view(n - start, block.shape[1])  # contiguous
             torch.mm(flat[:, start:].T, block, out=out)
-            moment.total[start:, start:start + _BLOCK].add_(out)  # fp64 += fp32, cast on the fly: no fp64 temporary
-        moment.n_tokens += flat.shape[0]
+            total[start:, start:start + _BLOCK].add_(out)
 
     def _product_buffer(self, n: int, like: torch.Tensor) -> torch.Tensor:
         """An fp32 (n, _BLOCK) buffer for one block of products, kept for the collector's life."""

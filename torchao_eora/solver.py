@@ -28,6 +28,10 @@ Plain SVD of ``dW`` (ZeroQuant-V2's LoRC) is the ``C = I`` special case and the 
 Quantized adapters (:func:`resolve_B`): once ``A`` is rounded to ``A_q``, the best ``B`` for that ``A_q`` is again a
 least-squares problem in the same activation-weighted norm, ``B = dW C A_q^T (A_q C A_q^T)^+``, so ``B`` absorbs
 ``A``'s rounding error before it is quantized itself.
+Shrinkage (:func:`shrink`, :func:`choose_shrinkage`): with few calibration tokens ``C`` is a noisy estimate and the
+exact optimum for it fits the noise (EoRA then loses to plain SVD). ``C_a = (1 - a) C + a mean(diag C) I`` keeps the
+eigenvectors and lifts the small eigenvalues; ``a = 1`` is plain SVD exactly. ``a`` is chosen per module by 2-fold
+cross-validation on the calibration windows: fit on one half's moment, score the residual on the other's.
 Everything runs in fp64: ``dW`` is tiny relative to ``W`` and ``C`` can be badly conditioned.
 """
 
@@ -49,6 +53,9 @@ __all__ = [
     "one_cpu_thread",
     "weighted_error",
     "check_rank",
+    "SHRINKAGE_GRID",
+    "shrink",
+    "choose_shrinkage",
 ]
 
 Form = Literal["auto", "eigen", "inverse_free"]
@@ -225,6 +232,51 @@ def error_spectrum(delta: torch.Tensor, eigen: Eigen | None = None) -> torch.Ten
     with one_cpu_thread(gram.device):
         values = torch.linalg.eigvalsh(0.5 * (gram + gram.T))
     return values.flip(0).clamp_min(0.0)
+
+
+# Shrinkage amounts tried by choose_shrinkage: 0 (plain EoRA) to 1 (plain SVD), roughly geometric in between.
+SHRINKAGE_GRID = (0.0, 0.001, 0.01, 0.03, 0.1, 0.3, 1.0)
+
+
+def shrink(second_moment: torch.Tensor, amount: float) -> torch.Tensor:
+    """``(1 - amount) C + amount * mean(diag C) * I`` in fp64: the same eigenvectors, eigenvalues pulled toward their
+    mean. ``amount = 0`` is ``C`` (EoRA), ``amount = 1`` a multiple of ``I`` (plain SVD: a scale does not matter)."""
+    c = second_moment.to(torch.float64)
+    if amount == 0:
+        return c
+    out = (1.0 - amount) * c
+    out.diagonal().add_(amount * float(c.diagonal().mean()))
+    return out
+
+
+def choose_shrinkage(
+    delta: torch.Tensor,
+    halves: tuple[torch.Tensor, torch.Tensor],
+    rank: int,
+    grid: tuple[float, ...] = SHRINKAGE_GRID,
+) -> float:
+    """The shrinkage amount of ``grid`` whose rank-``rank`` EoRA residual generalises best across the two halves of
+    the calibration data (``halves``: the mean second moments of the even- and odd-numbered windows).
+
+    Each half in turn is the fit: its eigenbasis ``U, l`` gives the shrunk problem ``dW U diag(sqrt l_a)``, whose top
+    left singular vectors ``P`` span ``B A = P P^T dW``; the other half scores it by the exact held-out error
+    ``tr(G) - tr(P^T G P)``, ``G = dW C_score dW^T``. Ties go to the smaller amount. Costs one ``in x in``
+    eigendecomposition per half and one truncated SVD per half and amount."""
+    d = delta.to(torch.float64)
+    errors = torch.zeros(len(grid), dtype=torch.float64)
+    for fit, score in (halves, halves[::-1]):
+        values, vectors = _eigh(0.5 * (fit.to(torch.float64) + fit.to(torch.float64).T))
+        values = values.clamp_min(0.0)
+        mean = float(values.mean())
+        rotated = d @ vectors
+        held_out = d @ score.to(torch.float64) @ d.T
+        held_out = 0.5 * (held_out + held_out.T)
+        for i, amount in enumerate(grid):
+            scale = ((1.0 - amount) * values + amount * mean).sqrt()
+            p, s = _top_singular(rotated * scale, rank)
+            p = p * (s > 0)  # numerically null directions are not part of the residual (_balanced zeroes them)
+            errors[i] += held_out.trace() - torch.einsum("or,op,pr->", p, held_out, p)
+    return float(grid[int(torch.argmin(errors))])  # argmin returns the first of equal minima: the smaller amount
 
 
 def resolve_B(delta: torch.Tensor, A: torch.Tensor, second_moment: torch.Tensor | None = None) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 from .adapter_quant import QuantizedFactors, quantize_factors
 from .calibration import ModuleStats
 from .config import EoRAConfig
-from .solver import LowRankFactors, eora_factors, svd_factors, weighted_error
+from .solver import LowRankFactors, choose_shrinkage, eora_factors, shrink, svd_factors, weighted_error
 from .targets import check_targets, module_rank, quantize_call_targets, warn_once
 from .tensor import QuantWithLowRank
 from .timing import Timer
@@ -51,7 +51,9 @@ def eora_quantize_tensor(
         compressed = config.base.compress(w32, compressor_moment)
         delta = w32 - compressed.dequantize(torch.float32)  # in fp32: the error underflows in fp16/bf16
     with timer("solve"):
-        factors = _solve(delta, config, rank, weighted)
+        amount = _shrinkage(delta, config, rank, weighted)
+        norm = None if weighted is None else moment if amount == 0 else shrink(moment, amount)  # the residual's
+        factors = _solve(delta, config, rank, weighted, norm, amount)
     for _ in range(config.refine_rounds if rank else 0):
         # Alternate: compress what the residual leaves (W - B A), re-solve; keep a round only if it lowers the
         # error the residual minimises (the compressor's own rounding is not aware of that norm).
@@ -59,14 +61,24 @@ def eora_quantize_tensor(
             again = config.base.compress(w32 - factors.B @ factors.A, compressor_moment)
             delta_again = w32 - again.dequantize(torch.float32)
         with timer("solve"):
-            factors_again = _solve(delta_again, config, rank, weighted)
-            norm = None if weighted is None else moment
+            factors_again = _solve(delta_again, config, rank, weighted, norm, amount)
             if _residual_error(delta_again, factors_again, norm) >= _residual_error(delta, factors, norm):
                 break
         compressed, delta, factors = again, delta_again, factors_again
     with timer("solve"):
-        factors = _quantize_adapters(delta, factors, config, None if weighted is None else moment, weight.dtype)
+        factors = _quantize_adapters(delta, factors, config, norm, weight.dtype)
     return QuantWithLowRank.from_parts(compressed, factors, dtype=weight.dtype)
+
+
+def _shrinkage(delta: torch.Tensor, config: EoRAConfig, rank: int, stats: ModuleStats | None) -> float:
+    """EoRA's shrinkage amount for this module: the config's number, or cross-validated over the calibration's two
+    halves (``"auto"``; 0 when the statistics were not split)."""
+    if stats is None or config.compensation != "eora" or rank == 0:
+        return 0.0
+    if config.shrinkage != "auto":
+        return float(config.shrinkage)
+    halves = stats.moment.halves()
+    return 0.0 if halves is None else choose_shrinkage(delta, halves, rank)
 
 
 def _residual_error(delta: torch.Tensor, factors: LowRankFactors, moment: torch.Tensor | None) -> float:
@@ -77,7 +89,11 @@ def _residual_error(delta: torch.Tensor, factors: LowRankFactors, moment: torch.
     return float(torch.linalg.norm(delta.double() - factors.B.double() @ factors.A.double()))
 
 
-def _solve(delta: torch.Tensor, config: EoRAConfig, rank: int, stats: ModuleStats | None) -> LowRankFactors:
+def _solve(
+    delta: torch.Tensor, config: EoRAConfig, rank: int, stats: ModuleStats | None, norm: torch.Tensor | None,
+    amount: float,
+) -> LowRankFactors:
+    """The residual factors; ``norm`` is the (shrunk by ``amount``) second moment EoRA weights the error with."""
     if config.compensation == "none" or rank == 0:
         return LowRankFactors(delta.new_zeros(0, delta.shape[1]), delta.new_zeros(delta.shape[0], 0))
     if stats is None:
@@ -86,9 +102,9 @@ def _solve(delta: torch.Tensor, config: EoRAConfig, rank: int, stats: ModuleStat
     form = config.form
     if form == "auto":  # the eigen form's in x in eigendecomposition is shared by modules reading the same input
         form = "eigen" if in_features <= out_features else "inverse_free"
-    if form == "eigen":
+    if form == "eigen" and amount == 0:
         return eora_factors(delta, rank=rank, form="eigen", eigen=stats.eigen())
-    return eora_factors(delta, stats.moment.mean(), rank, form=form)
+    return eora_factors(delta, norm, rank, form=form)  # a shrunk moment is this module's own: nothing to share
 
 
 def _quantize_adapters(
