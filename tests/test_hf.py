@@ -306,8 +306,9 @@ def test_cli_quantize_writes_a_directory_from_pretrained_loads(tiny_dir, tmp_pat
     assert code == 0
     loaded = AutoModelForCausalLM.from_pretrained(out)
     reference = tiny_llama()
-    quantize_(reference, EoRAConfig(rank=4, base=RTNConfig(3, 32), compensation="svd"),
-              filter_fn=_decoder_linears)
+    # the CLI's defaults: 4-bit adapters, grouped by the largest power of two up to 32 that divides the rank
+    quantize_(reference, EoRAConfig(rank=4, base=RTNConfig(3, 32), compensation="svd", adapter_bits=4,
+                                    adapter_group_size=4), filter_fn=_decoder_linears)
     batch = token_batches(1, seed=8)[0]
     assert torch.equal(_logits(loaded, batch), _logits(reference, batch))
     assert (out / "tokenizer.json").exists()
