@@ -213,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--calib-samples", type=_count(1), default=128, help="calibration windows of 512 tokens (default 128)")
     d.add_argument("--eval-tokens", type=_count(0), default=20_000, help="held-out perplexity tokens (default 20000)")
     d.add_argument("--task-limit", type=_count(1), default=100, help="documents per zero-shot task (default 100)")
+    d.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype to load and run the model in (default: float32; statistics and solves stay fp32/fp64)")
 
     x = sub.add_parser("export-peft", help="write a saved EoRA model's residuals as a PEFT LoRA adapter",
                        description="Write adapter_model.safetensors + adapter_config.json (lora_A = A, lora_B = B, "
@@ -400,7 +402,7 @@ def cmd_demo(args) -> int:
     check_output_dir(args.out, overwrite=args.overwrite)
     tasks = _tasks(DEFAULT_TASKS)
     base = RTNConfig(bits=3, group_size=64)
-    model, tokenizer = load_model(None)
+    model, tokenizer = load_model(None, _dtype(args.dtype))
 
     def run(name, m, config=None):
         timer = Timer()
@@ -410,7 +412,7 @@ def cmd_demo(args) -> int:
                            timer=timer)
         return _row(name, metrics, sum(timer.seconds.values()), peak_memory_gib())
 
-    rows = [run("SmolLM2-135M fp32", model)]
+    rows = [run(f"SmolLM2-135M {args.dtype}", model)]
     rows.append(run("3-bit g64 RTN", copy.deepcopy(model), EoRAConfig(base=base, compensation="none")))
     eora = EoRAConfig(rank=DEFAULT_RANK, base=base, adapter_bits=DEFAULT_ADAPTER_BITS)
     rows.append(run(f"3-bit g64 RTN + EoRA r{DEFAULT_RANK} int{DEFAULT_ADAPTER_BITS}", model, eora))
