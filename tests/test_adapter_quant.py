@@ -341,5 +341,8 @@ def test_cli_flags_build_the_adapter_config():
     config = cli._config_from_args(args)
     assert (config.adapter_bits, config.adapter_group_size, config.adapter_resolve) == (4, 16, False)
     args = cli.build_parser().parse_args(["quantize", "--rank", "48", "--adapter-bits", "4", "--out", "x"])
+    assert cli._config_from_args(args).adapter_group_size == 16  # the default group divides the rank
+    args = cli.build_parser().parse_args(["quantize", "--rank", "48", "--adapter-bits", "4", "--adapter-group-size",
+                                          "32", "--out", "x"])
     with pytest.raises(ValueError, match="adapter_group_size 32 does not divide rank=48"):
         cli._config_from_args(args)
