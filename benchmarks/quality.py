@@ -80,6 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--suite", default="rtn", choices=["rtn", "paper"],
                    help="rtn (default): RTN bits x ranks; paper: SparseGPT 2:4, Wanda 2:4, GPTQ 3-bit, GPTQ 4-bit + "
                         "SparseGPT 2:4, each with none / svd / eora at the first --ranks value (default 64)")
+    p.add_argument("--compressions", nargs="+", default=[key for key, *_ in PAPER], choices=[key for key, *_ in PAPER],
+                   help="the paper suite's compressions to run (default: all four)")
     p.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2], help="base RTN bit widths (default 4 3 2)")
     p.add_argument("--group-size", type=int, default=64, help="quantization group size: RTN, and GPTQ in the paper suite (default 64)")
     p.add_argument("--ranks", type=int, nargs="+", default=None,
@@ -349,6 +351,8 @@ def main(argv=None) -> int:
     else:
         rank = args.ranks[0]
         for key, _, make, _ in PAPER:
+            if key not in args.compressions:
+                continue
             base = make(args.group_size)
             quantizer = base.quantizer if isinstance(base, PruneConfig) else base
             row = {"compression": key, "bits": getattr(quantizer, "bits", None),

@@ -31,6 +31,11 @@ def test_full_shrinkage_is_plain_svd_and_none_is_eora():
     torch.testing.assert_close(half, 0.5 * values + 0.5 * values.mean())
 
 
+def _folds(delta, halves):
+    """Both ways round, one error: the folds of a data-free compressor."""
+    return [(delta, halves[0], halves[1]), (delta, halves[1], halves[0])]
+
+
 def _held_out_error(delta, fit, score, rank, amount):
     f = eora_factors(delta, shrink(fit, amount), rank)
     return weighted_error(delta, f, score) ** 2
@@ -45,7 +50,7 @@ def test_chosen_amount_is_the_cross_validated_optimum_of_the_grid(tokens):
     x = torch.randn(2 * tokens, n, generator=g, dtype=torch.float64) @ mix
     halves = (_moment_of(x[:tokens]), _moment_of(x[tokens:]))
     delta = _error(48, n)
-    chosen = choose_shrinkage(delta, halves, rank)
+    chosen = choose_shrinkage(_folds(delta, halves), rank)
     errors = {a: _held_out_error(delta, halves[0], halves[1], rank, a)
               + _held_out_error(delta, halves[1], halves[0], rank, a) for a in SHRINKAGE_GRID}
     assert errors[chosen] <= min(errors.values()) * (1 + 1e-6)
@@ -65,7 +70,8 @@ def test_unrelated_halves_choose_plain_svd():
     second[-4:, -4:] = torch.eye(4, dtype=torch.float64) * 100
     second += 1e-3 * torch.eye(n, dtype=torch.float64)
     first += 1e-3 * torch.eye(n, dtype=torch.float64)
-    assert choose_shrinkage(torch.randn(32, n, generator=g, dtype=torch.float64), (first, second), 4) == 1.0
+    delta = torch.randn(32, n, generator=g, dtype=torch.float64)
+    assert choose_shrinkage(_folds(delta, (first, second)), 4) == 1.0
 
 
 def _window_inputs(model, batches):
@@ -142,3 +148,31 @@ def test_quantize_uses_the_configured_amount():
 def test_bad_shrinkage_is_a_clear_error(bad):
     with pytest.raises(ValueError, match="shrinkage must be 'auto' or a number in"):
         EoRAConfig(shrinkage=bad)
+
+
+def test_calibrated_compressors_are_cross_validated_on_a_compression_of_the_fitting_half():
+    """GPTQ saw both halves: each fold's error must come from compressing on its fitting half alone (else the
+    scoring half is not held out); RTN's error is data-free and shared by both folds."""
+    from torchao_eora import GPTQConfig
+    from torchao_eora.calibration import ModuleStats, SecondMoment
+    from torchao_eora.solver import eigen_of
+    from torchao_eora.transform import _cross_validation_folds
+
+    g = torch.Generator().manual_seed(4)
+    n = 64
+    x = torch.randn(400, n, generator=g) @ torch.randn(n, n, generator=g)
+    moment = SecondMoment(x.T @ x, 400)
+    moment.half, moment.n_half = x[:200].T @ x[:200], 200
+    stats = ModuleStats(moment, lambda: eigen_of(moment.mean()))
+    w = torch.randn(32, n, generator=g)
+    first, second = moment.halves()
+    gptq = EoRAConfig(rank=4, base=GPTQConfig(bits=3, group_size=32))
+    delta = w - gptq.base.compress(w, moment.mean()).dequantize(torch.float32)
+    folds = _cross_validation_folds(w, delta, gptq, 4, stats, attention=False)
+    for (error, fit, score), (expect_fit, expect_score) in zip(folds, [(first, second), (second, first)]):
+        assert torch.equal(fit, expect_fit) and torch.equal(score, expect_score)
+        torch.testing.assert_close(error, w - gptq.base.compress(w, fit).dequantize(torch.float32))
+        assert not torch.allclose(error, delta)
+    rtn = EoRAConfig(rank=4, base=RTNConfig(bits=3, group_size=32))
+    assert all(error is delta for error, _, _ in _cross_validation_folds(w, delta, rtn, 4, stats, attention=False))
+    assert _cross_validation_folds(w, delta, EoRAConfig(rank=4, base=rtn.base, shrinkage=0.1), 4, stats, False) is None

@@ -250,21 +250,21 @@ def shrink(second_moment: torch.Tensor, amount: float) -> torch.Tensor:
 
 
 def choose_shrinkage(
-    delta: torch.Tensor,
-    halves: tuple[torch.Tensor, torch.Tensor],
+    folds: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     rank: int,
     grid: tuple[float, ...] = SHRINKAGE_GRID,
 ) -> float:
-    """The shrinkage amount of ``grid`` whose rank-``rank`` EoRA residual generalises best across the two halves of
-    the calibration data (``halves``: the mean second moments of the even- and odd-numbered windows).
+    """The shrinkage amount of ``grid`` whose rank-``rank`` EoRA residual generalises best across cross-validation
+    ``folds``: ``(delta, fit, score)``, the error to fit and the mean second moments of the fitting and the held-out
+    calibration windows (two folds: even- and odd-numbered windows, each way round).
 
-    Each half in turn is the fit: its eigenbasis ``U, l`` gives the shrunk problem ``dW U diag(sqrt l_a)``, whose top
-    left singular vectors ``P`` span ``B A = P P^T dW``; the other half scores it by the exact held-out error
-    ``tr(G) - tr(P^T G P)``, ``G = dW C_score dW^T``. Ties go to the smaller amount. Costs one ``in x in``
-    eigendecomposition per half and one truncated SVD per half and amount."""
-    d = delta.to(torch.float64)
+    Each fold's fit eigenbasis ``U, l`` gives the shrunk problem ``dW U diag(sqrt l_a)``, whose top left singular
+    vectors ``P`` span ``B A = P P^T dW``; the held-out moment scores it by the exact error ``tr(G) - tr(P^T G P)``,
+    ``G = dW C_score dW^T``. Ties go to the smaller amount. Costs one ``in x in`` eigendecomposition per fold and one
+    truncated SVD per fold and amount."""
     errors = torch.zeros(len(grid), dtype=torch.float64)
-    for fit, score in (halves, halves[::-1]):
+    for delta, fit, score in folds:
+        d = delta.to(torch.float64)
         values, vectors = _eigh(0.5 * (fit.to(torch.float64) + fit.to(torch.float64).T))
         values = values.clamp_min(0.0)
         mean = float(values.mean())

@@ -50,8 +50,9 @@ def eora_quantize_tensor(
     with timer("compress"):
         compressed = config.base.compress(w32, compressor_moment)
         delta = w32 - compressed.dequantize(torch.float32)  # in fp32: the error underflows in fp16/bf16
+        folds = _cross_validation_folds(w32, delta, config, rank, weighted, attention)
     with timer("solve"):
-        amount = _shrinkage(delta, config, rank, weighted)
+        amount = _shrinkage(folds, config, rank)
         norm = None if weighted is None else moment if amount == 0 else shrink(moment, amount)  # the residual's
         factors = _solve(delta, config, rank, weighted, norm, amount)
     for _ in range(config.refine_rounds if rank else 0):
@@ -70,15 +71,33 @@ def eora_quantize_tensor(
     return QuantWithLowRank.from_parts(compressed, factors, dtype=weight.dtype)
 
 
-def _shrinkage(delta: torch.Tensor, config: EoRAConfig, rank: int, stats: ModuleStats | None) -> float:
-    """EoRA's shrinkage amount for this module: the config's number, or cross-validated over the calibration's two
-    halves (``"auto"``; 0 when the statistics were not split)."""
-    if stats is None or config.compensation != "eora" or rank == 0:
-        return 0.0
-    if config.shrinkage != "auto":
-        return float(config.shrinkage)
+def _cross_validation_folds(
+    w32: torch.Tensor, delta: torch.Tensor, config: EoRAConfig, rank: int, stats: ModuleStats | None,
+    attention: bool,
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None:
+    """The ``(error, fit moment, score moment)`` folds that ``shrinkage="auto"`` is chosen on, or None when there is
+    nothing to choose (a fixed amount, no EoRA, rank 0, or statistics that were not split in halves).
+
+    A calibrated compressor (GPTQ, SparseGPT, Wanda) fitted ``W_c`` to both halves, so its error is already small
+    where the scoring half looks and that half is not held out: each fold's error comes from compressing ``W``
+    again on its fitting half alone (two more compressions per module)."""
+    if stats is None or config.compensation != "eora" or rank == 0 or config.shrinkage != "auto":
+        return None
     halves = stats.moment.halves()
-    return 0.0 if halves is None else choose_shrinkage(delta, halves, rank)
+    if halves is None:
+        return None
+    fits = (halves, halves[::-1])
+    if not getattr(config.base, "needs_calibration", False) or attention:  # data-free, or fitted to another moment
+        return [(delta, fit, score) for fit, score in fits]
+    return [(w32 - config.base.compress(w32, fit).dequantize(torch.float32), fit, score) for fit, score in fits]
+
+
+def _shrinkage(folds: list | None, config: EoRAConfig, rank: int) -> float:
+    """EoRA's shrinkage amount for this module: the config's number, or cross-validated on ``folds`` (``"auto"``;
+    0 when there are no folds)."""
+    if folds is None:
+        return 0.0 if config.shrinkage == "auto" or config.compensation != "eora" else float(config.shrinkage)
+    return choose_shrinkage(folds, rank)
 
 
 def _residual_error(delta: torch.Tensor, factors: LowRankFactors, moment: torch.Tensor | None) -> float:
