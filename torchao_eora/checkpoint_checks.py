@@ -48,7 +48,8 @@ def check_checkpoint(model: torch.nn.Module, files: Iterable[str]) -> None:
     ``(rows, cols * N / 8)``) or int8 one per byte; int8 zero points, floating scales and full-precision adapters;
     floating tensors for floating parameters), and int8 intx values must lie in the range of their bit width
     (``qdata`` of an int3 base in [-4, 3]): this reads those tensors, one at a time and in slices, so memory stays
-    bounded (every bit pattern of a packed tensor is a valid value: nothing to read). Raises ``ValueError`` naming the tensor.
+    bounded (every bit pattern of a packed tensor is a valid value: nothing to read). Raises ``ValueError`` naming
+    the tensor.
     (transformers 5.17 does not compare shapes at all when a quantizer is active, and none of its versions compare
     dtypes or values: a wrong dtype fails with an opaque conversion error, or loads as wrong numbers.)
     """

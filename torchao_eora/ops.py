@@ -6,10 +6,10 @@
   ``(x @ A^T) @ B^T``, the residual path fused into the base matmul.
 
 ``qdata`` is int8 (one intN value each) or uint8 holding bit-packed int2/int3/int4 values (``packing.py``; the
-width follows from the row length ``x`` has). ``x`` is 2-D (callers flatten once). CPU runs a plain-PyTorch implementation eagerly and lowers to its
-decomposition under torch.compile (see the end of this file); CUDA runs the Triton kernels in
-``torchao_eora.kernels`` and stays opaque, and the Inductor pass in ``torchao_eora.inductor_passes`` rewrites
-``quant_linear + mm(mm(x, A^T), B^T)`` into ``eora_linear``.
+width follows from the row length ``x`` has). ``x`` is 2-D (callers flatten once). CPU runs a plain-PyTorch
+implementation eagerly and lowers to its decomposition under torch.compile (see the end of this file); CUDA runs
+the Triton kernels in ``torchao_eora.kernels`` and stays opaque, and the Inductor pass in
+``torchao_eora.inductor_passes`` rewrites ``quant_linear + mm(mm(x, A^T), B^T)`` into ``eora_linear``.
 Both ops are differentiable in ``x`` (and ``eora_linear`` in ``A`` and ``B``); the base stays frozen.
 """
 

@@ -28,7 +28,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["PACKED_BITS", "as_int8", "can_pack", "pack_intx", "packed_bits", "packed_cols", "packing_unit", "unpack_intx"]
+__all__ = [
+    "PACKED_BITS", "as_int8", "can_pack", "pack_intx", "packed_bits", "packed_cols", "packing_unit", "unpack_intx",
+]
 
 # bit width -> values per packing unit (the fewest values that fill whole bytes)
 PACKED_BITS = {2: 4, 3: 8, 4: 2}

@@ -5,8 +5,8 @@ The base weight uses torchao's portable intx fields (``qdata`` holding intN valu
 ``B`` (out x r) are plain tensors in the compute dtype, or, quantized (``adapter_dtype`` set), tensors holding
 intN values with their own per-group ``A_scale`` / ``A_zero_point`` and ``B_scale`` / ``B_zero_point`` (the same
 layout as the base; ``A`` grouped along ``in``, ``B`` along the rank). intN values of 2, 3 or 4 bits are held
-bit-packed in uint8, row by row (``packing.py``; see the class docstring), wider ones one per int8. Every inner tensor is a plain contiguous
-tensor so the subclass flattens one level deep (torch.compile, state_dict, safetensors).
+bit-packed in uint8, row by row (``packing.py``; see the class docstring), wider ones one per int8. Every inner
+tensor is a plain contiguous tensor so the subclass flattens one level deep (torch.compile, state_dict, safetensors).
 """
 
 from __future__ import annotations
