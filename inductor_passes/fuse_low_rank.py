@@ -7,7 +7,10 @@ It rewrites, in the post-grad graph (before Inductor's own passes fold ``mm + mm
 for two kinds of base:
 - ``torchao_eora::quant_linear`` (what ``QuantWithLowRank`` emits), in the ``add`` and ``addmm`` forms;
 - a torchao intx weight dequantized in the graph, ``mm(x, ((q - zero_point) * scale)^T)`` (what a PEFT LoRA
-  layer over an ``IntxWeightOnlyConfig`` base emits, with its ``reshape``s and ``* scaling``).
+  layer over an ``IntxWeightOnlyConfig`` base emits, with its ``reshape``s and ``* scaling``, and what
+  ``quant_linear`` becomes on CPU, where it is decomposed before this pass runs). ``q`` is int8 values, or the
+  unpacking of bit-packed uint8 values (``torchao_eora.packing``): a subgraph checked to compute exactly
+  ``unpack_intx`` of one uint8 tensor, which the fused op then takes packed.
 
 Install it with ``install_fusion_pass()``; it chains any pass already installed in the same hook.
 """
@@ -32,6 +35,7 @@ from torch._inductor.pattern_matcher import (
 from torch.fx import Node
 
 from ..ops import eora_linear, quant_linear  # noqa: F401  (registers torch.ops.torchao_eora.*)
+from ..packing import PACKED_BITS, packed_bits, unpack_intx
 
 __all__ = ["FuseLowRankPass", "install_fusion_pass", "fusion_pass_installed"]
 
@@ -143,11 +147,89 @@ def _intx_fields(weight: Node) -> Optional[tuple[Node, Node, Node, int]]:
     qdata, zero_point = (_strip(a, _VIEWS_AND_CASTS) for a in diff.args)
     scale = _strip(scale, _VIEWS_AND_CASTS)
     q, z, s, w = _val(qdata), _val(zero_point), _val(scale), _val(weight)
-    if any(t is None for t in (q, z, s, w)) or q.dtype != torch.int8 or q.dim() != 2 or q.shape != w.shape:
+    if any(t is None for t in (q, z, s, w)) or w.dim() != 2:
         return None
-    if s.dim() != 2 or z.shape != s.shape or s.shape[0] != q.shape[0] or q.shape[1] % s.shape[1]:
+    if q.dtype != torch.int8 or q.shape != w.shape:
+        qdata = _packed_source(qdata, *w.shape)  # bit-packed values, unpacked in the graph
+        if qdata is None:
+            return None
+    if s.dim() != 2 or z.shape != s.shape or s.shape[0] != w.shape[0] or w.shape[1] % s.shape[1]:
         return None
-    return qdata, scale, zero_point, q.shape[1] // s.shape[1]
+    return qdata, scale, zero_point, w.shape[1] // s.shape[1]
+
+
+_MAX_UNPACK_NODES = 64
+
+
+def _packed_source(root: Node, out_features: int, in_features: int) -> Optional[Node]:
+    """The uint8 node whose bit-packed values ``root`` unpacks (``root`` reshaped to ``(out, in)`` row-major being
+    ``unpack_intx(source, bits)``), or None.
+
+    The subgraph from one uint8 ``(out, in * bits / 8)`` tensor to ``root`` must be pure, deterministic aten ops; it
+    is then run on every byte value and on random bytes and compared with :func:`unpack_intx`: whatever form the
+    decompositions gave the unpacking, only a subgraph computing exactly it is accepted.
+    """
+    def packed_bits_of(val) -> Optional[int]:
+        """The width of a uint8 (out, in * bits / 8) tensor, else None (other uint8 tensors are walked through)."""
+        if not isinstance(val, torch.Tensor) or val.dtype != torch.uint8 or val.dim() != 2:
+            return None
+        if val.shape[0] != out_features:
+            return None
+        try:
+            return packed_bits(val.shape[1], in_features)
+        except ValueError:
+            return None
+
+    nodes: set[Node] = set()
+    sources: set[Node] = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if node in nodes or node in sources:
+            continue
+        if node is not root and packed_bits_of(_val(node)) is not None:
+            sources.add(node)
+            continue
+        target = node.target
+        if (node.op != "call_function" or not isinstance(target, torch._ops.OpOverload) or target._schema.is_mutable
+                or torch.Tag.nondeterministic_seeded in target.tags or len(nodes) >= _MAX_UNPACK_NODES):
+            return None
+        nodes.add(node)
+        stack.extend(node.all_input_nodes)
+    if len(sources) != 1:
+        return None
+    (source,) = sources
+    bits = packed_bits_of(_val(source))
+    if bits not in PACKED_BITS or _val(root) is None or _val(root).numel() != out_features * in_features:
+        return None
+    return source if _computes_unpack(root, nodes, source, bits) else None
+
+
+def _computes_unpack(root: Node, nodes: set[Node], source: Node, bits: int) -> bool:
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    graph = torch.fx.Graph()
+    env = {source: graph.placeholder("packed")}
+    for node in root.graph.nodes:  # graph order is a topological order
+        if node in nodes:
+            env[node] = graph.node_copy(node, lambda n: env[n])
+    graph.output(env[root])
+    module = torch.fx.GraphModule(torch.nn.Module(), graph)
+    rows, width = _val(source).shape
+    with unset_fake_temporarily(), torch.no_grad():
+        every_byte = torch.arange(rows * width, dtype=torch.int64).remainder(256).to(torch.uint8).reshape(rows, width)
+        noise = torch.randint(0, 256, (rows, width), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+        for sample in (every_byte, every_byte.flip(1).contiguous(), noise):
+            try:
+                got = module(sample)
+            except Exception:  # noqa: BLE001  (a subgraph that does not run on real bytes is not an unpacking)
+                return False
+            want = unpack_intx(sample, bits)
+            if not isinstance(got, torch.Tensor) or got.numel() != want.numel() or got.is_floating_point():
+                return False
+            if not torch.equal(got.reshape(want.shape).to(torch.int64), want.to(torch.int64)):
+                return False
+    return True
 
 
 def _check_torchao_intx(match: Match) -> bool:

@@ -53,8 +53,13 @@ def _retype(key: str, dtype: torch.dtype):
     return lambda t: t.__setitem__(key, t[key].to(dtype))
 
 
-def _put(key: str, index: tuple[int, int], value: int):
+def _put(key: str, index: tuple[int, int], value: int, bits: int):
+    """Store ``key`` as an old checkpoint did (one intN value per int8) with one value out of range: every byte of a
+    bit-packed tensor is a valid value, so only int8 containers can hold one."""
+    from torchao_eora.packing import unpack_intx
+
     def edit(t):
+        t[key] = unpack_intx(t[key], bits)
         t[key][index] = value
 
     return edit
@@ -63,9 +68,9 @@ def _put(key: str, index: tuple[int, int], value: int):
 TAMPERED = {  # name: (edit, pattern the error must match)
     "A as int8": (_retype(f"{Q_PROJ}._weight_A", torch.int8), rf"{Q_PROJ}\._weight_A.*int8.*floating"),
     "qdata out of int3 range": (
-        _put(f"{Q_PROJ}._weight_qdata", (1, 2), 5), rf"{Q_PROJ}\._weight_qdata.*outside.*\[-4, 3\]"
+        _put(f"{Q_PROJ}._weight_qdata", (1, 2), 5, 3), rf"{Q_PROJ}\._weight_qdata.*outside.*\[-4, 3\]"
     ),
-    "qdata int32": (_retype(f"{Q_PROJ}._weight_qdata", torch.int32), rf"{Q_PROJ}\._weight_qdata.*int32.*int8"),
+    "qdata int32": (_retype(f"{Q_PROJ}._weight_qdata", torch.int32), rf"{Q_PROJ}\._weight_qdata.*int32.*uint8.*int8"),
     "scale int8": (_retype(f"{Q_PROJ}._weight_scale", torch.int8), rf"{Q_PROJ}\._weight_scale.*floating"),
     "zero_point float": (
         _retype(f"{Q_PROJ}._weight_zero_point", torch.float32), rf"{Q_PROJ}\._weight_zero_point.*float32.*int8"
@@ -85,7 +90,7 @@ def test_tampered_dtype_or_range_is_refused_before_loading(saved, tmp_path, case
 
 
 ADAPTER_TAMPERED = {
-    "A out of int4 range": (_put(f"{Q_PROJ}._weight_A", (0, 0), 8), rf"{Q_PROJ}\._weight_A.*outside.*\[-8, 7\]"),
+    "A out of int4 range": (_put(f"{Q_PROJ}._weight_A", (0, 0), 8, 4), rf"{Q_PROJ}\._weight_A.*outside.*\[-8, 7\]"),
     "B as float": (_retype(f"{Q_PROJ}._weight_B", torch.float32), rf"{Q_PROJ}\._weight_B.*float32.*int8"),
     "A_zero_point int32": (
         _retype(f"{Q_PROJ}._weight_A_zero_point", torch.int32), rf"{Q_PROJ}\._weight_A_zero_point.*int8"

@@ -46,16 +46,20 @@ def _compiled_with_pass(module, *inputs):
 # ---- the ops -----------------------------------------------------------------------------------------------------
 
 
-def _fp64_fields():
+def _fp64_fields(packed=True):
+    """The weight's fields in fp64; ``qdata`` as held (int4 bit-packed, uint8) or unpacked to one int8 a value."""
     w = _weight()
-    return w.qdata, w.scale.double(), w.zero_point, w.A.double(), w.B.double()
+    return w.qdata if packed else w.values("qdata"), w.scale.double(), w.zero_point, w.A.double(), w.B.double()
 
 
-def test_ops_compute_the_dequantized_reference_in_fp64():
-    qdata, scale, zero_point, A, B = _fp64_fields()
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "int8"])
+def test_ops_compute_the_dequantized_reference_in_fp64(packed):
+    qdata, scale, zero_point, A, B = _fp64_fields(packed)
+    assert qdata.dtype == (torch.uint8 if packed else torch.int8)
     x = torch.randn(5, IN, dtype=torch.float64)
     bias = torch.randn(OUT, dtype=torch.float64)
-    w_c = (qdata.double() - zero_point.double().repeat_interleave(GROUP, 1)) * scale.repeat_interleave(GROUP, 1)
+    values = _fp64_fields(packed=False)[0].double()
+    w_c = (values - zero_point.double().repeat_interleave(GROUP, 1)) * scale.repeat_interleave(GROUP, 1)
     torch.testing.assert_close(quant_linear(x, qdata, scale, zero_point, GROUP, bias), x @ w_c.T + bias)
     fused = eora_linear(x, qdata, scale, zero_point, GROUP, A, B, bias)
     torch.testing.assert_close(fused, x @ (w_c + B @ A).T + bias)
@@ -106,6 +110,44 @@ def test_low_rank_linear_is_fused_and_compiled_equals_eager(bias, shape):
     assert fused == 1
     with torch.no_grad():
         torch.testing.assert_close(out, lin(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_bit_packed_int2_and_int3_bases_are_fused_too(bits):
+    """On CPU ``quant_linear`` is decomposed before the pass; the pass finds the packed tensor behind the unpacking."""
+    lin = torch.nn.Linear(IN, OUT, bias=True)
+    lin.weight = torch.nn.Parameter(_weight(bits=bits), requires_grad=False)
+    assert lin.weight.qdata.dtype == torch.uint8
+    x = torch.randn(5, IN)
+    out, fused = _compiled_with_pass(lin, x)
+    assert fused == 1
+    with torch.no_grad():
+        torch.testing.assert_close(out, lin(x), rtol=1e-5, atol=1e-5)
+
+
+def test_only_a_subgraph_computing_the_unpacking_counts_as_one():
+    from torch._inductor.decomposition import select_decomp_table
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from torchao_eora.inductor_passes.fuse_low_rank import _VIEWS_AND_CASTS, _packed_source, _strip
+    from torchao_eora.packing import unpack_intx
+
+    packed = torch.randint(0, 256, (4, 6), dtype=torch.uint8)  # 16 int3 values a row
+
+    def source_of(fn, in_features=16):
+        graph = make_fx(fn, decomposition_table=select_decomp_table(), tracing_mode="fake")(packed).graph
+        (out,) = [n for n in graph.nodes if n.op == "output"]
+        result = out.args[0][0] if isinstance(out.args[0], (list, tuple)) else out.args[0]
+        return _packed_source(_strip(result, _VIEWS_AND_CASTS), 4, in_features), graph
+
+    found, graph = source_of(lambda p: unpack_intx(p, 3).float())
+    assert found is not None and found.op == "placeholder"
+    assert source_of(lambda p: (unpack_intx(p, 3) ^ 1).float())[0] is None  # a different function of the bytes
+    assert source_of(lambda p: unpack_intx(p, 3).flip(1).float())[0] is None  # values out of order
+    # the unpacking of a uint8 tensor derived from the input: that tensor is what the fused op gets
+    shuffled, _ = source_of(lambda p: unpack_intx(p.view(4, 3, 2).transpose(1, 2).reshape(4, 6), 3).float())
+    assert shuffled is not None and shuffled.op == "call_function"
+    assert source_of(lambda p: unpack_intx(p, 3).float(), in_features=24)[0] is None  # not (4, 24) values
 
 
 @pytest.mark.parametrize("bias", [False, True])

@@ -211,6 +211,27 @@ def test_kernels_run_interpreted_on_cpu():
     assert dg.is_interpreted() != _CUDA
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_packed_quant_with_low_rank_through_the_kernel(bits):
+    """A QuantWithLowRank holds int2/3/4 bit-packed: packed int4 reaches the kernel as it is, int2/int3 unpacked
+    (``ops.kernel_qdata``, what the CUDA op registrations call); the result is the fp64 reference's."""
+    from torchao_eora import QuantWithLowRank, RTNConfig, svd_factors
+    from torchao_eora.ops import kernel_qdata
+
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(40, 64, generator=g)
+    base = RTNConfig(bits, 32).compress(w)
+    q = QuantWithLowRank.from_parts(base, svd_factors(w - base.dequantize(), 8))
+    assert q.qdata.dtype == torch.uint8
+    qdata = kernel_qdata(q.qdata, 64, 32)
+    assert (qdata is q.qdata) == (bits == 4) and qdata.dtype == (torch.uint8 if bits == 4 else torch.int8)
+    x, bias = torch.randn(20, 64, generator=g), torch.randn(40, generator=g)
+    fields = [t.to(DEVICE) for t in (x, qdata, q.scale, q.zero_point)]
+    y = dg.quant_linear_triton(*fields, 32, bias.to(DEVICE), q.A.to(DEVICE), q.B.to(DEVICE))
+    ref = x.double() @ q.dequantize(torch.float64).T + bias.double()
+    check(y, ref.to(y.device), torch.float32)
+
+
 def test_pack_int4_roundtrip():
     g = torch.Generator().manual_seed(0)
     q = torch.randint(-8, 8, (5, 18), generator=g, dtype=torch.int8)

@@ -40,7 +40,8 @@ def test_the_declared_layout_is_the_constructor_and_the_shapes():
             t = getattr(q, name)
             if t is None:
                 continue
-            assert tuple(t.shape) == field.shape(dims, getattr(q, field.group_attribute)), (kwargs, name)
+            packed_bits = q.value_bits(name) if q.is_packed(name) else None  # uint8, bits / 8 bytes a value
+            assert tuple(t.shape) == field.shape(dims, getattr(q, field.group_attribute), packed_bits), (kwargs, name)
             assert t.is_floating_point() == field.is_floating(getattr(q, field.dtype_attribute)), (kwargs, name)
         bits = {"qdata": q.bits, "A": q.adapter_bits, "B": q.adapter_bits}
         assert {name: q.value_bits(name) for name in cls.fields} == {name: bits.get(name) for name in cls.fields}
@@ -53,7 +54,7 @@ def test_linear_matches_dense_reference(shape, bias, dense):
     _, q = _weight(dense=dense)
     x = torch.randn(shape)
     b = torch.randn(48) if bias else None
-    ref = F.linear(x.double(), q.dequantize_base().double() + q.B.double() @ q.A.double(), None if b is None else b.double())
+    ref = F.linear(x.double(), q.dequantize(torch.float64), None if b is None else b.double())
     out = F.linear(x, q, b)
     assert out.shape == (*shape[:-1], 48)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
@@ -99,7 +100,7 @@ def test_to_dtype_casts_floating_fields_and_keeps_int_values():
     h = q.to(torch.bfloat16)
     assert isinstance(h, QuantWithLowRank) and h.dtype == torch.bfloat16
     assert h.A.dtype == h.B.dtype == h.scale.dtype == torch.bfloat16
-    assert torch.equal(h.qdata, q.qdata) and h.qdata.dtype == torch.int8
+    assert torch.equal(h.qdata, q.qdata) and h.qdata.dtype == torch.uint8  # int3 values, bit-packed
     x = torch.randn(4, 64)
     torch.testing.assert_close(F.linear(x.bfloat16(), h).float(), F.linear(x, q), rtol=3e-2, atol=3e-1)
     with pytest.raises(TypeError, match="floating"):

@@ -9,6 +9,7 @@ from typing import Iterable, NamedTuple
 
 import torch
 
+from .packing import PACKED_BITS, can_pack, packing_unit
 from .tensor import QuantWithLowRank
 
 __all__ = ["check_checkpoint", "dtype_problem", "is_floating", "read_headers"]
@@ -42,10 +43,13 @@ def check_checkpoint(model: torch.nn.Module, files: Iterable[str]) -> None:
 
     Every entry of the torchao metadata must have its tensors (a plain tensor, or each field of a tensor subclass),
     no other tensor may be in the files, and shapes must fit each other and the model: ``QuantWithLowRank`` fields
-    by their layout, plain tensors by the model's parameter. Dtypes must be the layout's too (int8 ``qdata`` and
-    zero points, floating scales and adapters, int8 quantized adapters; floating tensors for floating parameters),
-    and intx values must lie in the range of their bit width (``qdata`` of an int3 base in [-4, 3]): this reads
-    those tensors, one at a time and in slices, so memory stays bounded. Raises ``ValueError`` naming the tensor.
+    by their layout, plain tensors by the model's parameter. Dtypes must be the layout's too (intN values in
+    ``qdata`` and quantized adapters as uint8 bit-packed (widths 2 to 4, rows in whole packing units: shape
+    ``(rows, cols * N / 8)``) or int8 one per byte; int8 zero points, floating scales and full-precision adapters;
+    floating tensors for floating parameters), and int8 intx values must lie in the range of their bit width
+    (``qdata`` of an int3 base in [-4, 3]): this reads those tensors, one at a time and in slices, so memory stays
+    bounded (every bit pattern of a packed tensor is a valid value: nothing to read). Raises ``ValueError`` naming
+    the tensor.
     (transformers 5.17 does not compare shapes at all when a quantizer is active, and none of its versions compare
     dtypes or values: a wrong dtype fails with an opaque conversion error, or loads as wrong numbers.)
     """
@@ -67,9 +71,13 @@ def check_checkpoint(model: torch.nn.Module, files: Iterable[str]) -> None:
             continue
         fqn, param = name.rsplit(".", 1)
         prefix = f"{fqn}._{param}_"
-        layout = _low_rank_layout(prefix, meta, shapes, _model_shape(model, name))
+        layout = _low_rank_layout(prefix, meta, headers, _model_shape(model, name))
         expected.update({prefix + f: layout.get(f) for f in meta.get("_tensor_data_names") or ()})
         kinds.update({prefix + f: kind for f, kind in _low_rank_kinds(meta).items()})
+    present = {k: kind for k, kind in kinds.items() if k in headers}
+    for key, kind in present.items():  # dtypes first (headers only): the shape a field must have depends on it
+        if not kind.accepts(headers[key].dtype):
+            raise ValueError(dtype_problem(key, headers[key].dtype, kind.describe()))
     tied = dict(getattr(model, "all_tied_weights_keys", None) or {})  # {target: source}, e.g. lm_head -> embeddings
     tied.update({source: target for target, source in tied.items()})
     for key, shape in expected.items():
@@ -78,15 +86,15 @@ def check_checkpoint(model: torch.nn.Module, files: Iterable[str]) -> None:
                 continue
             raise ValueError(f"checkpoint tensor {key} is missing")
         if shape is not None and tuple(shapes[key]) != tuple(shape):
-            raise ValueError(f"checkpoint tensor {key} has shape {tuple(shapes[key])}, expected {tuple(shape)}")
+            kind = kinds.get(key)
+            packed = f" ({_packing(kind.bits)})" if headers[key].dtype == "U8" and kind and kind.packable else ""
+            raise ValueError(
+                f"checkpoint tensor {key} has shape {tuple(shapes[key])}, expected {tuple(shape)}{packed}: {_RESAVE}"
+            )
     unexpected = sorted(set(shapes) - set(expected))
     if unexpected:
         raise ValueError(f"unexpected checkpoint tensors (no entry in the torchao metadata): {unexpected[:10]}")
-    present = {k: kind for k, kind in kinds.items() if k in headers}
-    for key, kind in present.items():  # every dtype first (headers only), then the values
-        if not kind.accepts(headers[key].dtype):
-            raise ValueError(dtype_problem(key, headers[key].dtype, kind.describe()))
-    _check_ranges(present, headers)
+    _check_ranges(present, headers)  # then the values
 
 
 # safetensors dtype names, for messages
@@ -98,18 +106,32 @@ _RANGE_CHUNK_BYTES = 64 << 20  # read intx tensors in slices of about this size
 
 
 class _Kind(NamedTuple):
-    """The dtype a checkpoint tensor must have: ``"int8"`` (intx values of ``bits`` bits) or ``"floating"``."""
+    """The dtype a checkpoint tensor must have: ``"int8"`` (intx values of ``bits`` bits, or a zero point) or
+    ``"floating"``. intx values of a packed width may also be uint8 (bit-packed)."""
 
     dtype: str
     bits: int | None = None
 
+    @property
+    def packable(self) -> bool:
+        return self.dtype == "int8" and self.bits in PACKED_BITS
+
     def accepts(self, st_dtype: str) -> bool:
-        return is_floating(st_dtype) if self.dtype == "floating" else st_dtype == "I8"
+        if self.dtype == "floating":
+            return is_floating(st_dtype)
+        return st_dtype == "I8" or (self.packable and st_dtype == "U8")
 
     def describe(self) -> str:
         if self.dtype == "floating":
             return "a floating-point type"
+        if self.packable:
+            return f"uint8 (int{self.bits} values bit-packed) or int8 (one int{self.bits} value a byte)"
         return "int8" + (f" (holding int{self.bits} values)" if self.bits is not None else "")
+
+
+def _packing(bits: int | None) -> str:
+    unit = packing_unit(bits)
+    return f"int{bits} values bit-packed, {unit} in {unit * bits // 8} byte{'s' if unit * bits > 8 else ''}"
 
 
 def is_floating(st_dtype: str) -> bool:
@@ -161,7 +183,8 @@ def _check_ranges(kinds: dict[str, _Kind], headers: dict[str, _Header]) -> None:
 
     by_file: dict[str, list[str]] = {}
     for key, kind in kinds.items():
-        if kind.bits is not None and kind.bits < 8:  # every int8 value is in range
+        # every int8 value is in range of int8, and every byte of a packed (uint8) tensor is a valid value
+        if kind.bits is not None and kind.bits < 8 and headers[key].dtype == "I8":
             by_file.setdefault(headers[key].file, []).append(key)
     # transformers calls check_checkpoint under a meta-device context: the values must really be read
     with torch.device("cpu"):
@@ -207,14 +230,39 @@ def _model_shape(model: torch.nn.Module, name: str) -> tuple[int, ...] | None:
             return None
 
 
-def _low_rank_layout(prefix: str, meta: dict, shapes: dict, model_shape: tuple[int, ...] | None) -> dict:
-    """Field shapes of a ``QuantWithLowRank`` (empty for other tensor subclasses: their layout is torchao's)."""
+def _low_rank_layout(
+    prefix: str, meta: dict, headers: dict[str, _Header], model_shape: tuple[int, ...] | None
+) -> dict:
+    """Field shapes of a ``QuantWithLowRank`` (empty for other tensor subclasses: their layout is torchao's).
+
+    A values field stored as uint8 is bit-packed: ``(rows, cols * N / 8)``, N its part's width."""
     if meta["_type"] != QuantWithLowRank.__name__:
         return {}
     if model_shape is not None and len(model_shape) != 2:
         raise ValueError(f"checkpoint tensor {prefix}qdata is a linear weight, but the model's is {model_shape}")
-    out_features, in_features = model_shape or shapes.get(prefix + "qdata") or (None, None)
-    dims = {"out": out_features, "in": in_features, "rank": (shapes.get(prefix + "A") or [None])[0]}
     data = meta.get("_data", {})
-    layout = {f: field.shape(dims, data.get(field.group_attribute)) for f, field in QuantWithLowRank.fields.items()}
+
+    def packed_bits(name: str) -> int | None:
+        """The width the values of field ``name`` are packed at, if its header says uint8 and the width packs."""
+        header, field = headers.get(prefix + name), QuantWithLowRank.fields[name]
+        bits = _intx_bits(data.get(field.dtype_attribute)) if field.role == "values" else None
+        return bits if header is not None and header.dtype == "U8" and bits in PACKED_BITS else None
+
+    qdata = headers.get(prefix + "qdata")
+    out_features, in_features = model_shape or (qdata.shape if qdata else None) or (None, None)
+    if model_shape is None and qdata and packed_bits("qdata"):
+        in_features = in_features * 8 // packed_bits("qdata")
+    A = headers.get(prefix + "A")
+    dims = {"out": out_features, "in": in_features, "rank": A.shape[0] if A and A.shape else None}
+    layout = {}
+    for name, field in QuantWithLowRank.fields.items():
+        bits = packed_bits(name)
+        cols = dims.get(field.cols)
+        if bits is not None and cols is not None and not can_pack(bits, cols):
+            raise ValueError(
+                f"checkpoint tensor {prefix}{name} is uint8 (bit-packed int{bits} values), but rows of {cols} "
+                f"int{bits} values are not packed ({cols} is not a multiple of {packing_unit(bits)}); expected "
+                f"int8 ({dims.get(field.rows)}, {cols}): {_RESAVE}"
+            )
+        layout[name] = field.shape(dims, data.get(field.group_attribute), bits)
     return {f: shape for f, shape in layout.items() if shape is not None}

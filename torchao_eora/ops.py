@@ -5,10 +5,11 @@
 - ``torchao_eora::eora_linear(x, qdata, scale, zero_point, group_size, A, B, bias)``: the same plus
   ``(x @ A^T) @ B^T``, the residual path fused into the base matmul.
 
-``x`` is 2-D (callers flatten once). CPU runs a plain-PyTorch implementation eagerly and lowers to its
-decomposition under torch.compile (see the end of this file); CUDA runs the Triton kernels in
-``torchao_eora.kernels`` and stays opaque, and the Inductor pass in ``torchao_eora.inductor_passes`` rewrites
-``quant_linear + mm(mm(x, A^T), B^T)`` into ``eora_linear``.
+``qdata`` is int8 (one intN value each) or uint8 holding bit-packed int2/int3/int4 values (``packing.py``; the
+width follows from the row length ``x`` has). ``x`` is 2-D (callers flatten once). CPU runs a plain-PyTorch
+implementation eagerly and lowers to its decomposition under torch.compile (see the end of this file); CUDA runs
+the Triton kernels in ``torchao_eora.kernels`` and stays opaque, and the Inductor pass in
+``torchao_eora.inductor_passes`` rewrites ``quant_linear + mm(mm(x, A^T), B^T)`` into ``eora_linear``.
 Both ops are differentiable in ``x`` (and ``eora_linear`` in ``A`` and ``B``); the base stays frozen.
 """
 
@@ -21,6 +22,7 @@ from torch import Tensor
 from torch._inductor.decomposition import register_decomposition
 
 from .intx import dequantize_intx
+from .packing import as_int8, packed_bits
 
 __all__ = ["quant_linear", "eora_linear"]
 
@@ -28,8 +30,16 @@ __all__ = ["quant_linear", "eora_linear"]
 def _check(x: Tensor, qdata: Tensor, scale: Tensor, group_size: int) -> None:
     if x.dim() != 2:
         raise ValueError(f"quant_linear takes a 2-D input (tokens x in_features); got shape {tuple(x.shape)}")
-    in_features = qdata.shape[1] * (2 if qdata.dtype == torch.uint8 else 1)
-    if x.shape[1] != in_features or scale.shape[1] * group_size != in_features:
+    in_features = x.shape[1]
+    fits = scale.shape[1] * group_size == in_features and qdata.dim() == 2
+    if fits and qdata.dtype == torch.uint8:  # bit-packed: its row must hold in_features values of 2, 3 or 4 bits
+        try:
+            packed_bits(qdata.shape[1], in_features)
+        except ValueError:
+            fits = False
+    elif fits:
+        fits = qdata.shape[1] == in_features
+    if not fits:
         raise ValueError(
             f"shapes do not fit: x {tuple(x.shape)}, qdata {tuple(qdata.shape)}, scale {tuple(scale.shape)}, "
             f"group_size {group_size}"
@@ -54,10 +64,20 @@ def _(x, qdata, scale, zero_point, group_size, bias=None):
     return x.new_empty(x.shape[0], qdata.shape[0])
 
 
+def kernel_qdata(qdata: Tensor, in_features: int, group_size: int) -> Tensor:
+    """``qdata`` as the Triton kernel reads it: int8 values, or packed int4 (two a byte, ``pack_int4``'s layout,
+    which is ``packing.py``'s) as they are. Packed int2 / int3 are unpacked to int8 first, and so is packed int4
+    with an odd group size (a byte would straddle two groups): the kernel decodes int4 nibbles only."""
+    if qdata.dtype == torch.uint8 and (2 * qdata.shape[1] != in_features or group_size % 2):
+        return as_int8(qdata, in_features)
+    return qdata
+
+
 @quant_linear.register_kernel("cuda")
 def _(x, qdata, scale, zero_point, group_size, bias=None):
     from .kernels.dequant_gemm import quant_linear_triton
 
+    qdata = kernel_qdata(qdata, x.shape[1], group_size)
     return quant_linear_triton(x, qdata, scale, zero_point, group_size, bias)
 
 
@@ -108,6 +128,7 @@ def _(x, qdata, scale, zero_point, group_size, A, B, bias=None):
 def _(x, qdata, scale, zero_point, group_size, A, B, bias=None):
     from .kernels.dequant_gemm import quant_linear_triton
 
+    qdata = kernel_qdata(qdata, x.shape[1], group_size)
     return quant_linear_triton(x, qdata, scale, zero_point, group_size, bias, A, B)
 
 

@@ -1,13 +1,16 @@
 """Model size in bytes, every weight counted: the number to put beside perplexity when adapters cost memory.
 
-Two honest numbers, because our intx layout (torchao's ``IntxUnpackedToInt8Tensor`` fields) keeps each intN value
-in an int8:
+Two numbers:
 
 * ``stored``: bytes as held, in memory and in the safetensors file (the file adds only its JSON header): every
-  plain tensor and every inner tensor of a tensor subclass, at its element size.
-* ``packed``: the same, with intN values counted at N bits (``ceil(numel * N / 8)``): what a bit-packed format
-  (e.g. torchao's int4 packings, two values a byte) would need for those fields. Scales, zero points and floating
-  tensors count as stored.
+  plain tensor and every inner tensor of a tensor subclass, at its element size. ``QuantWithLowRank`` holds int2,
+  int3 and int4 values bit-packed (uint8, N bits a value: ``packing.py``), so they count at N bits here already.
+* ``packed``: the same, with intN values still held one per int8 counted at N bits (``ceil(numel * N / 8)``):
+  what full bit packing would need. Scales, zero points and floating tensors count as stored. For a model of
+  ``QuantWithLowRank`` layers with 2-, 3-, 4- or 8-bit parts ``stored == packed``; they differ for widths 5 to 7
+  (kept one per int8), for rows whose length is not a multiple of the packing unit (4 values for int2, 8 for
+  int3, 2 for int4; kept unpacked), and for other tensor subclasses that keep intN values in int8 (torchao's
+  ``IntxUnpackedToInt8Tensor``).
 
 Parameters and persistent buffers are counted (what ``state_dict`` holds); tied weights once.
 """
@@ -35,7 +38,7 @@ def _inner_tensors(t: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def _int_bits(t: torch.Tensor, field: str) -> int | None:
-    """Bits per value of an intN field stored unpacked in int8, or None when the field is stored as it is."""
+    """Bits per value of an intN field (held packed or in int8), or None for any other field."""
     if isinstance(t, QuantWithLowRank):
         return t.value_bits(field)
     target = getattr(t, "target_dtype", None)  # torchao's IntxUnpackedToInt8Tensor
@@ -63,7 +66,8 @@ def model_bytes(model: torch.nn.Module) -> dict[str, int]:
         for field, inner in _inner_tensors(tensor).items():
             stored = inner.numel() * inner.element_size()
             bits = _int_bits(tensor, field)
-            packed = stored if bits is None else math.ceil(inner.numel() * bits / 8)
+            unpacked = bits is not None and inner.dtype == torch.int8  # packed ones are uint8, counted as held
+            packed = math.ceil(inner.numel() * bits / 8) if unpacked else stored
             if isinstance(tensor, QuantWithLowRank):
                 part = tensor.fields[field].part  # "base" or "adapters"
                 sizes[part] += stored

@@ -1,11 +1,12 @@
 """``QuantWithLowRank``: a compressed weight plus a residual low-rank path, ``y = W_c x + B (A x)``.
 
-The base weight uses torchao's portable intx fields (``qdata`` int8 holding intN values, per-group ``scale`` and
+The base weight uses torchao's portable intx fields (``qdata`` holding intN values, per-group ``scale`` and
 ``zero_point``, as in ``IntxUnpackedToInt8Tensor``), or a dense pruned ``qdata`` with no scale. ``A`` (r x in) and
-``B`` (out x r) are plain tensors in the compute dtype, or, quantized (``adapter_dtype`` set), int8 tensors holding
+``B`` (out x r) are plain tensors in the compute dtype, or, quantized (``adapter_dtype`` set), tensors holding
 intN values with their own per-group ``A_scale`` / ``A_zero_point`` and ``B_scale`` / ``B_zero_point`` (the same
-layout as the base; ``A`` grouped along ``in``, ``B`` along the rank). Every inner tensor is a plain contiguous
-tensor so the subclass flattens one level deep (torch.compile, state_dict, safetensors).
+layout as the base; ``A`` grouped along ``in``, ``B`` along the rank). intN values of 2, 3 or 4 bits are held
+bit-packed in uint8, row by row (``packing.py``; see the class docstring), wider ones one per int8. Every inner
+tensor is a plain contiguous tensor so the subclass flattens one level deep (torch.compile, state_dict, safetensors).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .adapter_quant import QuantizedFactors
 from .compressors import CompressedWeight
 from .intx import dequantize_weight
 from .ops import quant_linear
+from .packing import can_pack, pack_intx, packed_cols, packing_unit, unpack_intx
 from .solver import LowRankFactors
 
 __all__ = ["Field", "QuantWithLowRank"]
@@ -34,8 +36,9 @@ class Field(NamedTuple):
     """One tensor field of ``QuantWithLowRank``: its shape in the layer's dimensions, what it holds, and its part.
 
     ``rows`` / ``cols`` name dimensions (``"out"``, ``"in"``, ``"rank"``); a scale or zero point has one column
-    per group of ``cols`` (its part's group size). ``role``: ``"values"`` are intN values in int8 when the part's
-    dtype attribute is set, else floating; a ``"scale"`` is floating; a ``"zero_point"`` is int8. ``part``:
+    per group of ``cols`` (its part's group size). ``role``: ``"values"`` are intN values when the part's dtype
+    attribute is set (int8, or uint8 bit-packed along ``cols``: see ``QuantWithLowRank``), else floating; a
+    ``"scale"`` is floating; a ``"zero_point"`` is int8. ``part``:
     ``"base"`` (``target_dtype``, ``group_size``) or ``"adapters"`` (``adapter_dtype``, ``adapter_group_size``).
     """
 
@@ -58,12 +61,17 @@ class Field(NamedTuple):
         """Whether this field is floating point, given its part's intN dtype (None, or empty: floating values)."""
         return self.role == "scale" or (self.role == "values" and not part_dtype)
 
-    def shape(self, dims: Mapping[str, Optional[int]], group: Optional[int]) -> Optional[tuple[int, int]]:
+    def shape(
+        self, dims: Mapping[str, Optional[int]], group: Optional[int], packed_bits: Optional[int] = None
+    ) -> Optional[tuple[int, int]]:
         """``(rows, cols)`` given the layer's dimensions and the part's group size; None where one is unknown
-        (or, for a scale or zero point, without a group size)."""
+        (or, for a scale or zero point, without a group size). ``packed_bits``: values stored bit-packed at that
+        width (``cols * bits / 8`` bytes a row; None where the row length does not pack)."""
         rows, cols = dims.get(self.rows), dims.get(self.cols)
         if self.role != "values":
             cols = cols // group if group and cols is not None else None
+        elif packed_bits is not None and cols is not None:
+            cols = packed_cols(packed_bits, cols) if can_pack(packed_bits, cols) else None
         return None if rows is None or cols is None else (rows, cols)
 
 
@@ -73,14 +81,24 @@ class QuantWithLowRank(TorchAOBaseTensor):
     The layout is declared once, in ``fields`` (the tensors) and the attribute lists below it; torchao's
     ``tensor_data_names`` / ``optional_tensor_data_names`` are derived from ``fields``, and the checkpoint
     checks (``hf``), the size count (``size``) and the ops here (``.to``, slices, splits) all read it.
-    Tensor fields: ``qdata`` (out x in; int8 intN values, or floating point for a pruned-only base), ``A``
+    Tensor fields: ``qdata`` (out x in; intN values, or floating point for a pruned-only base), ``A``
     (rank x in), ``B`` (out x rank), and optional ``scale`` / ``zero_point`` (out x in/group_size).
     Quantized adapters add ``A_scale`` / ``A_zero_point`` (rank x in/adapter_group_size) and ``B_scale`` /
-    ``B_zero_point`` (out x rank/adapter_group_size); ``A`` and ``B`` are then int8.
+    ``B_zero_point`` (out x rank/adapter_group_size); ``A`` and ``B`` then hold intN values too.
     Attributes: ``target_dtype`` (``torch.int2`` .. ``torch.int8``, or None for a dense base), ``group_size``,
     ``dtype`` (the compute / dequantized dtype), ``adapter_dtype`` (``torch.int2`` .. ``torch.int8``, or None for
     full-precision adapters) and ``adapter_group_size``.
     Build it by keyword; the scale, zero point and adapter fields are keyword-only.
+
+    Packed storage (in memory and in checkpoints): intN values (``qdata`` of an intx base; ``A`` and ``B`` of
+    quantized adapters) of 2, 3 or 4 bits are held bit-packed along their columns, row by row, as uint8
+    ``(rows, cols * N / 8)``: each row a little-endian bit stream, int4 two values a byte (column ``2j`` in the
+    low nibble), int2 four a byte, int3 eight in three bytes (``packing.py``). A reader tells the two layouts
+    apart by the dtype: **uint8 is packed**, its width N the part's ``target_dtype`` / ``adapter_dtype``; **int8
+    is one value a byte**: widths 5 to 8, rows whose length is not a multiple of the packing unit (4 values for
+    int2, 8 for int3, 2 for int4), and checkpoints written before packing existed. The constructor packs int8
+    values whenever their width and row length allow, so a ``QuantWithLowRank`` always has the one canonical
+    layout (an old checkpoint is packed as it loads); ``values(name)`` gives a field's values one per int8.
     """
 
     fields = {
@@ -102,9 +120,8 @@ class QuantWithLowRank(TorchAOBaseTensor):
     optional_tensor_attribute_names = ["adapter_dtype", "adapter_group_size"]
 
     def __new__(cls, qdata: torch.Tensor, A: torch.Tensor, B: torch.Tensor, target_dtype, group_size, dtype, **_):
-        return torch.Tensor._make_wrapper_subclass(
-            cls, qdata.shape, dtype=dtype, device=qdata.device, requires_grad=False
-        )
+        shape = (qdata.shape[0], _cols(qdata, _bits_of(target_dtype))) if qdata.dim() == 2 else qdata.shape
+        return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=qdata.device, requires_grad=False)
 
     def __init__(
         self,
@@ -125,20 +142,26 @@ class QuantWithLowRank(TorchAOBaseTensor):
         adapter_group_size: Optional[int] = None,
     ):
         super().__init__()
-        out_features, in_features = qdata.shape
-        if A.shape[1] != in_features or B.shape[0] != out_features or A.shape[0] != B.shape[1]:
+        bits, adapter_bits = _bits_of(target_dtype), _bits_of(adapter_dtype)
+        if target_dtype is not None and (scale is None or zero_point is None or not _holds_intx(qdata, bits)):
+            raise ValueError("an intx base needs int8 (or uint8 bit-packed) qdata plus scale and zero_point")
+        adapter_fields = (A_scale, A_zero_point, B_scale, B_zero_point)
+        if adapter_dtype is not None and (
+            any(t is None for t in adapter_fields) or not _holds_intx(A, adapter_bits)
+            or not _holds_intx(B, adapter_bits) or not adapter_group_size
+        ):
+            raise ValueError(
+                "intx adapters need int8 (or uint8 bit-packed) A and B, A/B scale and zero_point, and "
+                "adapter_group_size"
+            )
+        qdata, A, B = _packed(qdata, bits), _packed(A, adapter_bits), _packed(B, adapter_bits)
+        out_features, in_features = qdata.shape[0], _cols(qdata, bits)
+        if _cols(A, adapter_bits) != in_features or B.shape[0] != out_features or A.shape[0] != _cols(B, adapter_bits):
             raise ValueError(
                 f"low-rank factors do not fit a {out_features}x{in_features} weight: A {tuple(A.shape)}, "
                 f"B {tuple(B.shape)}; expected A (r x {in_features}) and B ({out_features} x r)"
+                + (" (packed: uint8, columns x bits / 8)" if A.dtype == torch.uint8 else "")
             )
-        if target_dtype is not None and (scale is None or zero_point is None or qdata.dtype != torch.int8):
-            raise ValueError("an intx base needs int8 qdata plus scale and zero_point")
-        adapter_fields = (A_scale, A_zero_point, B_scale, B_zero_point)
-        if adapter_dtype is not None and (
-            any(t is None for t in adapter_fields) or A.dtype != torch.int8 or B.dtype != torch.int8
-            or not adapter_group_size
-        ):
-            raise ValueError("intx adapters need int8 A and B, A/B scale and zero_point, and adapter_group_size")
         if adapter_dtype is None and any(t is not None for t in adapter_fields):
             raise ValueError("adapter scales or zero points given without adapter_dtype")
         self.qdata, self.A, self.B, self.scale, self.zero_point = qdata, A, B, scale, zero_point
@@ -218,12 +241,23 @@ class QuantWithLowRank(TorchAOBaseTensor):
         return _bits_of(self.adapter_dtype)
 
     def value_bits(self, name: str) -> Optional[int]:
-        """Bits per value of tensor field ``name`` if it holds intN values (in int8), else None."""
+        """Bits per value of tensor field ``name`` if it holds intN values (packed or in int8), else None."""
         field = self.fields[name]
         return _bits_of(getattr(self, field.dtype_attribute)) if field.role == "values" else None
 
+    def is_packed(self, name: str) -> bool:
+        """Whether tensor field ``name`` holds bit-packed intN values (uint8; see the class docstring)."""
+        t = getattr(self, name)
+        return self.value_bits(name) is not None and t is not None and t.dtype == torch.uint8
+
+    def values(self, name: str) -> Optional[torch.Tensor]:
+        """Tensor field ``name`` with intN values one per int8 (unpacked if packed); any other field as it is."""
+        t = getattr(self, name)
+        return unpack_intx(t, self.value_bits(name)) if self.is_packed(name) else t
+
     def base(self) -> CompressedWeight:
-        return CompressedWeight(self.qdata, self.scale, self.zero_point, self.bits, self.group_size)
+        """The compressed base as a ``CompressedWeight`` (int8 values, unpacked)."""
+        return CompressedWeight(self.values("qdata"), self.scale, self.zero_point, self.bits, self.group_size)
 
     def dequantize_base(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The compressed weight ``W_c`` alone."""
@@ -276,6 +310,28 @@ def _bits_of(dtype: Optional[torch.dtype]) -> Optional[int]:
     return None if dtype is None else int(str(dtype).removeprefix("torch.int"))
 
 
+def _cols(t: torch.Tensor, bits: Optional[int]) -> int:
+    """Values per row of a values field: its columns, or for bit-packed uint8 ``bytes * 8 / bits``."""
+    return t.shape[1] * 8 // bits if bits is not None and t.dtype == torch.uint8 else t.shape[1]
+
+
+def _holds_intx(t: torch.Tensor, bits: Optional[int]) -> bool:
+    """int8 values, or uint8 packed at a packed width in whole packing units (2-D either way)."""
+    if t.dim() != 2:
+        return False
+    if t.dtype == torch.int8:
+        return True
+    unit = packing_unit(bits)
+    return t.dtype == torch.uint8 and unit is not None and t.shape[1] % (unit * bits // 8) == 0
+
+
+def _packed(t: torch.Tensor, bits: Optional[int]) -> torch.Tensor:
+    """The canonical storage of a values field: int8 intN values bit-packed when width and row length allow."""
+    if bits is not None and t.dtype == torch.int8 and can_pack(bits, t.shape[1]):
+        return pack_intx(t, bits)
+    return t
+
+
 implements = QuantWithLowRank.implements
 implements_torch_function = QuantWithLowRank.implements_torch_function
 
@@ -324,7 +380,8 @@ def _(func, types, args, kwargs):
 
 @implements(aten._to_copy.default)
 def _(func, types, args, kwargs):
-    """``.to(device)`` moves every field; ``.to(dtype)`` recasts the floating fields (int values stay int8)."""
+    """``.to(device)`` moves every field; ``.to(dtype)`` recasts the floating fields (intN values stay as
+    they are, packed or not)."""
     self: QuantWithLowRank = args[0]
     to = self._get_to_kwargs(*args[1:], **kwargs)
     device, dtype = to["device"], to["dtype"]
@@ -364,6 +421,12 @@ def _piece(self: QuantWithLowRank, dim: int, start: int, end: int) -> QuantWithL
         def cut(field: Field, t: torch.Tensor) -> torch.Tensor:
             if field.cols != "in":
                 return t
+            if field.role == "values" and t.dtype == torch.uint8:  # bit-packed intN values
+                bits = _bits_of(getattr(self, field.dtype_attribute))
+                unit = packing_unit(bits)
+                if start % unit == 0 and end % unit == 0:  # whole packing units: cut the bytes
+                    return t[:, packed_cols(bits, start) : packed_cols(bits, end)]
+                t = unpack_intx(t, bits)  # the constructor packs the piece again if its width allows
             per = 1 if field.role == "values" else getattr(self, field.group_attribute) or 1
             return t[:, start // per : end // per]
 
