@@ -149,7 +149,9 @@ def bench_layers(args, device: str, dtype) -> list[dict]:
 # ---- end-to-end decode ---------------------------------------------------------------------------------------------
 
 
-def decode_models(rank: int, bits: int, group: int, dtype, device, adapter_bits=None) -> dict:
+def decode_models(rank: int, bits: int, group: int, dtype, device, adapter_bits: list) -> dict:
+    """The decode variants: fp, torchao, base, and per adapter kind (None: the compute dtype, else intN)
+    ``("unfused", kind)`` / ``("fused", kind)``."""
     from torchao_eora.data import load_model
 
     fp, tokenizer = load_model(dtype=dtype)
@@ -161,10 +163,11 @@ def decode_models(rank: int, bits: int, group: int, dtype, device, adapter_bits=
     base = RTNConfig(bits=bits, group_size=group)
     models["base"] = copy.deepcopy(fp)
     quantize_(models["base"], EoRAConfig(rank=rank, base=base, compensation="none"), not_head)
-    models["unfused"] = copy.deepcopy(fp)
-    eora = EoRAConfig(rank=rank, base=base, compensation="svd", adapter_bits=adapter_bits, adapter_group_size=64)
-    quantize_(models["unfused"], eora, not_head)
-    models["fused"] = copy.deepcopy(models["unfused"])  # its own module: Dynamo would reuse the unfused graph
+    for kind in adapter_bits:
+        eora = EoRAConfig(rank=rank, base=base, compensation="svd", adapter_bits=kind, adapter_group_size=64)
+        models["unfused", kind] = copy.deepcopy(fp)
+        quantize_(models["unfused", kind], eora, not_head)
+        models["fused", kind] = copy.deepcopy(models["unfused", kind])  # its own module: Dynamo would reuse a graph
     return models
 
 
@@ -200,24 +203,40 @@ class Decoder:
 
 
 def bench_decode(args, device: str, dtype) -> list[dict]:
-    """Tokens/s per variant; variants take turns in several rounds so machine drift hits them alike."""
+    """Tokens/s per variant, one row per adapter kind, all from one run: variants take turns in several rounds so
+    machine drift hits them alike, and every row shares the same fp / torchao / base timings."""
     models = decode_models(args.rank, args.bits, 64, dtype, device, args.adapter_bits)
     rounds = 4
-    decoders = {v: Decoder(models[v], args.prompt_len, args.new_tokens, v == "fused", device) for v in VARIANTS}
-    seconds = {v: 0.0 for v in VARIANTS}
+    decoders = {v: Decoder(m, args.prompt_len, args.new_tokens, v[0] == "fused" if isinstance(v, tuple) else False,
+                           device) for v, m in models.items()}
+    seconds = {v: 0.0 for v in decoders}
     for _ in range(rounds):
         for v, decoder in decoders.items():
             seconds[v] += decoder.seconds(args.new_tokens // rounds)
-    row = {"model": "smollm2-135m", "adapters": f"int{args.adapter_bits}" if args.adapter_bits else str(dtype),
-           "prompt": args.prompt_len, "new_tokens": args.new_tokens // rounds * rounds}
-    for v in VARIANTS:
-        row[v] = row["new_tokens"] / seconds[v]
-        print(f"decode {v}: {row[v]:.1f} tokens/s", flush=True)
-    row["fused/base"] = row["fused"] / row["base"]
-    return [row]
+    tokens = args.new_tokens // rounds * rounds
+    rows = []
+    for kind in args.adapter_bits:
+        row = {"model": "smollm2-135m", "adapters": f"int{kind}" if kind else str(dtype).removeprefix("torch."),
+               "prompt": args.prompt_len, "new_tokens": tokens}
+        for v in VARIANTS:
+            row[v] = tokens / seconds[(v, kind) if (v, kind) in seconds else v]
+        row["fused/base"] = row["fused"] / row["base"]
+        print(f"decode, adapters {row['adapters']}: " + ", ".join(f"{v} {row[v]:.1f}" for v in VARIANTS)
+              + " tokens/s", flush=True)
+        rows.append(row)
+    return rows
 
 
 # ---- main ----------------------------------------------------------------------------------------------------------
+
+
+def adapter_bits_arg(value: str) -> int | None:
+    """``--adapter-bits``: 'none' for adapters in the compute dtype, else a bit width 2..8."""
+    if value == "none":
+        return None
+    if not value.isdigit() or not 2 <= int(value) <= 8:
+        raise argparse.ArgumentTypeError(f"{value!r} is neither 'none' nor a bit width 2..8")
+    return int(value)
 
 
 def machine() -> str:
@@ -235,8 +254,8 @@ def main(argv=None) -> int:
     p.add_argument("--modes", nargs="+", choices=["eager", "compiled"], default=["eager", "compiled"],
                    help="eager and/or torch.compile (default: both)")
     p.add_argument("--rank", type=int, default=64, help="EoRA rank (default 64)")
-    p.add_argument("--bits", type=int, default=4, help="base weight bits (default 4; speed is the same for 2-8 "
-                   "because values are stored in int8)")
+    p.add_argument("--bits", type=int, default=4, help="base weight bits (default 4; 2, 3 and 4 are stored "
+                   "bit-packed, 5-8 one value per int8)")
     p.add_argument("--group-size", type=int, default=128,
                    help="quantization group size (default 128; 64 where it does not divide in_features)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
@@ -246,8 +265,9 @@ def main(argv=None) -> int:
     p.add_argument("--min-run-time", type=float, default=0.3, help="CPU: seconds of timing per measurement")
     p.add_argument("--no-layers", action="store_true", help="skip the per-layer table")
     p.add_argument("--no-decode", action="store_true", help="skip end-to-end decode")
-    p.add_argument("--adapter-bits", type=int, default=None,
-                   help="decode: quantize the EoRA adapters to this many bits (default: full precision)")
+    p.add_argument("--adapter-bits", nargs="+", type=adapter_bits_arg, default=[None, 4],
+                   help="decode: the EoRA adapters to time, a row each: 'none' (the compute dtype) and/or bit widths "
+                        "2..8 (default: none 4)")
     p.add_argument("--prompt-len", type=int, default=32, help="decode: prompt tokens (default 32)")
     p.add_argument("--new-tokens", type=int, default=64, help="decode: timed generated tokens (default 64)")
     p.add_argument("--quick", action="store_true", help="SmolLM2 shapes, M in {1, 16}, 16 decoded tokens")

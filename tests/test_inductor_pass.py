@@ -324,3 +324,50 @@ def test_cuda_fused_kernel_under_compile_matches_eager(dtype, tokens):
         reference = x.double() @ w.dequantize(torch.float32).double().T + lin.bias.double()
     err = (out.double() - reference).abs().max() / reference.abs().max()
     assert err < (1.6e-2 if dtype == torch.bfloat16 else 2e-3)  # output rounding of the dtype, with headroom
+
+
+@pytest.mark.parametrize("adapter_bits", [4, 8])
+def test_one_token_on_cpu_reads_quantized_adapters_in_reductions(adapter_bits):
+    """Decode on CPU with int adapters: both adapter products are reductions over the stored (packed) values, fused
+    with their dequantize; no matmul call and no dequantized copy of A or B. Same result as eager."""
+    from torch._inductor.utils import run_and_get_code
+
+    from torchao_eora.adapter_quant import quantize_factors
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(OUT, IN, generator=g)
+    base = RTNConfig(bits=4, group_size=GROUP).compress(w)
+    delta = w - base.dequantize(torch.float32)
+    factors = LowRankFactors(torch.randn(RANK, IN, generator=g) / 10, torch.randn(OUT, RANK, generator=g) / 10)
+    lin = torch.nn.Linear(IN, OUT, bias=False)
+    weight = QuantWithLowRank.from_parts(base, quantize_factors(delta, factors, adapter_bits, 8, None))
+    lin.weight = torch.nn.Parameter(weight, requires_grad=False)
+    x = torch.randn(1, IN)
+    torch._dynamo.reset()
+    with torch.no_grad(), fresh_cache():
+        out, (code, *_) = run_and_get_code(torch.compile(lin, fullgraph=True), x)
+        torch.testing.assert_close(out, lin(x), rtol=1e-4, atol=1e-4)
+    assert "extern_kernels.mm" not in code and "extern_kernels.addmm" not in code
+    assert ("uint8_t" if adapter_bits == 4 else "int8_t") in code
+    # no buffer the size of a dequantized A (RANK x IN) or B (OUT x RANK) in fp32
+    assert f"empty_strided_cpu(({RANK}, {IN})" not in code and f"empty_strided_cpu(({OUT}, {RANK})" not in code
+
+
+@pytest.mark.parametrize("bits,group", [(2, 32), (3, 32), (4, 32), (3, 4)])  # (3, 4): a group smaller than a unit
+def test_one_token_on_cpu_reads_packed_values_where_they_lie(bits, group):
+    """The decode reduction over bit-packed values (value i of every packing unit against a de-interleaved x)
+    computes exactly what eager does, for every packed width, and falls back when a group splits a unit."""
+    from torch._inductor.utils import run_and_get_code
+
+    g = torch.Generator().manual_seed(bits)
+    lin = torch.nn.Linear(IN, OUT, bias=True)
+    base = RTNConfig(bits=bits, group_size=group).compress(torch.randn(OUT, IN, generator=g))
+    factors = LowRankFactors(torch.randn(RANK, IN, generator=g) / 10, torch.randn(OUT, RANK, generator=g) / 10)
+    lin.weight = torch.nn.Parameter(QuantWithLowRank.from_parts(base, factors), requires_grad=False)
+    assert lin.weight.is_packed("qdata")
+    x = torch.randn(1, IN)
+    torch._dynamo.reset()
+    with torch.no_grad(), fresh_cache():
+        out, (code, *_) = run_and_get_code(torch.compile(lin, fullgraph=True), x)
+        torch.testing.assert_close(out, lin(x), rtol=1e-5, atol=1e-5)
+    assert "uint8_t" in code and f"empty_strided_cpu(({OUT}, {IN})" not in code  # no dequantized weight copy

@@ -22,7 +22,7 @@ from torchao.utils import TorchAOBaseTensor, fill_defaults
 from .adapter_quant import QuantizedFactors
 from .compressors import CompressedWeight
 from .intx import dequantize_weight
-from .ops import quant_linear
+from .ops import compiled_cpu_token, quant_linear, quant_matvec
 from .packing import can_pack, pack_intx, packed_cols, packing_unit, unpack_intx
 from .solver import LowRankFactors
 
@@ -343,7 +343,13 @@ def _low_rank_linear(x: torch.Tensor, weight: QuantWithLowRank, bias: Optional[t
         y = F.linear(x2, weight.qdata.to(x.dtype), bias)
     else:
         y = quant_linear(x2, weight.qdata, weight.scale, weight.zero_point, weight.group_size, bias)
-    if weight.rank:
+    if weight.rank and weight.adapter_dtype is not None and compiled_cpu_token(x2):
+        # Decode on CPU: as reductions, Inductor reads the (packed) int adapters once and dequantizes on the fly,
+        # instead of writing dequantized copies of A and B each step and multiplying those.
+        group = weight.adapter_group_size
+        t = quant_matvec(x2, weight.A, weight.A_scale, weight.A_zero_point, group)
+        y = y + quant_matvec(t, weight.B, weight.B_scale, weight.B_zero_point, group)
+    elif weight.rank:
         y = y + (x2 @ weight.dequantize_A(x.dtype).t()) @ weight.dequantize_B(x.dtype).t()
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
