@@ -90,7 +90,11 @@ def main() -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--json", default=None, help="results file to add this run to")
     args = p.parse_args()
-    ref = Path(args.ref)
+    ref = Path(args.ref).resolve()
+    json_path = Path(args.json).resolve() if args.json else None
+    # vLLM inspects the model in `python -m` subprocesses, which put the working directory on sys.path: from this
+    # repository's root our kernels/ folder would shadow Hugging Face's `kernels` ("No module named 'kernels'").
+    os.chdir(_site)
     base_config = json.loads((ref / args.adapter / "base" / "config.json").read_text())
     entry = {
         "adapter": args.adapter,
@@ -110,8 +114,8 @@ def main() -> None:
     for r in entry.get("results", []):
         print(f"{r['prompt']!r}: {r['positions_equal']}/{r['of']} equal, prefix {r['common_prefix']}\n"
               f"  ours: {r['ours']!r}\n  vllm: {r['vllm']!r}")
-    if args.json:
-        path = Path(args.json)
+    if json_path:
+        path = json_path
         data = json.loads(path.read_text()) if path.exists() else {"runs": []}
         data["runs"] = [r for r in data["runs"] if r.get("adapter") != args.adapter] + [entry]
         path.write_text(json.dumps(data, indent=2) + "\n")
