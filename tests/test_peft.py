@@ -35,7 +35,7 @@ def eora(tmp_path_factory):
     model = tiny_llama()
     config = EoRAConfig(rank=8, base=BASE)
     quantize_(model, eora_config(calibrate(model, token_batches(), config, progress=False)))
-    out = export_peft(model, tmp_path_factory.mktemp("peft") / "adapter", config=config)
+    out = export_peft(model, tmp_path_factory.mktemp("peft") / "adapter", config=config, base_format="eora")
     return model, out
 
 
@@ -85,7 +85,8 @@ def test_mixed_ranks_use_rank_and_alpha_patterns(tmp_path):
     model = tiny_llama()
     quantize_(model, EoRAConfig(rank=4, base=BASE, compensation="svd"), filter_fn=_linears_in("self_attn."))
     quantize_(model, EoRAConfig(rank=8, base=BASE, compensation="svd"), filter_fn=_linears_in("mlp."))
-    out = export_peft(model, tmp_path / "adapter", config=EoRAConfig(rank=4, base=BASE, compensation="svd"))
+    out = export_peft(model, tmp_path / "adapter", config=EoRAConfig(rank=4, base=BASE, compensation="svd"),
+                      base_format="eora")
     config = json.loads((out / "adapter_config.json").read_text())
     mlp = {f"model.layers.{i}.mlp.{p}": 8 for i in range(2) for p in ("gate_proj", "up_proj", "down_proj")}
     assert config["r"] == config["lora_alpha"] == 4  # 8 attention projections of rank 4, 6 MLP ones of rank 8
@@ -320,5 +321,5 @@ def test_cli_export_peft_help_covers_every_flag():
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if a.dest == "command").choices["export-peft"]
     flags = [a for a in sub._actions if a.option_strings and a.dest != "help"]
-    assert {a.dest for a in flags} == {"model", "out", "base_model_name_or_path", "no_base", "overwrite"}
+    assert {a.dest for a in flags} == {"model", "out", "base_model_name_or_path", "no_base", "overwrite", "base_format"}
     assert all(a.help for a in flags)

@@ -218,8 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export-peft", help="write a saved EoRA model's residuals as a PEFT LoRA adapter",
                        description="Write adapter_model.safetensors + adapter_config.json (lora_A = A, lora_B = B, "
-                                   "lora_alpha = r) for PEFT, vLLM or SGLang, and the base-only quantized checkpoint "
-                                   "(rank-0 residuals) in OUT/base.")
+                                   "lora_alpha = r) for PEFT, vLLM or SGLang, and the compressed base alone in "
+                                   "OUT/base (--base-format).")
     x.add_argument("--model", required=True,
                    help="directory written by `torchao-eora quantize --out` (safetensors only)")
     x.add_argument("--out", required=True,
@@ -228,7 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--base-model-name-or-path", default=None,
                    help="base_model_name_or_path recorded in adapter_config.json (default: OUT/base)")
     x.add_argument("--no-base", action="store_true",
-                   help="write only the adapter, not the base-only checkpoint in OUT/base")
+                   help="write only the adapter, not the base in OUT/base")
+    x.add_argument("--base-format", default="torchao", choices=["torchao", "dense", "eora"],
+                   help="how OUT/base is written. torchao (default): torchao's own IntxUnpackedToInt8Tensor + "
+                        "TorchAoConfig(IntxWeightOnlyConfig), same dequantized weights, loads with stock "
+                        "transformers + torchao (+ peft), no torchao_eora needed; bases it cannot hold (pruned-only "
+                        "dense) are written as plain dense W_c. dense: every base as plain dense W_c (a plain "
+                        "checkpoint, largest, loads anywhere). eora: our QuantWithLowRank with rank-0 residuals "
+                        "(bit-packed, smallest; loading needs `import torchao_eora`)")
     return parser
 
 
@@ -434,7 +441,7 @@ def cmd_export_peft(args) -> int:
     tokenizer = (AutoTokenizer.from_pretrained(args.model, local_files_only=True, trust_remote_code=False)
                  if has_tokenizer else None)
     out = export_peft(model, args.out, args.base_model_name_or_path, save_base=not args.no_base, tokenizer=tokenizer,
-                      overwrite=args.overwrite)
+                      overwrite=args.overwrite, base_format=args.base_format)
     print(f"PEFT adapter written to {out}" + ("" if args.no_base else f"; base-only checkpoint in {out / BASE_DIR}"))
     return 0
 

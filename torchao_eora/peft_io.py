@@ -3,8 +3,8 @@
 A layer ``y = W_c x + B (A x)`` is a LoRA layer on the compressed base ``W_c`` with ``lora_A = A`` (r x in),
 ``lora_B = B`` (out x r) and scaling ``lora_alpha / r = 1``. :func:`export_peft` writes the residuals as
 ``adapter_model.safetensors`` + ``adapter_config.json`` (the format PEFT, vLLM and SGLang load) beside a base-only
-checkpoint (the same model with rank-0 residuals); :func:`import_peft` folds any PEFT LoRA adapter back into
-``QuantWithLowRank`` weights.
+checkpoint (by default torchao's own intx tensors, loadable without torchao_eora: ``stock_export.py``; or the same
+model with rank-0 residuals); :func:`import_peft` folds any PEFT LoRA adapter back into ``QuantWithLowRank`` weights.
 
 PEFT has no integer adapters: quantized adapters (``EoRAConfig(adapter_bits=...)``) are exported dequantized, as
 floating ``lora_A`` / ``lora_B`` in the model dtype holding exactly the values the layer computes with (same outputs,
@@ -28,6 +28,7 @@ import torch
 from .config import EoRAConfig
 from .hf import attach_quantizer, recorded_config, write_checkpoint
 from .io_utils import atomic_directory
+from .stock_export import BASE_FORMATS, BaseFormat, write_stock_base
 from .tensor import QuantWithLowRank
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "BASE_DIR", "base_only", "export_peft", "import_peft"]
@@ -98,25 +99,33 @@ def export_peft(
     config: EoRAConfig | None = None,
     tokenizer=None,
     overwrite: bool = False,
+    base_format: BaseFormat = "torchao",
 ) -> Path:
     """Write the EoRA residuals of ``model`` as a PEFT LoRA adapter, atomically.
 
     ``out_dir`` receives ``adapter_model.safetensors`` (``base_model.model.<module>.lora_A.weight`` = ``A``,
     ``...lora_B.weight`` = ``B``, dequantized to the model dtype when the adapters are intx) and ``adapter_config.json`` (``lora_alpha = r``, per-module ``rank_pattern`` /
-    ``alpha_pattern`` when ranks differ). With ``save_base``, ``out_dir/base`` receives the base-only checkpoint:
-    this model with rank-0 residuals, loadable with ``from_pretrained`` after ``import torchao_eora``.
+    ``alpha_pattern`` when ranks differ). With ``save_base``, ``out_dir/base`` receives the compressed base alone,
+    in ``base_format``: ``"torchao"`` (default): torchao's ``IntxUnpackedToInt8Tensor`` with
+    ``TorchAoConfig(IntxWeightOnlyConfig)``, loadable by ``from_pretrained`` with stock torchao + transformers (no
+    torchao_eora), bases it cannot hold (pruned-only) as plain dense ``W_c``; ``"dense"``: every ``W_c`` as plain
+    dense weights (a plain checkpoint); ``"eora"``: this model with rank-0 residuals (``QuantWithLowRank``,
+    bit-packed, smallest; loading needs ``import torchao_eora``; ``import_peft`` folds the adapter back into it).
     ``PeftModel.from_pretrained(base, out_dir)`` then computes what ``model`` computes; ``model`` keeps its residuals.
 
     Args:
         model: a Hugging Face model with ``QuantWithLowRank`` weights.
         out_dir: the adapter directory (replaced only once complete).
         base_model_name_or_path: recorded in ``adapter_config.json``; defaults to ``out_dir/base`` when it is saved.
-        save_base: also write the base-only checkpoint to ``out_dir/base``.
+        save_base: also write the compressed base to ``out_dir/base``.
         config: the ``EoRAConfig`` of the model (default: the one in ``model.config``); needed for ``save_base``.
         tokenizer: saved with the base checkpoint when given.
         overwrite: replace a non-empty ``out_dir`` that is not a torchao-eora checkpoint or adapter (a file, or the
             directory the model was loaded from, is refused even so).
+        base_format: ``"torchao"``, ``"dense"`` or ``"eora"``: how ``out_dir/base`` is written (see above).
     """
+    if base_format not in BASE_FORMATS:
+        raise ValueError(f"base_format must be one of {list(BASE_FORMATS)}, got {base_format!r}")
     out = Path(out_dir).resolve()
     modules = {n: m for n, m in _low_rank_modules(model).items() if m.weight.rank > 0}
     if not modules:
@@ -139,11 +148,14 @@ def export_peft(
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2) + "\n")
         if save_base:
             (tmp / BASE_DIR).mkdir()
-            try:
-                with base_only(model):
-                    write_checkpoint(model, tmp / BASE_DIR, replace(config, compensation="none"), tokenizer)
-            finally:  # write_checkpoint recorded the base-only config; the model itself still has its residuals
-                attach_quantizer(model, config)
+            if base_format != "eora":  # stock formats: the model's weights and config are restored on exit
+                write_stock_base(model, tmp / BASE_DIR, base_format, config, tokenizer)
+            else:
+                try:
+                    with base_only(model):
+                        write_checkpoint(model, tmp / BASE_DIR, replace(config, compensation="none"), tokenizer)
+                finally:  # write_checkpoint recorded the base-only config; the model itself still has its residuals
+                    attach_quantizer(model, config)
     return out
 
 
