@@ -36,6 +36,7 @@ from torchao.quantization import IntxWeightOnlyConfig, quantize_
 from torchao.quantization.granularity import PerGroup
 
 from torchao_eora import EoRAConfig, QuantWithLowRank, RTNConfig
+from torchao_eora.cli import adapter_bits_arg
 from torchao_eora.inductor_passes import FuseLowRankPass
 from torchao_eora.ops import eora_linear
 from torchao_eora.report import format_table
@@ -228,15 +229,6 @@ def bench_decode(args, device: str, dtype) -> list[dict]:
 
 
 # ---- main ----------------------------------------------------------------------------------------------------------
-
-
-def adapter_bits_arg(value: str) -> int | None:
-    """``--adapter-bits``: 'none' for adapters in the compute dtype, else a bit width 2..8."""
-    if value == "none":
-        return None
-    if not value.isdigit() or not 2 <= int(value) <= 8:
-        raise argparse.ArgumentTypeError(f"{value!r} is neither 'none' nor a bit width 2..8")
-    return int(value)
 
 
 def machine() -> str:

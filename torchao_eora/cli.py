@@ -60,7 +60,7 @@ def _count(minimum: int):
     return parse
 
 
-def _adapter_bits(text: str) -> int | None:
+def adapter_bits_arg(text: str) -> int | None:
     """An argparse type: an adapter bit width 2..8, or 'none' (adapters in the model dtype)."""
     if text == "none":
         return None
@@ -144,7 +144,7 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compensation", default="eora", choices=["eora", "svd", "none"],
                    help="eora: activation-weighted closed form (default); svd: plain SVD of the error, data-free; "
                         "none: compression only")
-    g.add_argument("--adapter-bits", type=_adapter_bits, default=DEFAULT_ADAPTER_BITS, metavar="2..8|none",
+    g.add_argument("--adapter-bits", type=adapter_bits_arg, default=DEFAULT_ADAPTER_BITS, metavar="2..8|none",
                    help=f"quantize A and B to this many bits, torchao intx layout (default {DEFAULT_ADAPTER_BITS}, the "
                         "paper's recommendation); none: adapters in the model dtype")
     g.add_argument("--adapter-group-size", type=_count(1), default=None,

@@ -183,10 +183,9 @@ def _contiguous_copy(t: Tensor) -> Tensor:
     force = getattr(torch.ops.prims, "inductor_force_stride_order", None)  # registered by torch._inductor
     if force is None or not torch.compiler.is_compiling():
         return t.contiguous()
-    strides = [1] * t.dim()
-    for d in range(t.dim() - 2, -1, -1):
-        strides[d] = strides[d + 1] * t.shape[d + 1]
-    return force(t, strides)
+    from torch._prims_common import make_contiguous_strides_for
+
+    return force(t, make_contiguous_strides_for(t.shape))
 
 
 def quant_matvec(x: Tensor, qdata: Tensor, scale: Tensor, zero_point: Tensor, group_size: int) -> Tensor:
