@@ -353,6 +353,25 @@ def test_one_token_on_cpu_reads_quantized_adapters_in_reductions(adapter_bits):
     assert f"empty_strided_cpu(({RANK}, {IN})" not in code and f"empty_strided_cpu(({OUT}, {RANK})" not in code
 
 
+def test_one_token_on_cpu_computes_float_adapters_as_reductions():
+    """Decode on CPU with adapters in the model dtype: both adapter products are reductions Inductor fuses with the
+    rest of the layer, not two GEMV calls per module (measured: 420 extern calls a SmolLM2 token). Same result."""
+    from torch._inductor.utils import run_and_get_code
+
+    g = torch.Generator().manual_seed(6)
+    lin = torch.nn.Linear(IN, OUT, bias=True)
+    base = RTNConfig(bits=4, group_size=GROUP).compress(torch.randn(OUT, IN, generator=g))
+    factors = LowRankFactors(torch.randn(RANK, IN, generator=g) / 10, torch.randn(OUT, RANK, generator=g) / 10)
+    lin.weight = torch.nn.Parameter(QuantWithLowRank.from_parts(base, factors), requires_grad=False)
+    torch._dynamo.reset()
+    for tokens, reductions in ((1, True), (3, False)):
+        x = torch.randn(tokens, IN, generator=g)
+        with torch.no_grad(), fresh_cache():
+            out, (code, *_) = run_and_get_code(torch.compile(lin, fullgraph=True), x)
+            torch.testing.assert_close(out, lin(x), rtol=1e-4, atol=1e-4)
+        assert ("extern_kernels.mm" not in code and "extern_kernels.addmm" not in code) == reductions
+
+
 @pytest.mark.parametrize("bits,group", [(2, 32), (3, 32), (4, 32), (3, 4)])  # (3, 4): a group smaller than a unit
 def test_one_token_on_cpu_reads_packed_values_where_they_lie(bits, group):
     """The decode reduction over bit-packed values (value i of every packing unit against a de-interleaved x)

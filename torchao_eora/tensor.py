@@ -22,7 +22,7 @@ from torchao.utils import TorchAOBaseTensor, fill_defaults
 from .adapter_quant import QuantizedFactors
 from .compressors import CompressedWeight
 from .intx import dequantize_weight
-from .ops import compiled_cpu_token, quant_linear, quant_matvec
+from .ops import compiled_cpu_token, matvec, quant_linear, quant_matvec
 from .packing import can_pack, pack_intx, packed_cols, packing_unit, unpack_intx
 from .solver import LowRankFactors
 
@@ -349,6 +349,8 @@ def _low_rank_linear(x: torch.Tensor, weight: QuantWithLowRank, bias: Optional[t
         group = weight.adapter_group_size
         t = quant_matvec(x2, weight.A, weight.A_scale, weight.A_zero_point, group)
         y = y + quant_matvec(t, weight.B, weight.B_scale, weight.B_zero_point, group)
+    elif weight.rank and compiled_cpu_token(x2):  # the same for adapters in the model dtype: no GEMV calls
+        y = y + matvec(matvec(x2, weight.dequantize_A(x.dtype)), weight.dequantize_B(x.dtype))
     elif weight.rank:
         y = y + (x2 @ weight.dequantize_A(x.dtype).t()) @ weight.dequantize_B(x.dtype).t()
     return y.reshape(*x.shape[:-1], y.shape[-1])
