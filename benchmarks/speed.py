@@ -1,7 +1,7 @@
 """Speed of the residual path: per-layer latency and end-to-end decode, fp vs quantized vs EoRA unfused vs fused.
 
     python benchmarks/speed.py                           # CPU: SmolLM2 and Llama-3-8B layer shapes, SmolLM2 decode
-    python benchmarks/speed.py --quick                   # SmolLM2 shapes, M in {1, 16}, short decode (~3 min on CPU)
+    python benchmarks/speed.py --quick                   # SmolLM2 shapes, M in {1, 16}, 64-token decode (~5 min on CPU)
     python benchmarks/speed.py --json speed.json         # also write the rows (machine and versions included)
 
 Per layer (one nn.Linear of each distinct shape of the model), for M tokens in {1, 16, 128, 2048}:
@@ -207,7 +207,7 @@ def bench_decode(args, device: str, dtype) -> list[dict]:
     """Tokens/s per variant, one row per adapter kind, all from one run: variants take turns in several rounds so
     machine drift hits them alike, and every row shares the same fp / torchao / base timings."""
     models = decode_models(args.rank, args.bits, 64, dtype, device, args.adapter_bits)
-    rounds = 4
+    rounds = max(1, min(8, args.new_tokens))  # ratios of single short runs drifted by 0.1 between runs on a 2-core CPU: more, shorter turns
     decoders = {v: Decoder(m, args.prompt_len, args.new_tokens, v[0] == "fused" if isinstance(v, tuple) else False,
                            device) for v, m in models.items()}
     seconds = {v: 0.0 for v in decoders}
@@ -262,11 +262,12 @@ def main(argv=None) -> int:
                         "2..8 (default: none 4)")
     p.add_argument("--prompt-len", type=int, default=32, help="decode: prompt tokens (default 32)")
     p.add_argument("--new-tokens", type=int, default=64, help="decode: timed generated tokens (default 64)")
-    p.add_argument("--quick", action="store_true", help="SmolLM2 shapes, M in {1, 16}, 16 decoded tokens")
+    p.add_argument("--quick", action="store_true",
+                   help="SmolLM2 shapes, M in {1, 16} (decode keeps --new-tokens: tokens are cheap next to compiling)")
     p.add_argument("--json", help="write rows, machine and versions to this JSON file")
     args = p.parse_args(argv)
     if args.quick:
-        args.models, args.tokens, args.new_tokens = ["smollm2-135m"], [1, 16], 16
+        args.models, args.tokens = ["smollm2-135m"], [1, 16]
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch._dynamo.config.recompile_limit = 64  # five modules share nn.Linear.forward's code object
