@@ -207,7 +207,8 @@ def bench_decode(args, device: str, dtype) -> list[dict]:
     """Tokens/s per variant, one row per adapter kind, all from one run: variants take turns in several rounds so
     machine drift hits them alike, and every row shares the same fp / torchao / base timings."""
     models = decode_models(args.rank, args.bits, 64, dtype, device, args.adapter_bits)
-    rounds = max(1, min(8, args.new_tokens))  # ratios of single short runs drifted by 0.1 between runs on a 2-core CPU: more, shorter turns
+    # Short single runs drifted by 0.1 in the ratio on a 2-core CPU: more, shorter turns.
+    rounds = max(1, min(8, args.new_tokens))
     decoders = {v: Decoder(m, args.prompt_len, args.new_tokens, v[0] == "fused" if isinstance(v, tuple) else False,
                            device) for v, m in models.items()}
     seconds = {v: 0.0 for v in decoders}

@@ -343,14 +343,15 @@ def _low_rank_linear(x: torch.Tensor, weight: QuantWithLowRank, bias: Optional[t
         y = F.linear(x2, weight.qdata.to(x.dtype), bias)
     else:
         y = quant_linear(x2, weight.qdata, weight.scale, weight.zero_point, weight.group_size, bias)
-    if weight.rank and weight.adapter_dtype is not None and compiled_cpu_token(x2):
-        # Decode on CPU: as reductions, Inductor reads the (packed) int adapters once and dequantizes on the fly,
-        # instead of writing dequantized copies of A and B each step and multiplying those.
-        group = weight.adapter_group_size
-        t = quant_matvec(x2, weight.A, weight.A_scale, weight.A_zero_point, group)
-        y = y + quant_matvec(t, weight.B, weight.B_scale, weight.B_zero_point, group)
-    elif weight.rank and compiled_cpu_token(x2):  # the same for adapters in the model dtype: no GEMV calls
-        y = y + matvec(matvec(x2, weight.dequantize_A(x.dtype)), weight.dequantize_B(x.dtype))
+    if weight.rank and compiled_cpu_token(x2):
+        # Decode on CPU: both products as reductions Inductor fuses with the layer, not two GEMV calls; int adapters
+        # are read (packed) once and dequantized on the fly, never written out as dequantized copies of A and B.
+        if weight.adapter_dtype is not None:
+            group = weight.adapter_group_size
+            t = quant_matvec(x2, weight.A, weight.A_scale, weight.A_zero_point, group)
+            y = y + quant_matvec(t, weight.B, weight.B_scale, weight.B_zero_point, group)
+        else:
+            y = y + matvec(matvec(x2, weight.dequantize_A(x.dtype)), weight.dequantize_B(x.dtype))
     elif weight.rank:
         y = y + (x2 @ weight.dequantize_A(x.dtype).t()) @ weight.dequantize_B(x.dtype).t()
     return y.reshape(*x.shape[:-1], y.shape[-1])
