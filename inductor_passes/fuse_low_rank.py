@@ -34,8 +34,10 @@ from torch._inductor.pattern_matcher import (
 )
 from torch.fx import Node
 
-from ..ops import eora_linear, quant_linear  # noqa: F401  (registers torch.ops.torchao_eora.*)
+from ..ops import eora_linear, quant_linear, register_kernel_fallbacks  # noqa: F401  (registers the ops)
 from ..packing import PACKED_BITS, packed_bits, unpack_intx
+
+register_kernel_fallbacks()  # the eora_linear nodes this pass writes on CUDA must lower on torch 2.11 too
 
 __all__ = ["FuseLowRankPass", "install_fusion_pass", "fusion_pass_installed"]
 

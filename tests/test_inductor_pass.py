@@ -390,3 +390,17 @@ def test_one_token_on_cpu_reads_packed_values_where_they_lie(bits, group):
         out, (code, *_) = run_and_get_code(torch.compile(lin, fullgraph=True), x)
         torch.testing.assert_close(out, lin(x), rtol=1e-5, atol=1e-5)
     assert "uint8_t" in code and f"empty_strided_cpu(({OUT}, {IN})" not in code  # no dequantized weight copy
+
+
+def test_kernel_fallbacks_are_registered_once_and_cpu_still_decomposes():
+    """Off CPU the ops must lower to themselves (torch 2.11 refused Inductor's implicit fallback for an op with a
+    decomposition, on an H200); registering twice is harmless, and CPU compiles still decompose them."""
+    from torch._inductor.lowering import lowerings
+
+    from torchao_eora.ops import register_kernel_fallbacks
+
+    register_kernel_fallbacks()
+    register_kernel_fallbacks()
+    assert torch.ops.torchao_eora.quant_linear.default in lowerings
+    assert torch.ops.torchao_eora.eora_linear.default in lowerings
+    test_one_token_on_cpu_computes_float_adapters_as_reductions()  # no extern call: the decomposition still ran

@@ -223,9 +223,22 @@ def quant_matvec(x: Tensor, qdata: Tensor, scale: Tensor, zero_point: Tensor, gr
     return y.to(x.dtype).unsqueeze(0)
 
 
+def register_kernel_fallbacks() -> None:
+    """Lower both ops to themselves (their Triton kernels) where the decompositions below decline (off CPU).
+    Inductor would make this fallback implicitly, but torch 2.11 refuses that for an op that has a decomposition
+    ("both a fallback and a decomp for same op", seen on an H200). Called from inside a compile (the decompositions,
+    the fusion pass), where torch._inductor.lowering is already imported: importing it with the package cost 1 s."""
+    from torch._inductor.lowering import constrain_to_fake_tensors, lowerings, make_fallback
+
+    for op in (torch.ops.torchao_eora.quant_linear.default, torch.ops.torchao_eora.eora_linear.default):
+        if op not in lowerings:
+            make_fallback(op, layout_constraint=constrain_to_fake_tensors, override_decomp=True)
+
+
 @register_decomposition([torch.ops.torchao_eora.quant_linear.default])
 def _quant_linear_cpu_lowering(x, qdata, scale, zero_point, group_size, bias=None):
     if x.device.type != "cpu":
+        register_kernel_fallbacks()
         return NotImplemented
     if _one_token(x):
         y = quant_matvec(x, qdata, scale, zero_point, group_size)
@@ -237,6 +250,7 @@ def _quant_linear_cpu_lowering(x, qdata, scale, zero_point, group_size, bias=Non
 @register_decomposition([torch.ops.torchao_eora.eora_linear.default])
 def _eora_linear_cpu_lowering(x, qdata, scale, zero_point, group_size, A, B, bias=None):
     if x.device.type != "cpu":
+        register_kernel_fallbacks()
         return NotImplemented
     y = _quant_linear_cpu_lowering(x, qdata, scale, zero_point, group_size, bias)
     if _one_token(x):  # reductions Inductor fuses with the layer, not two GEMV calls: decode 0.73 -> 0.92 of the base
