@@ -404,3 +404,26 @@ def test_kernel_fallbacks_are_registered_once_and_cpu_still_decomposes():
     assert torch.ops.torchao_eora.quant_linear.default in lowerings
     assert torch.ops.torchao_eora.eora_linear.default in lowerings
     test_one_token_on_cpu_computes_float_adapters_as_reductions()  # no extern call: the decomposition still ran
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("groups", [1, 3])
+def test_compiled_quant_matvec_decodes_every_value_at_every_position(bits, groups):
+    """Every signed value at every position of a packing unit (the top one read through the sign of the unit's last
+    byte, the others by rounding), with one group a row and with several."""
+    from torchao_eora.ops import quant_matvec
+    from torchao_eora.packing import pack_intx
+
+    group = 24 * (4 // groups)  # a multiple of every packing unit (int3: 8 values)
+    cols = group * groups
+    values = torch.arange(cols * 16) % (1 << bits) - (1 << (bits - 1))  # every value, at shifting positions
+    q = values.reshape(-1, cols)[:, torch.randperm(cols, generator=torch.Generator().manual_seed(bits))]
+    q = q.to(torch.int8).contiguous()
+    g = torch.Generator().manual_seed(groups)
+    scale, zero = torch.rand(q.shape[0], groups, generator=g) + 0.5, torch.randint(-2, 3, (q.shape[0], groups),
+                                                                                   generator=g, dtype=torch.int8)
+    x = torch.randn(1, cols, generator=g)
+    reference = x.double() @ dequantize_intx(q, scale, zero, group, torch.float32).double().T
+    with torch.no_grad():
+        out = torch.compile(quant_matvec, fullgraph=True)(x, pack_intx(q, bits), scale, zero, group)
+    torch.testing.assert_close(out.double(), reference, rtol=1e-5, atol=1e-5)

@@ -191,11 +191,11 @@ def _contiguous_copy(t: Tensor) -> Tensor:
 def quant_matvec(x: Tensor, qdata: Tensor, scale: Tensor, zero_point: Tensor, group_size: int) -> Tensor:
     """``x @ W^T`` for one token, ``W = dequantize_intx(qdata, ...)``, as reductions Inductor fuses with the
     dequantize (:func:`matvec`). Bit-packed values are read where they lie: value ``i`` of every packing unit
-    (columns ``unit * k + i``) is a reduction of its own over ``k`` against a de-interleaved copy of ``x``, so every
-    load is contiguous; and the bit fields
-    are cut with float arithmetic (a unit's bytes as one exact float32 below 2**24, ``floor`` of power-of-two
-    divisions), which Inductor's C++ backend vectorizes where it leaves integer shifts scalar (measured: unpacking
-    into column order with shifts made decode 4-9x slower than int8 values)."""
+    (columns ``unit * k + i``) is multiplied with a de-interleaved copy of ``x``, so every load is contiguous, and
+    the products of a unit are summed in one reduction; the bit fields are cut with float arithmetic (a unit's bytes
+    as one exact signed float32 below 2**24, ``floor`` of power-of-two divisions), which Inductor's C++ backend
+    vectorizes where it leaves integer shifts scalar (measured: unpacking into column order with shifts made decode
+    4-9x slower than int8 values)."""
     in_features = x.shape[1]
     bits = packed_bits(qdata.shape[1], in_features) if qdata.dtype == torch.uint8 else None
     unit = PACKED_BITS.get(bits)
@@ -206,21 +206,23 @@ def quant_matvec(x: Tensor, qdata: Tensor, scale: Tensor, zero_point: Tensor, gr
     # the unit's bytes as planes (int3: a de-interleaved copy, for contiguous loads as with x below)
     planes = qdata.reshape(rows * groups * per_group, n_bytes).t()
     planes = (planes if n_bytes == 1 else _contiguous_copy(planes)).reshape(n_bytes, rows, groups, per_group)
-    word = planes[0].to(torch.float32)
-    for j in range(1, n_bytes):
-        word = word + planes[j].to(torch.float32) * float(1 << (8 * j))  # exact: at most 24 bits
+    # The unit as one signed integer (its last byte read as int8): then its top value needs no sign fix-up
+    word = planes[n_bytes - 1].view(torch.int8).to(torch.float32)
+    for j in range(n_bytes - 2, -1, -1):
+        word = word * 256.0 + planes[j].to(torch.float32)  # exact: at most 24 bits
     s, z = scale.reshape(rows, groups, 1).to(x.dtype), zero_point.reshape(rows, groups, 1).to(x.dtype)
     xs = _contiguous_copy(x.reshape(groups * per_group, unit).t()).reshape(unit, groups, per_group)
     half, full = float(1 << (bits - 1)), float(1 << bits)
-    y, above = None, word
+    products = None
     for i in range(unit):
-        below, above = above, torch.floor(word * (1.0 / (1 << (bits * (i + 1)))))  # word >> bits*i, >> bits*(i+1)
-        field = below - above * full  # bits [bits*i, bits*(i+1)) as 0 .. 2**bits - 1
-        signed = torch.where(field >= half, field - full, field)
+        shifted = torch.floor(word * (1.0 / (1 << (bits * i)))) if i else word  # word >> bits*i, arithmetic
+        # value i, signed: shifted - full * round-half-up(shifted / full); the top value is shifted itself
+        signed = shifted if i == unit - 1 else shifted - full * torch.floor((shifted + half) * (1.0 / full))
         w = (signed.to(x.dtype) - z) * s  # dequantize_intx's arithmetic
-        term = (w * xs[i]).sum((-2, -1), dtype=torch.float32)
-        y = term if y is None else y + term
-    return y.to(x.dtype).unsqueeze(0)
+        term = w.to(torch.float32) * xs[i].to(torch.float32)  # fp32 products: half inputs add no rounding here
+        products = term if products is None else products + term
+    # one reduction over the bytes, not one per value of a unit: short rows (B's) pay a horizontal sum per reduction
+    return products.sum((-2, -1), dtype=torch.float32).to(x.dtype).unsqueeze(0)
 
 
 def register_kernel_fallbacks() -> None:
