@@ -305,9 +305,10 @@ def main(argv=None) -> int:
         print("\nDecode, tokens/s (SmolLM2-135M, compiled step)\n")
         print(format_table(decode, ["model", "adapters", "prompt", "new_tokens", *VARIANTS, "fused/base"], markdown=True))
     if args.json:
+        weights = "random" if args.random_weights else "bundled SmolLM2-135M"
         meta = {"machine": machine(), "device": device, "dtype": str(dtype), "torch": torch.__version__,
                 "python": sys.version.split()[0], "rank": args.rank, "bits": args.bits,
-                "decode_weights": None if args.no_decode else "random" if args.random_weights else "bundled SmolLM2-135M"}
+                "decode_weights": None if args.no_decode else weights}
         write_json(args.json, {"meta": meta, "environment": environment(), "args": vars(args), "layers": layers,
                                "decode": decode})
     return 0

@@ -274,8 +274,8 @@ BAD_INPUTS = [
     (lambda a: a.update(group_size=24), "multiple of group_size"),
     (lambda a: a.update(group_size=0), "positive int"),
     (lambda a: a.update(group_size=64, scale=a["scale"][:, :1], zero_point=a["zero_point"][:, :1],
-                        qdata=torch.zeros(8, 32, dtype=torch.uint8, device=DEVICE), x=torch.zeros(2, 64, device=DEVICE)),
-     None),  # valid packed
+                        qdata=torch.zeros(8, 32, dtype=torch.uint8, device=DEVICE),
+                        x=torch.zeros(2, 64, device=DEVICE)), None),  # valid packed
     (lambda a: a.update(scale=a["scale"][:, :1]), "scale must be"),
     (lambda a: a.update(scale=a["scale"].to(torch.int8)), "scale must be float"),
     (lambda a: a.update(zero_point=a["zero_point"].to(torch.int32)), "zero_point must be int8"),
