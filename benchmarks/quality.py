@@ -41,8 +41,9 @@ import torch
 
 from torchao_eora import EoRAConfig, GPTQConfig, PruneConfig, RTNConfig
 from torchao_eora.cli import shrinkage_arg
-from torchao_eora.data import load_model
-from torchao_eora.pipeline import Timer, compress_model, evaluate
+from torchao_eora.data import calibration_batches, load_model
+from torchao_eora.pipeline import Timer, calibration_texts, compress_model, evaluate
+from torchao_eora.sequential import calibrate
 from torchao_eora.report import format_table
 
 from results_io import environment, write_json  # benchmarks/ is on sys.path when run as a script
@@ -327,8 +328,11 @@ def main(argv=None) -> int:
 
     start = time.perf_counter()
     run({"compression": None, "bits": None, "group_size": None, "method": "fp", "rank": 0})
-    # one-shot statistics do not depend on the config: calibrate once and share them across rows
+    # one-shot statistics do not depend on the config: calibrate once, everything any row reads, and share them
     shared = None
+    if args.calib_mode == "one-shot":
+        batches = calibration_batches(tokenizer, calibration_texts(args.calib_source), args.calib_samples, args.seq_len)
+        shared = calibrate(original, batches, None, mode="one-shot")
     if args.suite == "rtn":
         for bits in args.bits:
             rtn = {"compression": "rtn", "bits": bits, "group_size": args.group_size}

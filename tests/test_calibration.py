@@ -53,7 +53,8 @@ def test_modules_reading_one_input_share_one_accumulator(model, batches):
         assert g[p + "self_attn.q_proj"] == g[p + "self_attn.k_proj"] == g[p + "self_attn.v_proj"]
         assert g[p + "mlp.gate_proj"] == g[p + "mlp.up_proj"]
         assert len({g[p + s] for s in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")}) == 4
-    assert len(calib.groups) == 8 and len(calib.group_of) == 14
+    # 8 distinct inputs, plus each v_proj's attention-weighted moment (for EoRA's residual)
+    assert len(calib.groups) == 10 and len(calib.group_of) == 14 and len(calib.value_group_of) == 2
 
 
 def test_sequential_sees_compressed_earlier_layers_and_leaves_model_intact(model, batches):

@@ -63,9 +63,10 @@ def test_every_module_is_compressed_and_solved_exactly_once(counted, base, flow)
         compress_sequential(model, token_batches(), config, progress=False)
     else:
         quantize_(model, eora_config(calibrate(model, token_batches(), config, progress=False)))
-    # once each; a calibrated compressor twice more, on each half, to cross-validate shrinkage="auto" leak-free
-    once = 3 if base.needs_calibration else 1
-    assert {names[k]: n for k, n in calls.items()} == {name: once for name in names.values()}
+    # once each; a calibrated compressor twice more, on each half, to cross-validate shrinkage="auto" leak-free,
+    # except for v_proj, whose residual is then weighted by the attention moment (not split: nothing to validate)
+    cross_validated = {name: base.needs_calibration and not name.endswith("v_proj") for name in names.values()}
+    assert {names[k]: n for k, n in calls.items()} == {name: 3 if cv else 1 for name, cv in cross_validated.items()}
     assert sum(counted.values()) == len(names) == 14  # one solve per module
 
 

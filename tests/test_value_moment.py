@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from helpers import tiny_llama, token_batches
-from torchao_eora import Calibration, EoRAConfig, GPTQConfig, PruneConfig, RTNConfig, compress_sequential
+from torchao_eora import Calibration, EoRAConfig, GPTQConfig, PruneConfig, RTNConfig, calibrate, compress_sequential
 from torchao_eora.attention_moments import mixed_value_moment, value_output_error
 from torchao_eora.sequential import _capture_layer_inputs, find_decoder_layers
+from torchao_eora.solver import LowRankFactors, eora_factors, weighted_error
 
 
 def tiny_gemma3(layers: int = 4):
@@ -141,3 +142,69 @@ def test_saved_calibration_keeps_the_value_moments(tmp_path):
     name = "model.layers.1.self_attn.v_proj"
     torch.testing.assert_close(loaded.stats_of(name).compressor_moment.total,
                                calib.stats_of(name).compressor_moment.total, rtol=0, atol=0)
+
+
+def test_eora_residual_of_v_proj_is_weighted_with_the_attention_moment():
+    """Over a calibrated compressor, EoRA's v_proj residual is the exact optimum for the attention-weighted moment
+    (summed over kv heads), not for the plain one: it beats the plain-moment residual in that norm. Other modules
+    and RTN keep the plain moment."""
+    model = tiny_llama(layers=2)
+    batches = token_batches(2, pad_first=5)
+    config = EoRAConfig(rank=4, base=PruneConfig("sparsegpt", "2:4"), shrinkage=0)
+    assert config.attention_value_residual and not config.attention_value_moment  # SparseGPT's compressor: plain
+    calib = compress_sequential(model, batches, config, in_place=False, progress=False)
+    name = "model.layers.0.self_attn.v_proj"
+    stats = calib.stats_of(name)
+    summed = stats.attention_moment.mean()
+    assert summed.shape == (64, 64)  # summed over kv heads as collected: SparseGPT's compressor needs no stack
+    w = model.get_submodule(name).weight.detach().float()
+    installed = calib.results[name]
+    delta = w - installed.dequantize_base(torch.float32)
+    torch.testing.assert_close(delta, w - config.base.compress(w, stats.moment.mean()).dequantize(), rtol=0, atol=0)
+    expected = eora_factors(delta, summed, 4)
+    torch.testing.assert_close(installed.B @ installed.A, expected.B @ expected.A, rtol=1e-4, atol=1e-6)
+    plain = eora_factors(delta, stats.moment.mean(), 4)
+    ours = LowRankFactors(installed.A.float(), installed.B.float())
+    assert weighted_error(delta, ours, summed) < 0.99 * weighted_error(delta, plain, summed)
+    q = "model.layers.0.self_attn.q_proj"  # reads the same input, keeps the plain moment
+    dq = model.get_submodule(q).weight.detach().float() - calib.results[q].dequantize_base(torch.float32)
+    fq = eora_factors(dq, calib.stats_of(q).moment.mean(), 4)
+    torch.testing.assert_close(calib.results[q].B @ calib.results[q].A, fq.B @ fq.A, rtol=1e-4, atol=1e-6)
+
+
+def test_which_configs_weight_the_value_residual_with_attention():
+    assert EoRAConfig(base=GPTQConfig(3)).attention_value_residual
+    assert EoRAConfig(base=PruneConfig("wanda", "2:4")).attention_value_residual
+    assert not EoRAConfig(base=RTNConfig(3)).attention_value_residual  # not measured for RTN: plain by default
+    assert EoRAConfig(base=RTNConfig(3), value_moment="attention").attention_value_residual
+    assert not EoRAConfig(base=GPTQConfig(3), value_moment="plain").attention_value_residual
+    assert not EoRAConfig(base=GPTQConfig(3), compensation="svd").attention_value_residual
+
+
+def test_one_shot_collects_the_summed_attention_moment_for_the_residual_alone():
+    model = tiny_llama(layers=2)
+    batches = token_batches(2, pad_first=5)
+    expected, _ = _reference_value_moment(model, batches)
+    calib = calibrate(model, batches, mode="one-shot", progress=False)  # no config: every moment a config may read
+    name = "model.layers.0.self_attn.v_proj"
+    stats = calib.stats_of(name)
+    assert stats.compressor_moment is None  # one-shot GPTQ keeps the plain moment
+    assert stats.attention_moment.total.shape == (64, 64) and stats.attention_moment.n_tokens > 0
+    torch.testing.assert_close(stats.attention_moment.total, expected.sum(0), rtol=1e-5, atol=1e-4)
+    assert model.config._attn_implementation == "sdpa"  # restored after the pass
+    rtn = calibrate(model, batches, EoRAConfig(rank=4, base=RTNConfig(3, 32)), mode="one-shot", progress=False)
+    assert rtn.value_group_of == {}
+
+
+def test_attention_weighted_stats_sum_a_stack_over_kv_heads():
+    from torchao_eora.calibration import ModuleStats, SecondMoment
+
+    stack = torch.randn(3, 8, 8, dtype=torch.float64)
+    stack = stack @ stack.transpose(1, 2)
+    plain = SecondMoment(torch.eye(8, dtype=torch.float64), 5)
+    weighted = ModuleStats(plain, lambda: None, attention_moment=SecondMoment(stack, 7)).attention_weighted()
+    torch.testing.assert_close(weighted.moment.mean(), stack.sum(0) / 7)
+    eigen = weighted.eigen()
+    torch.testing.assert_close(eigen.vectors @ torch.diag(eigen.values) @ eigen.vectors.T, stack.sum(0) / 7)
+    with pytest.raises(ValueError, match="only a v_proj"):
+        ModuleStats(plain, lambda: None).attention_weighted()

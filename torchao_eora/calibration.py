@@ -78,11 +78,30 @@ class SecondMoment:
 class ModuleStats:
     """What the compressor and the solver need of one module: its input second moment, that moment's
     eigendecomposition computed on first use and shared by the modules reading the same input, and, for a v_proj,
-    the attention-weighted moment per kv head that its base compressor minimises instead (None elsewhere)."""
+    the attention-weighted moment (``attention_moments``): the one its base compressor minimises instead in
+    sequential calibration (``compressor_moment``, one per kv head), and the one EoRA's residual may be weighted
+    with (``attention_moment``, any calibration mode). None elsewhere."""
 
     moment: SecondMoment
     eigen: Callable[[], Eigen]
     compressor_moment: SecondMoment | None = None  # (H_kv, in, in): one per kv head's rows of v_proj
+    attention_moment: SecondMoment | None = None  # (H_kv, in, in) or summed over kv heads, (in, in)
+
+    def attention_weighted(self) -> "ModuleStats":
+        """These statistics with ``attention_moment`` summed over kv heads as the moment (one low-rank residual
+        serves all rows of v_proj, so it is weighted by the sum); its eigendecomposition is computed on first use."""
+        m = self.attention_moment
+        if m is None:
+            raise ValueError("no attention-weighted moment: only a v_proj's statistics have one")
+        summed = SecondMoment(m.total.sum(0) if m.total.dim() == 3 else m.total, m.n_tokens, m.normalized)
+        cache: list[Eigen] = []
+
+        def eigen() -> Eigen:
+            if not cache:
+                cache.append(eigen_of(summed.mean()))
+            return cache[0]
+
+        return ModuleStats(summed, eigen)
 
 
 class Calibration:
@@ -177,8 +196,11 @@ class Calibration:
 
     def stats_of(self, name: str) -> ModuleStats:
         value = self.value_group_of.get(name)
+        value = None if value is None else self.groups.get(value)
+        # One-shot statistics keep v_proj's compressor on the plain moment: the attention-weighted one is collected
+        # there (summed over kv heads) for EoRA's residual alone.
         return ModuleStats(self.second_moment(name), lambda: self.eigen(name),
-                           None if value is None else self.groups.get(value))
+                           value if self.mode == "sequential" else None, value)
 
     def eigen(self, name: str) -> Eigen:
         """Eigendecomposition of a module's input second moment, cached per distinct input (q/k/v share one)."""

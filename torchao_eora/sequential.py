@@ -30,7 +30,7 @@ from .solver import error_spectrum
 from .targets import check_targets, module_rank
 from .tensor import QuantWithLowRank
 from .timing import Timer
-from .transform import eora_quantize_tensor, install
+from .transform import eora_quantize_tensor, install, residual_stats
 
 __all__ = ["LayerIO", "calibrate", "compress_sequential", "compute_device", "find_decoder_layers"]
 
@@ -152,8 +152,9 @@ def compress_sequential(
     prefix, layers = find_decoder_layers(model)
     check_targets(_linears(layers, prefix + "."), config)  # every layer before the first changes (meta: shapes only)
     calib = Calibration({}, {}, "sequential", config, fingerprint=model_fingerprint(model), ranks=ranks)
-    # v_proj's compressor sees the attention-weighted moment: it needs the attention probabilities (eager attention)
-    value_moments = needs_data and config.attention_value_moment
+    # v_proj's compressor or EoRA's residual sees the attention-weighted moment: it needs the attention
+    # probabilities (eager attention)
+    value_moments = needs_data and (config.attention_value_moment or config.attention_value_residual)
     split = config.compensation == "eora" and config.shrinkage == "auto"  # halves to cross-validate the shrinkage
     with _attention("eager" if value_moments else None, model):
         with timer("forward"):
@@ -166,6 +167,8 @@ def compress_sequential(
             linears = _linears(layer, f"{prefix}.{i}.")
             check_targets(linears, config, warn=False)  # now with the real weights (NaN), when they were streamed in
             values = _value_projections(layer, f"{prefix}.{i}.") if value_moments else {}
+            if not config.attention_value_moment:  # EoRA's residual alone reads it: summed over kv heads, 1/H_kv
+                values = {name: (attention, v, None) for name, (attention, v, _) in values.items()}  # the memory
             with _MomentCollector(linears, timer, values, stop_when_done=True, split=split) as collector, \
                     timer("forward"), \
                     _transient_allocations():
@@ -233,7 +236,8 @@ def _compress_module(
     if spectra is not None:
         with timer("solve"):
             delta = module.weight.detach().float() - weight.dequantize_base(torch.float32)
-            eigen = module_stats.eigen() if module_stats is not None and config.compensation == "eora" else None
+            weighted = residual_stats(module_stats, config)
+            eigen = weighted.eigen() if weighted is not None and config.compensation == "eora" else None
             spectra[name] = error_spectrum(delta, eigen)
     install(module, weight)
     return weight
@@ -293,24 +297,32 @@ def calibrate(
                                     device=next(model.parameters()).device)
     elif mode == "one-shot":
         split = config is None or config.shrinkage == "auto"  # a later config may still want it: None keeps them
-        calib = _calibrate_one_shot(model, batches, progress, split)
+        values = config is None or config.attention_value_residual
+        calib = _calibrate_one_shot(model, batches, progress, split, values)
         calib.config = None if config is None else replace(config, calibration=None)
     else:
         raise ValueError(f"mode must be 'sequential' or 'one-shot', got {mode!r}")
     return calib.bind(model)
 
 
-def _calibrate_one_shot(model, batches, progress, split: bool) -> Calibration:
+def _calibrate_one_shot(model, batches, progress, split: bool, values: bool) -> Calibration:
     fingerprint = model_fingerprint(model)
     prefix, layers = find_decoder_layers(model)
     device = next(model.parameters()).device
-    with _MomentCollector(_linears(layers, prefix + "."), stop_when_done=True, split=split) as collector:
+    value_projections = {}
+    for i, layer in enumerate(layers if values else ()):  # for EoRA's residual alone: summed over kv heads
+        found = _value_projections(layer, f"{prefix}.{i}.")
+        value_projections.update({name: (attention, v, None) for name, (attention, v, _) in found.items()})
+    with _attention("eager" if value_projections else None, model), \
+            _MomentCollector(_linears(layers, prefix + "."), None, value_projections, stop_when_done=True,
+                             split=split) as collector:
         for batch in tqdm(batches, desc="calibrating (one-shot)", disable=not progress):
             batch = _to(batch, device)
             collector.start_batch(batch.get("attention_mask"), batch["input_ids"].shape[0])
             with contextlib.suppress(_StopForward):  # the final norm and lm_head feed no statistic
                 model(**batch, use_cache=False)
-    return Calibration(collector.groups, collector.group_of, "one-shot", fingerprint=fingerprint)
+    return Calibration(collector.groups, collector.group_of, "one-shot", fingerprint=fingerprint,
+                       value_group_of=collector.value_group_of)
 
 
 # ---- collecting statistics ------------------------------------------------------------------------------------
@@ -328,7 +340,7 @@ class _MomentCollector:
     """
 
     def __init__(self, modules: Mapping[str, torch.nn.Linear], timer: Timer | None = None,
-                 values: Mapping[str, tuple[torch.nn.Module, torch.nn.Linear, int]] | None = None, *,
+                 values: Mapping[str, tuple[torch.nn.Module, torch.nn.Linear, int | None]] | None = None, *,
                  stop_when_done: bool = False, split: bool = False):
         self.modules = dict(modules)
         self.split = split
@@ -405,7 +417,7 @@ class _MomentCollector:
     def _keep_value_input(self, module, args) -> None:
         self._value_input = args[0]
 
-    def _value_hook(self, name: str, n_kv: int):
+    def _value_hook(self, name: str, n_kv: int | None):
         def hook(module, args, out):
             probs = out[1] if isinstance(out, (tuple, list)) and len(out) > 1 else None
             if probs is None or self._value_input is None:

@@ -21,7 +21,7 @@ from .targets import check_targets, module_rank, quantize_call_targets, warn_onc
 from .tensor import QuantWithLowRank
 from .timing import Timer
 
-__all__ = ["eora_module_transform", "eora_quantize_tensor"]
+__all__ = ["eora_module_transform", "eora_quantize_tensor", "residual_stats"]
 
 
 def eora_quantize_tensor(
@@ -40,12 +40,12 @@ def eora_quantize_tensor(
     """
     timer = timer or Timer()
     w32 = weight.detach().float()
-    moment = None if stats is None else stats.moment.mean()
-    if getattr(config.base, "needs_calibration", False) and moment is None:
+    if getattr(config.base, "needs_calibration", False) and stats is None:
         raise ValueError(f"{config.base.describe()} needs calibration statistics: run calibrate() first")
     attention = stats is not None and stats.compressor_moment is not None and config.attention_value_moment
-    compressor_moment = stats.compressor_moment.mean() if attention else moment
-    weighted = None if config.compensation == "svd" else stats
+    compressor_moment = None if stats is None else (stats.compressor_moment if attention else stats.moment).mean()
+    weighted = None if config.compensation == "svd" else residual_stats(stats, config)
+    moment = None if weighted is None else weighted.moment.mean()
     rank = module_rank(config, *w32.shape) if rank is None else rank
     with timer("compress"):
         compressed = config.base.compress(w32, compressor_moment)
@@ -69,6 +69,15 @@ def eora_quantize_tensor(
     with timer("solve"):
         factors = _quantize_adapters(delta, factors, config, norm, weight.dtype)
     return QuantWithLowRank.from_parts(compressed, factors, dtype=weight.dtype)
+
+
+def residual_stats(stats: ModuleStats | None, config: EoRAConfig) -> ModuleStats | None:
+    """The statistics EoRA's residual is weighted with: a v_proj's attention-weighted moment where the calibration
+    has one and ``config.attention_value_residual`` asks for it (an error in v_proj reaches the layer through the
+    attention probabilities, which weight a window's first tokens far more than ``X^T X`` does), else ``stats``."""
+    if stats is None or stats.attention_moment is None or not config.attention_value_residual:
+        return stats
+    return stats.attention_weighted()
 
 
 def _cross_validation_folds(
