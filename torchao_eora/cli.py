@@ -113,10 +113,10 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
                    help="gptq only: visit columns by decreasing activation energy (static groups, same layout); "
                         "default on (measured better at 3 bits), off inside --prune sparsegpt's joint sweep")
     g.add_argument("--value-moment", default="auto", choices=["auto", "attention", "plain"],
-                   help="what gptq/sparsegpt/wanda minimise for v_proj: the attention-output error, from inputs "
-                        "mixed by the attention probabilities, per kv head (attention; eager attention during "
-                        "calibration), or v_proj's own output error (plain); auto (default): attention for gptq, "
-                        "plain for pruning")
+                   help="what gptq/sparsegpt/wanda and EoRA's residual minimise for v_proj: the attention-output "
+                        "error, from inputs mixed by the attention probabilities (attention; eager attention during "
+                        "calibration), or v_proj's own output error (plain); auto (default): attention for gptq's "
+                        "compressor, plain for pruning, attention for EoRA's residual over every calibrated base")
     g.add_argument("--percdamp", type=float, default=0.01,
                    help="gptq/sparsegpt: Hessian damping as a fraction of its mean diagonal (default 0.01)")
     g.add_argument("--sparsity", default=None, type=_sparsity, metavar="N:M|RATIO",
