@@ -166,9 +166,8 @@ def compress_sequential(
             layer_io.load(i, layer, device)
             linears = _linears(layer, f"{prefix}.{i}.")
             check_targets(linears, config, warn=False)  # now with the real weights (NaN), when they were streamed in
-            values = _value_projections(layer, f"{prefix}.{i}.") if value_moments else {}
-            if not config.attention_value_moment:  # EoRA's residual alone reads it: summed over kv heads, 1/H_kv
-                values = {name: (attention, v, None) for name, (attention, v, _) in values.items()}  # the memory
+            # per kv head for the compressor; EoRA's residual alone reads the sum (1/H_kv of the memory)
+            values = _value_projections(layer, f"{prefix}.{i}.", config.attention_value_moment) if value_moments else {}
             with _MomentCollector(linears, timer, values, stop_when_done=True, split=split) as collector, \
                     timer("forward"), \
                     _transient_allocations():
@@ -311,8 +310,7 @@ def _calibrate_one_shot(model, batches, progress, split: bool, values: bool) -> 
     device = next(model.parameters()).device
     value_projections = {}
     for i, layer in enumerate(layers if values else ()):  # for EoRA's residual alone: summed over kv heads
-        found = _value_projections(layer, f"{prefix}.{i}.")
-        value_projections.update({name: (attention, v, None) for name, (attention, v, _) in found.items()})
+        value_projections.update(_value_projections(layer, f"{prefix}.{i}.", per_kv_head=False))
     with _attention("eager" if value_projections else None, model), \
             _MomentCollector(_linears(layers, prefix + "."), None, value_projections, stop_when_done=True,
                              split=split) as collector:
@@ -524,16 +522,20 @@ def _dense_linears(linears: Mapping[str, torch.nn.Linear]):
                 module.forward = own
 
 
-def _value_projections(layer: torch.nn.Module, prefix: str) -> dict[str, tuple[torch.nn.Module, torch.nn.Linear, int]]:
+def _value_projections(
+    layer: torch.nn.Module, prefix: str, per_kv_head: bool = True,
+) -> dict[str, tuple[torch.nn.Module, torch.nn.Linear, int | None]]:
     """The attention modules of a decoder layer with a separate ``v_proj`` linear and a ``head_dim`` (Llama, Gemma,
-    Qwen, Mistral, ...): v_proj's name -> (attention module, v_proj, number of kv heads). Fused qkv projections
-    have no v_proj of their own and keep the plain moment."""
+    Qwen, Mistral, ...): v_proj's name -> (attention module, v_proj, number of kv heads, or None with
+    ``per_kv_head=False``: one moment summed over them). Fused qkv projections have no v_proj of their own and
+    keep the plain moment."""
     found = {}
     for name, module in layer.named_modules():
         v_proj, head_dim = getattr(module, "v_proj", None), getattr(module, "head_dim", None)
         if isinstance(v_proj, torch.nn.Linear) and isinstance(head_dim, int) and head_dim > 0 \
                 and v_proj.out_features % head_dim == 0:
-            found[f"{prefix}{name + '.' if name else ''}v_proj"] = (module, v_proj, v_proj.out_features // head_dim)
+            heads = v_proj.out_features // head_dim if per_kv_head else None
+            found[f"{prefix}{name + '.' if name else ''}v_proj"] = (module, v_proj, heads)
     return found
 
 
