@@ -278,7 +278,10 @@ def calibrate(
         config: the ``EoRAConfig`` the model will be compressed with. Required in sequential mode: layer ``i`` is
             measured behind layers ``< i`` compressed and compensated with it (each on a copy, compressed once;
             ``quantize_(model, eora_config(calib))`` then installs those weights).
-        mode: ``"sequential"`` (recommended) or ``"one-shot"`` (statistics of the original model).
+        mode: ``"sequential"`` (recommended) or ``"one-shot"`` (statistics of the original model). Where the
+            config's ``v_proj`` residual is weighted by the attention-mixed moment (or ``config`` is None), one-shot
+            also collects that moment, summed over kv heads, which needs the attention probabilities: the
+            forward runs eager attention and costs about twice the plain statistics.
         progress: show a tqdm bar.
 
     Returns:
