@@ -23,7 +23,8 @@ Every run is one spec, comma-separated ``key=value`` after the method::
     gptq,v=mixed,eora=64,ev=mixed    + EoRA rank 64 on every linear; v_proj's EoRA moment plain or mixed
     gptq,via=engine,act=1,v=head     the same through the library's sequential engine (``compress_sequential``
                                      with an ``EoRAConfig``: v=head is value_moment="attention", v=plain "plain";
-                                     eora=R adds EoRA rank R; on= and ev= are the study loop's only)
+                                     eora=R adds EoRA rank R, ev= weights its v_proj residual as in the loop,
+                                     ev=mixed being the library's default for GPTQ; on= is the loop's only)
 
     python benchmarks/gptq_study.py --runs fp rtn gptq gptq,v=mixed gptq,v=head
     python benchmarks/gptq_study.py --model gemma --runs fp rtn gptq gptq,v=mixed
@@ -96,8 +97,8 @@ def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
         raise SystemExit(f"on must be all|v_proj|not_v in {spec!r}")
     if options["via"] not in ("study", "engine"):
         raise SystemExit(f"via must be study|engine in {spec!r}")
-    if options["via"] == "engine" and (options["v"] == "mixed" or options["on"] != "all" or options["ev"] != "plain"):
-        raise SystemExit(f"the engine has v=plain|head, on=all and ev=plain only: {spec!r}")
+    if options["via"] == "engine" and (options["v"] == "mixed" or options["on"] != "all"):
+        raise SystemExit(f"the engine has v=plain|head and on=all only: {spec!r}")
     return method, options
 
 
@@ -307,17 +308,29 @@ def compress_model(model, batches, method, opts, args):
     return timings, per_layer
 
 
+def _residual_config(mixed: bool):
+    """``EoRAConfig`` with v_proj's EoRA moment fixed: mixed (attention-weighted, summed over kv heads) or plain."""
+    from torchao_eora import EoRAConfig
+
+    class Config(EoRAConfig):
+        attention_value_residual = property(lambda self: mixed and self.compensation == "eora")
+
+    return Config
+
+
 @torch.inference_mode()
 def compress_with_engine(model, batches, method, opts, args):
     """The library's sequential pass (what ``torchao-eora quantize`` runs), in place; its phase split."""
-    from torchao_eora import EoRAConfig, compress_sequential
+    from torchao_eora import compress_sequential
     from torchao_eora.timing import Timer
 
     base = RTNConfig(args.bits, args.group_size) if method == "rtn" else GPTQConfig(
         args.bits, args.group_size, percdamp=float(opts["damp"]), act_order=opts["act"] == "1")
     rank = int(opts["eora"])
-    config = EoRAConfig(rank=max(rank, 1), base=base, compensation="eora" if rank else "none",
-                        value_moment="attention" if opts["v"] == "head" else "plain")
+    # value_moment sets both what GPTQ and what EoRA see for v_proj; ev= picks EoRA's apart from GPTQ's (v=)
+    config = _residual_config(opts["ev"] == "mixed")(
+        rank=max(rank, 1), base=base, compensation="eora" if rank else "none",
+        value_moment="attention" if opts["v"] == "head" else "plain")
     timer = Timer()
     compress_sequential(model, batches, config, keep_statistics=False, timer=timer)
     return dict(timer.seconds), []
