@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from torchao_eora import Calibration, EoRAConfig, GPTQConfig, PruneConfig, RTNCo
 from torchao_eora.attention_moments import mixed_value_moment, value_output_error
 from torchao_eora.sequential import _capture_layer_inputs, find_decoder_layers
 from torchao_eora.solver import LowRankFactors, eora_factors, weighted_error
+from torchao_eora.transform import residual_stats
 
 
 def tiny_gemma3(layers: int = 4):
@@ -208,3 +211,23 @@ def test_attention_weighted_stats_sum_a_stack_over_kv_heads():
     torch.testing.assert_close(eigen.vectors @ torch.diag(eigen.values) @ eigen.vectors.T, stack.sum(0) / 7)
     with pytest.raises(ValueError, match="only a v_proj"):
         ModuleStats(plain, lambda: None).attention_weighted()
+
+
+def test_auto_keeps_the_plain_residual_where_gptq_minimised_the_attention_error():
+    """Sequential GPTQ fits v_proj to the attention-weighted moment itself: under ``"auto"`` EoRA's residual is
+    then weighted with the plain moment (measured: no gain there), under ``"attention"`` with the attention one;
+    one-shot GPTQ (plain compressor moment) gets the attention-weighted residual under ``"auto"``."""
+    model = tiny_llama(layers=1)
+    batches = token_batches(2, pad_first=5)
+    name = "model.layers.0.self_attn.v_proj"
+    auto = EoRAConfig(rank=4, base=GPTQConfig(3, 32))
+    sequential = compress_sequential(model, batches, auto, in_place=False, progress=False).stats_of(name)
+    assert sequential.compressor_moment is not None and sequential.attention_moment is not None
+    assert residual_stats(sequential, auto) is sequential
+    attention = replace(auto, value_moment="attention")
+    torch.testing.assert_close(residual_stats(sequential, attention).moment.total,
+                               sequential.attention_moment.total.sum(0), rtol=0, atol=0)
+    one_shot = calibrate(model, batches, auto, mode="one-shot", progress=False).stats_of(name)
+    assert one_shot.compressor_moment is None
+    torch.testing.assert_close(residual_stats(one_shot, auto).moment.total, one_shot.attention_moment.total,
+                               rtol=0, atol=0)

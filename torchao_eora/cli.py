@@ -116,7 +116,8 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
                    help="what gptq/sparsegpt/wanda and EoRA's residual minimise for v_proj: the attention-output "
                         "error, from inputs mixed by the attention probabilities (attention; eager attention during "
                         "calibration), or v_proj's own output error (plain); auto (default): attention for gptq's "
-                        "compressor, plain for pruning, attention for EoRA's residual over every calibrated base")
+                        "compressor, plain for pruning; attention for EoRA's residual over a calibrated base whose "
+                        "compressor minimised the plain error (pruning, one-shot gptq), else plain")
     g.add_argument("--percdamp", type=float, default=0.01,
                    help="gptq/sparsegpt: Hessian damping as a fraction of its mean diagonal (default 0.01)")
     g.add_argument("--sparsity", default=None, type=_sparsity, metavar="N:M|RATIO",

@@ -52,8 +52,10 @@ class EoRAConfig(AOBaseConfig):
             for ``GPTQConfig`` (measured better on SmolLM2 and Gemma-3, README), plain for the pruning compressors
             (not measured on a real model). EoRA's residual for ``v_proj`` is weighted with the attention-weighted
             moment (summed over kv heads, in any calibration mode) under ``"attention"``, and under ``"auto"`` over
-            every calibrated compressor: measured on SmolLM2's paper suite, it turned the two points where EoRA
-            lost to plain SVD into wins (README); RTN keeps the plain moment under ``"auto"`` (not yet measured).
+            every calibrated compressor that did not minimise the attention-output error itself: measured on
+            SmolLM2's paper suite, it turned the two points where EoRA lost to plain SVD into wins (README); over
+            sequential GPTQ it tied on SmolLM2 and lost 0.45% on Gemma-3, so ``"auto"`` keeps the plain moment
+            there, and for RTN (not yet measured).
             ``shrinkage="auto"`` leaves that residual unshrunk (its moment is not split for cross-validation).
         rank_budget: ``"uniform"`` (default): every module gets ``rank``; ``"global"``: the same total adapter
             parameters, spent where they remove the most activation-weighted error (``rank_budget.py``; ranks of at
@@ -125,7 +127,8 @@ class EoRAConfig(AOBaseConfig):
 
     @property
     def attention_value_residual(self) -> bool:
-        """Whether EoRA weights ``v_proj``'s residual with the attention-weighted moment (see ``value_moment``)."""
+        """Whether EoRA may weight ``v_proj``'s residual with the attention-weighted moment (see ``value_moment``;
+        ``transform.residual_stats`` makes the last call, knowing what the compressor was fitted to)."""
         if self.compensation != "eora" or self.value_moment == "plain":
             return False
         return self.value_moment == "attention" or bool(getattr(self.base, "needs_calibration", False))

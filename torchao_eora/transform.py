@@ -74,8 +74,12 @@ def eora_quantize_tensor(
 def residual_stats(stats: ModuleStats | None, config: EoRAConfig) -> ModuleStats | None:
     """The statistics EoRA's residual is weighted with: a v_proj's attention-weighted moment where the calibration
     has one and ``config.attention_value_residual`` asks for it (an error in v_proj reaches the layer through the
-    attention probabilities, which weight a window's first tokens far more than ``X^T X`` does), else ``stats``."""
+    attention probabilities, which weight a window's first tokens far more than ``X^T X`` does), else ``stats``.
+    Under ``value_moment="auto"`` not where v_proj's compressor already minimised that error itself (sequential
+    GPTQ): measured there, it tied on SmolLM2 (26.28 vs 26.29) and lost on Gemma-3 (26.99 vs 26.87; README)."""
     if stats is None or stats.attention_moment is None or not config.attention_value_residual:
+        return stats
+    if config.value_moment == "auto" and stats.compressor_moment is not None and config.attention_value_moment:
         return stats
     return stats.attention_weighted()
 
