@@ -73,6 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="compensation rows per compression (default: none svd eora)")
     p.add_argument("--rank-budgets", nargs="+", default=["uniform"], choices=["uniform", "global"],
                    help="EoRA rows per rank budget (EoRAConfig.rank_budget; default uniform)")
+    p.add_argument("--value-moments", nargs="+", default=["auto"], choices=["auto", "attention", "plain"],
+                   help="paper suite: EoRA rows per EoRAConfig.value_moment, what v_proj's compressor and EoRA "
+                        "residual minimise (default auto)")
     p.add_argument("--refine-rounds", nargs="+", type=int, default=[0],
                    help="EoRA rows per number of refinement rounds (EoRAConfig.refine_rounds; default 0)")
     p.add_argument("--shrinkage", nargs="+", type=shrinkage_arg, default=["auto"],
@@ -316,7 +319,7 @@ def main(argv=None) -> int:
             config = EoRAConfig(rank=row["rank"], base=base, compensation=row["method"],
                                 rank_budget=row.get("rank_budget", "uniform"),
                                 refine_rounds=row.get("refine_rounds", 0), shrinkage=row.get("shrinkage", "auto"),
-                                **adapters)
+                                value_moment=row.get("value_moment", "auto"), **adapters)
             calibration = compress_model(model, tokenizer, config, source=args.calib_source, n_samples=args.calib_samples,
                                    seq_len=args.seq_len, mode=args.calib_mode, calibration=calibration, timer=timer)
         row.update(size_columns(model))
@@ -363,8 +366,10 @@ def main(argv=None) -> int:
                    "group_size": getattr(quantizer, "group_size", None),
                    "sparsity": getattr(base, "pattern", None)}
             for method in args.methods:  # the sequential pass compresses each row's layers once
-                for amount in args.shrinkage if method == "eora" else [None]:
+                choices = (args.shrinkage, args.value_moments) if method == "eora" else ([None], [None])
+                for amount, moment in itertools.product(*choices):
                     extra = {} if amount is None else {"shrinkage": amount}
+                    extra.update({"value_moment": moment} if moment not in (None, "auto") else {})
                     calib = run({**row, "method": method, "rank": 0 if method == "none" else rank, **extra}, base,
                                 shared)
                     shared = (calib or shared) if args.calib_mode == "one-shot" else None
@@ -378,7 +383,7 @@ def main(argv=None) -> int:
     if args.json:
         write_json(args.json, {**meta, "rows": rows, "total_s": round(time.perf_counter() - start, 1)})
     columns = ["compression", "bits", "group_size", "sparsity", "method", "rank", "rank_budget", "refine_rounds",
-               "shrinkage", "adapter_bits",
+               "shrinkage", "value_moment", "adapter_bits",
                "resolve", "ppl",
                *args.tasks, "gap_closed", "size_mb", "packed_mb"]
     columns = [c for c in columns if any(c in r for r in rows)]
