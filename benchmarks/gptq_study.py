@@ -23,8 +23,9 @@ Every run is one spec, comma-separated ``key=value`` after the method::
     gptq,v=mixed,eora=64,ev=mixed    + EoRA rank 64 on every linear; v_proj's EoRA moment plain or mixed
     gptq,via=engine,act=1,v=head     the same through the library's sequential engine (``compress_sequential``
                                      with an ``EoRAConfig``: v=head is value_moment="attention", v=plain "plain";
-                                     eora=R adds EoRA rank R, ev= weights its v_proj residual as in the loop,
-                                     ev=mixed being the library's default for GPTQ; on= is the loop's only)
+                                     eora=R adds EoRA rank R, ev= weights its v_proj residual as in the loop
+                                     (ev=plain: what value_moment="auto" does over sequential GPTQ); on= is
+                                     the loop's only)
 
     python benchmarks/gptq_study.py --runs fp rtn gptq gptq,v=mixed gptq,v=head
     python benchmarks/gptq_study.py --model gemma --runs fp rtn gptq gptq,v=mixed
