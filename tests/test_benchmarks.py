@@ -40,6 +40,18 @@ def test_quality(tiny_dir, tmp_path, monkeypatch):
     assert all(r["ppl"] > 1 for r in rows)
 
 
+def test_quality_paper_suite_rows_per_value_moment(tiny_dir, tmp_path, monkeypatch):
+    out = tmp_path / "paper.json"
+    assert _main("quality.py", monkeypatch)([
+        "--model", str(tiny_dir), "--suite", "paper", "--compressions", "sparsegpt-2:4", "--methods", "eora",
+        "--value-moments", "auto", "plain", "--ranks", "4", "--group-size", "32", "--calib-samples", "2",
+        "--seq-len", "32", "--eval-tokens", "256", "--tasks", "--json", str(out),
+    ]) == 0
+    eora = [r for r in _rows(out) if r["method"] == "eora"]
+    assert [r.get("value_moment", "auto") for r in eora] == ["auto", "plain"]
+    assert eora[0]["ppl"] != eora[1]["ppl"]  # the v_proj residual differs: attention-weighted vs plain
+
+
 def test_finetune(tiny_dir, tmp_path, monkeypatch):
     out = tmp_path / "finetune.json"
     assert _main("finetune.py", monkeypatch)([
