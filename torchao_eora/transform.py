@@ -42,7 +42,7 @@ def eora_quantize_tensor(
     w32 = weight.detach().float()
     if getattr(config.base, "needs_calibration", False) and stats is None:
         raise ValueError(f"{config.base.describe()} needs calibration statistics: run calibrate() first")
-    attention = stats is not None and stats.compressor_moment is not None and config.attention_value_moment
+    attention = _compressor_fitted_to_attention(stats, config)
     compressor_moment = None if stats is None else (stats.compressor_moment if attention else stats.moment).mean()
     weighted = None if config.compensation == "svd" else residual_stats(stats, config)
     moment = None if weighted is None else weighted.moment.mean()
@@ -79,9 +79,15 @@ def residual_stats(stats: ModuleStats | None, config: EoRAConfig) -> ModuleStats
     GPTQ): measured there, it tied on SmolLM2 (26.28 vs 26.29) and lost on Gemma-3 (26.99 vs 26.87; README)."""
     if stats is None or stats.attention_moment is None or not config.attention_value_residual:
         return stats
-    if config.value_moment == "auto" and stats.compressor_moment is not None and config.attention_value_moment:
+    if config.value_moment == "auto" and _compressor_fitted_to_attention(stats, config):
         return stats
     return stats.attention_weighted()
+
+
+def _compressor_fitted_to_attention(stats: ModuleStats | None, config: EoRAConfig) -> bool:
+    """Whether a v_proj's base compressor minimises the attention-output error: the config asks for it and the
+    statistics carry its moment (sequential calibration only)."""
+    return stats is not None and stats.compressor_moment is not None and config.attention_value_moment
 
 
 def _cross_validation_folds(
