@@ -369,7 +369,8 @@ def main(argv=None) -> int:
                 choices = (args.shrinkage, args.value_moments) if method == "eora" else ([None], [None])
                 for amount, moment in itertools.product(*choices):
                     extra = {} if amount is None else {"shrinkage": amount}
-                    extra.update({"value_moment": moment} if moment not in (None, "auto") else {})
+                    if moment not in (None, "auto"):  # "auto" rows keep their old shape in the JSON
+                        extra["value_moment"] = moment
                     calib = run({**row, "method": method, "rank": 0 if method == "none" else rank, **extra}, base,
                                 shared)
                     shared = (calib or shared) if args.calib_mode == "one-shot" else None
