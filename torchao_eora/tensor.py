@@ -168,6 +168,17 @@ class QuantWithLowRank(TorchAOBaseTensor):
         self.A_scale, self.A_zero_point, self.B_scale, self.B_zero_point = adapter_fields
         self.target_dtype, self.group_size = target_dtype, group_size
         self.adapter_dtype, self.adapter_group_size = adapter_dtype, adapter_group_size
+        self.compute_dtype = dtype  # self.dtype, read without the 1.4 us __torch_function__ round trip (measured)
+
+    def __tensor_flatten__(self) -> tuple[list[str], dict]:
+        """torchao's flatten, written out: the present tensor fields in ``fields`` order and every attribute. A
+        compiled step's guards call it twice per weight per call; torchao's generic version took 3 us (measured), a
+        millisecond a token over SmolLM2's 210 weights."""
+        d = self.__dict__
+        names = [name for name in self.fields if d[name] is not None]
+        dtype = d.get("compute_dtype") or self.dtype  # a weight pickled before compute_dtype existed has none
+        return names, {"target_dtype": d["target_dtype"], "group_size": d["group_size"], "dtype": dtype,
+                       "adapter_dtype": d["adapter_dtype"], "adapter_group_size": d["adapter_group_size"]}
 
     # ---- construction and views -------------------------------------------------------------------------------
 
