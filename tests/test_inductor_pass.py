@@ -12,6 +12,7 @@ from torchao.quantization import quantize_
 
 from helpers import tiny_llama
 from torchao_eora import EoRAConfig, QuantWithLowRank, RTNConfig
+from torchao_eora.compressors import CompressedWeight
 from torchao_eora.inductor_passes import FuseLowRankPass, fusion_pass_installed, install_fusion_pass
 from torchao_eora.intx import dequantize_intx
 from torchao_eora.ops import eora_linear, quant_linear
@@ -353,19 +354,23 @@ def test_one_token_on_cpu_reads_quantized_adapters_in_reductions(adapter_bits):
     assert f"empty_strided_cpu(({RANK}, {IN})" not in code and f"empty_strided_cpu(({OUT}, {RANK})" not in code
 
 
-@pytest.mark.parametrize("base_bits,adapter_bits", [(4, 4), (3, 4), (4, 2), (4, 3), (4, 8)])
+@pytest.mark.parametrize("base_bits,adapter_bits", [(4, 4), (3, 4), (4, 2), (4, 3), (4, 8), (None, 4)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_one_token_on_cpu_int_adapters_share_the_de_interleaved_input(base_bits, adapter_bits, bias):
     """Packed base and packed adapters of one packing unit (int4 both): ``A`` reads the base's de-interleaved copy
     of ``x`` and ``A x`` is written in the order ``B`` reads it, so the only copy is the base's (each extra one was a
-    buffer and a pass a module a token). Other widths keep their own copies. Same result as eager in every case."""
+    buffer and a pass a module a token). Other widths, and a dense (pruned) base, keep their own copies. Same result
+    as eager in every case."""
     from torch._inductor.utils import run_and_get_code
 
     from torchao_eora.adapter_quant import quantize_factors
 
-    g = torch.Generator().manual_seed(base_bits * 10 + adapter_bits)
+    g = torch.Generator().manual_seed((base_bits or 0) * 10 + adapter_bits)
     w = torch.randn(OUT, IN, generator=g)
-    base = RTNConfig(bits=base_bits, group_size=GROUP).compress(w)
+    if base_bits is None:  # a pruned-only base: dense qdata, no scale
+        base = CompressedWeight(w * (torch.rand(w.shape, generator=g) > 0.5))
+    else:
+        base = RTNConfig(bits=base_bits, group_size=GROUP).compress(w)
     factors = LowRankFactors(torch.randn(RANK, IN, generator=g) / 10, torch.randn(OUT, RANK, generator=g) / 10)
     lin = torch.nn.Linear(IN, OUT, bias=bias)
     weight = QuantWithLowRank.from_parts(base, quantize_factors(w - base.dequantize(torch.float32), factors,

@@ -22,7 +22,7 @@ from torch import Tensor
 from torch._inductor.decomposition import register_decomposition
 
 from .intx import dequantize_intx
-from .packing import PACKED_BITS, as_int8, packed_bits
+from .packing import as_int8, packed_bits, packing_unit
 
 __all__ = ["quant_linear", "eora_linear"]
 
@@ -191,8 +191,7 @@ def _contiguous_copy(t: Tensor) -> Tensor:
 def packed_unit(qdata: Tensor, in_features: int, group_size: int) -> Optional[int]:
     """Values per packing unit of bit-packed ``qdata`` (rows of ``in_features`` values), or None where
     :func:`quant_matvec` dequantizes instead (int8 values, or a quantization group that splits a unit)."""
-    bits = packed_bits(qdata.shape[1], in_features) if qdata.dtype == torch.uint8 else None
-    unit = PACKED_BITS.get(bits)
+    unit = packing_unit(packed_bits(qdata.shape[1], in_features)) if qdata.dtype == torch.uint8 else None
     return None if unit is None or group_size % unit else unit
 
 
