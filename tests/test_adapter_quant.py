@@ -346,3 +346,29 @@ def test_cli_flags_build_the_adapter_config():
                                           "32", "--out", "x"])
     with pytest.raises(ValueError, match="adapter_group_size 32 does not divide rank=48"):
         cli._config_from_args(args)
+
+
+def test_adapter_scales_and_zero_points_are_held_as_one_tensor_and_given_back_exactly():
+    """In memory the four adapter scale / zero point fields are one tensor (a compiled call pays per inner tensor);
+    read back, each is its own exact tensor (zero points int8, also from a bf16 weight), sharing no memory (so a
+    checkpoint of them can be written), and a field of the wrong shape is refused rather than joined."""
+    _, base, delta, moment, factors = _problem()
+    q = quantize_factors(delta, factors, 4, 8, moment)
+    for dtype in (torch.float32, torch.bfloat16):
+        weight = QuantWithLowRank.from_parts(base, q, dtype=dtype)
+        names, _ = weight.__tensor_flatten__()
+        assert "adapter_qparams" in names and not {"A_scale", "A_zero_point", "B_scale", "B_zero_point"} & set(names)
+        given = {"A_scale": q.A.scale.to(dtype), "A_zero_point": q.A.zero_point,
+                 "B_scale": q.B.scale.to(dtype), "B_zero_point": q.B.zero_point}
+        held = {name: getattr(weight, name) for name in given}
+        for name, t in given.items():
+            assert held[name].dtype == t.dtype and torch.equal(held[name], t), name
+        pointers = {t.untyped_storage().data_ptr() for t in held.values()}
+        assert len(pointers) == 4 and weight.adapter_qparams.untyped_storage().data_ptr() not in pointers
+    with pytest.raises(ValueError, match=r"A_scale has shape \(16, 7\)"):
+        QuantWithLowRank(
+            qdata=weight.qdata, A=weight.A, B=weight.B, target_dtype=weight.target_dtype, group_size=weight.group_size,
+            dtype=weight.dtype, scale=weight.scale, zero_point=weight.zero_point, A_scale=given["A_scale"][:, 1:],
+            A_zero_point=given["A_zero_point"], B_scale=given["B_scale"], B_zero_point=given["B_zero_point"],
+            adapter_dtype=weight.adapter_dtype, adapter_group_size=weight.adapter_group_size,
+        )

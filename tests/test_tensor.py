@@ -29,16 +29,26 @@ def _weight(out_features=48, in_features=64, rank=8, bits=3, dtype=torch.float32
                                     {"bits": 8, "adapter_bits": 2}], ids=str)
 def test_flatten_is_torchaos_and_unflattens_to_the_same_weight(kwargs):
     """Our hand-written ``__tensor_flatten__`` (torchao's generic one cost 3 us, twice per weight per compiled call)
-    gives exactly torchao's names and attributes, and ``__tensor_unflatten__`` of it rebuilds an equal weight."""
+    gives torchao's names and attributes, but for quantized adapters' four scale / zero point fields, which it gives
+    as the one tensor held (``adapter_qparams``: three graph inputs a layer fewer); ``__tensor_unflatten__`` of it
+    rebuilds an equal weight, every checkpoint field equal."""
     from torchao.utils import TorchAOBaseTensor
 
     _, q = _weight(**kwargs)
     names, attributes = q.__tensor_flatten__()
-    assert (names, attributes) == TorchAOBaseTensor.__tensor_flatten__(q)
+    torchao_names, torchao_attributes = TorchAOBaseTensor.__tensor_flatten__(q)
+    joined = ["A_scale", "A_zero_point", "B_scale", "B_zero_point"]
+    if q.adapter_dtype is not None:
+        assert set(joined) <= set(torchao_names)
+        torchao_names = [n for n in torchao_names if n not in joined] + ["adapter_qparams"]
+    assert (names, attributes) == (torchao_names, torchao_attributes)
     assert attributes["dtype"] is q.dtype
     rebuilt = QuantWithLowRank.__tensor_unflatten__({n: getattr(q, n) for n in names}, attributes, q.shape, q.stride())
     assert rebuilt.__tensor_flatten__() == (names, attributes)
     torch.testing.assert_close(rebuilt.dequantize(), q.dequantize(), rtol=0, atol=0)
+    for name in QuantWithLowRank.fields:
+        a, b = getattr(rebuilt, name), getattr(q, name)
+        assert (a is None and b is None) or (a.dtype == b.dtype and torch.equal(a, b)), name
     del q.__dict__["compute_dtype"]  # as a weight pickled before that attribute existed
     assert q.__tensor_flatten__() == (names, attributes)
 
@@ -49,7 +59,8 @@ def test_the_declared_layout_is_the_constructor_and_the_shapes():
     cls = QuantWithLowRank
     names = cls.tensor_data_names + cls.tensor_attribute_names
     names += cls.optional_tensor_data_names + cls.optional_tensor_attribute_names
-    assert list(inspect.signature(cls.__init__).parameters)[1:] == names
+    # ... and, last, the held form of the adapter scales and zero points (what __tensor_flatten__ gives)
+    assert list(inspect.signature(cls.__init__).parameters)[1:] == [*names, "adapter_qparams"]
     assert set(cls.tensor_data_names + cls.optional_tensor_data_names) == set(cls.fields)
     for kwargs in ({}, {"dense": True}, {"adapter_bits": 4}):
         _, q = _weight(**kwargs)

@@ -2,8 +2,10 @@
 
 Two numbers:
 
-* ``stored``: bytes as held, in memory and in the safetensors file (the file adds only its JSON header): every
-  plain tensor and every inner tensor of a tensor subclass, at its element size. ``QuantWithLowRank`` holds int2,
+* ``stored``: bytes as held in the safetensors file (the file adds only its JSON header) and, but for one detail,
+  in memory: every plain tensor and every inner tensor of a tensor subclass, at its element size. (The detail:
+  in memory, quantized adapters keep their zero points in the compute dtype, beside their scales, not in int8;
+  ``QuantWithLowRank.adapter_qparams`` says why.) ``QuantWithLowRank`` holds int2,
   int3 and int4 values bit-packed (uint8, N bits a value: ``packing.py``), so they count at N bits here already.
 * ``packed``: the same, with intN values still held one per int8 counted at N bits (``ceil(numel * N / 8)``):
   what full bit packing would need. Scales, zero points and floating tensors count as stored. For a model of
@@ -30,9 +32,10 @@ def _inner_tensors(t: torch.Tensor) -> dict[str, torch.Tensor]:
     """Plain tensors a (possibly nested) tensor subclass is made of, by field name."""
     if type(t) in (torch.Tensor, torch.nn.Parameter) or not hasattr(t, "__tensor_flatten__"):
         return {"": t}
-    names, _ = t.__tensor_flatten__()
+    # QuantWithLowRank: its checkpoint fields (in memory the adapter scales and zero points are one tensor)
+    names = [n for n in t.fields if getattr(t, n) is not None] if isinstance(t, QuantWithLowRank) else None
     out = {}
-    for name in names:
+    for name in names or t.__tensor_flatten__()[0]:
         out.update({f"{name}.{k}" if k else name: v for k, v in _inner_tensors(getattr(t, name)).items()})
     return out
 

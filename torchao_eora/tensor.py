@@ -28,6 +28,10 @@ from .solver import LowRankFactors
 
 __all__ = ["Field", "QuantWithLowRank"]
 
+_ADAPTER_QPARAMS = ("A_scale", "A_zero_point", "B_scale", "B_zero_point")
+# What an instance holds (and torch.compile sees): the checkpoint fields, with the four above joined in one tensor.
+_HELD = ("qdata", "A", "B", "scale", "zero_point", "adapter_qparams")
+
 aten = torch.ops.aten
 _FLOAT_TYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -99,6 +103,13 @@ class QuantWithLowRank(TorchAOBaseTensor):
     int2, 8 for int3, 2 for int4), and checkpoints written before packing existed. The constructor packs int8
     values whenever their width and row length allow, so a ``QuantWithLowRank`` always has the one canonical
     layout (an old checkpoint is packed as it loads); ``values(name)`` gives a field's values one per int8.
+
+    Held in memory, quantized adapters' four scale and zero point fields are one flat tensor, ``adapter_qparams``
+    (``A_scale``, ``A_zero_point``, ``B_scale``, ``B_zero_point`` in that order, each row-major, zero points in the
+    compute dtype, exact), and ``A_scale`` ... are copies made from it on access (checkpoints keep the four fields,
+    int8 zero points). Why: torch.compile makes each inner tensor a graph input, paid for on every call (a guard,
+    an unwrap, a size assert: about 2.5 us each, measured on CPU decode), and four a layer were what made int4
+    adapters slower than fp32 ones. The compute paths read views of it (``adapter_qparams_of``).
     """
 
     fields = {
@@ -140,6 +151,7 @@ class QuantWithLowRank(TorchAOBaseTensor):
         B_zero_point: Optional[torch.Tensor] = None,
         adapter_dtype: Optional[torch.dtype] = None,
         adapter_group_size: Optional[int] = None,
+        adapter_qparams: Optional[torch.Tensor] = None,
     ):
         super().__init__()
         bits, adapter_bits = _bits_of(target_dtype), _bits_of(adapter_dtype)
@@ -147,7 +159,7 @@ class QuantWithLowRank(TorchAOBaseTensor):
             raise ValueError("an intx base needs int8 (or uint8 bit-packed) qdata plus scale and zero_point")
         adapter_fields = (A_scale, A_zero_point, B_scale, B_zero_point)
         if adapter_dtype is not None and (
-            any(t is None for t in adapter_fields) or not _holds_intx(A, adapter_bits)
+            (adapter_qparams is None and any(t is None for t in adapter_fields)) or not _holds_intx(A, adapter_bits)
             or not _holds_intx(B, adapter_bits) or not adapter_group_size
         ):
             raise ValueError(
@@ -162,10 +174,16 @@ class QuantWithLowRank(TorchAOBaseTensor):
                 f"B {tuple(B.shape)}; expected A (r x {in_features}) and B ({out_features} x r)"
                 + (" (packed: uint8, columns x bits / 8)" if A.dtype == torch.uint8 else "")
             )
-        if adapter_dtype is None and any(t is not None for t in adapter_fields):
+        if adapter_dtype is None and any(t is not None for t in (*adapter_fields, adapter_qparams)):
             raise ValueError("adapter scales or zero points given without adapter_dtype")
+        if adapter_dtype is not None:
+            shapes = _qparam_shapes(A, B, in_features, adapter_group_size)
+            if adapter_qparams is None:
+                adapter_qparams = _join_qparams(adapter_fields, shapes, dtype)
+            elif tuple(adapter_qparams.shape) != (sum(rows * cols for rows, cols in shapes),):
+                raise ValueError(f"adapter_qparams has shape {tuple(adapter_qparams.shape)}; expected {shapes} joined")
         self.qdata, self.A, self.B, self.scale, self.zero_point = qdata, A, B, scale, zero_point
-        self.A_scale, self.A_zero_point, self.B_scale, self.B_zero_point = adapter_fields
+        self.adapter_qparams = adapter_qparams
         self.target_dtype, self.group_size = target_dtype, group_size
         self.adapter_dtype, self.adapter_group_size = adapter_dtype, adapter_group_size
         self.compute_dtype = dtype  # self.dtype, read without the 1.4 us __torch_function__ round trip (measured)
@@ -175,10 +193,41 @@ class QuantWithLowRank(TorchAOBaseTensor):
         compiled step's guards call it twice per weight per call; torchao's generic version took 3 us (measured), a
         millisecond a token over SmolLM2's 210 weights."""
         d = self.__dict__
-        names = [name for name in self.fields if d[name] is not None]
+        names = [name for name in _HELD if d[name] is not None]
         dtype = d.get("compute_dtype") or self.dtype  # a weight pickled before compute_dtype existed has none
         return names, {"target_dtype": d["target_dtype"], "group_size": d["group_size"], "dtype": dtype,
                        "adapter_dtype": d["adapter_dtype"], "adapter_group_size": d["adapter_group_size"]}
+
+    @classmethod
+    def __tensor_unflatten__(cls, tensors: dict, attributes: dict, outer_size, outer_stride) -> "QuantWithLowRank":
+        return cls(**tensors, **attributes)
+
+    # ---- adapter scales and zero points: one tensor in memory, four fields in checkpoints -----------------------
+
+    def adapter_qparams_of(self, factor: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scale, zero_point)`` of quantized factor ``"A"`` or ``"B"`` as views of ``adapter_qparams``, the zero
+        point in the compute dtype (exact: intN zero points are small integers). What the compute paths read."""
+        shapes = _qparam_shapes(self.A, self.B, self.shape[1], self.adapter_group_size)
+        offset, views = 0, {}
+        for name, shape in zip(_ADAPTER_QPARAMS, shapes):
+            n = shape[0] * shape[1]
+            views[name] = self.adapter_qparams[offset : offset + n].view(shape)
+            offset += n
+        return views[f"{factor}_scale"], views[f"{factor}_zero_point"]
+
+    def _adapter_field(self, name: str) -> Optional[torch.Tensor]:
+        """A checkpoint field (``A_scale`` ...) as a tensor of its own: a copy, so that no two saved tensors share
+        memory (safetensors refuses that), zero points as int8."""
+        if self.adapter_qparams is None:
+            return None
+        factor, what = name.split("_", 1)
+        scale, zero_point = self.adapter_qparams_of(factor)
+        return scale.clone() if what == "scale" else zero_point.to(torch.int8)
+
+    A_scale = property(lambda self: self._adapter_field("A_scale"), doc="``A``'s per-group scales (a copy).")
+    A_zero_point = property(lambda self: self._adapter_field("A_zero_point"), doc="``A``'s zero points (int8 copy).")
+    B_scale = property(lambda self: self._adapter_field("B_scale"), doc="``B``'s per-group scales (a copy).")
+    B_zero_point = property(lambda self: self._adapter_field("B_zero_point"), doc="``B``'s zero points (int8 copy).")
 
     # ---- construction and views -------------------------------------------------------------------------------
 
@@ -281,7 +330,7 @@ class QuantWithLowRank(TorchAOBaseTensor):
         if self.adapter_dtype is None:
             return self.A.to(dtype or self.dtype)
         return dequantize_weight(
-            self.A, self.A_scale, self.A_zero_point, self.adapter_dtype, self.adapter_group_size, dtype or self.dtype
+            self.A, *self.adapter_qparams_of("A"), self.adapter_dtype, self.adapter_group_size, dtype or self.dtype
         )
 
     def dequantize_B(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -289,7 +338,7 @@ class QuantWithLowRank(TorchAOBaseTensor):
         if self.adapter_dtype is None:
             return self.B.to(dtype or self.dtype)
         return dequantize_weight(
-            self.B, self.B_scale, self.B_zero_point, self.adapter_dtype, self.adapter_group_size, dtype or self.dtype
+            self.B, *self.adapter_qparams_of("B"), self.adapter_dtype, self.adapter_group_size, dtype or self.dtype
         )
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -334,6 +383,21 @@ def _holds_intx(t: torch.Tensor, bits: Optional[int]) -> bool:
         return True
     unit = packing_unit(bits)
     return t.dtype == torch.uint8 and unit is not None and t.shape[1] % (unit * bits // 8) == 0
+
+
+def _qparam_shapes(A: torch.Tensor, B: torch.Tensor, in_features: int, group: int) -> list[tuple[int, int]]:
+    """Shapes of ``A_scale``, ``A_zero_point``, ``B_scale``, ``B_zero_point`` (``A`` grouped along ``in``, ``B``
+    along the rank; ``A.shape[0]`` is the rank, packed or not)."""
+    rank, out_features = A.shape[0], B.shape[0]
+    return [(rank, in_features // group)] * 2 + [(out_features, rank // group)] * 2
+
+
+def _join_qparams(fields: tuple, shapes: list[tuple[int, int]], dtype: torch.dtype) -> torch.Tensor:
+    """The four adapter scale / zero point tensors as one flat tensor in ``dtype`` (see ``adapter_qparams``)."""
+    for name, t, shape in zip(_ADAPTER_QPARAMS, fields, shapes):
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; these factors and group size need {shape}")
+    return torch.cat([t.reshape(-1).to(dtype) for t in fields]).contiguous()
 
 
 def _packed(t: torch.Tensor, bits: Optional[int]) -> torch.Tensor:
@@ -383,10 +447,10 @@ def _quantized_adapters_token(x: torch.Tensor, weight: QuantWithLowRank, bias: O
         y = quant_matvec(x, weight.qdata, weight.scale, weight.zero_point, weight.group_size, xs=xs)
         y = y if bias is None else y + bias
     t_unit = packed_unit(weight.B, rank, group)
-    t = quant_matvec(x, weight.A, weight.A_scale, weight.A_zero_point, group, xs=xs, out_unit=t_unit)
+    t = quant_matvec(x, weight.A, *weight.adapter_qparams_of("A"), group, xs=xs, out_unit=t_unit)
     ts = t if t_unit else None
     t = t.t().reshape(1, rank) if t_unit else t  # A x in column order; read only where B is not packed
-    return y + quant_matvec(t, weight.B, weight.B_scale, weight.B_zero_point, group, xs=ts)
+    return y + quant_matvec(t, weight.B, *weight.adapter_qparams_of("B"), group, xs=ts)
 
 
 @implements(aten.linear.default)
