@@ -372,3 +372,21 @@ def test_adapter_scales_and_zero_points_are_held_as_one_tensor_and_given_back_ex
             A_zero_point=given["A_zero_point"], B_scale=given["B_scale"], B_zero_point=given["B_zero_point"],
             adapter_dtype=weight.adapter_dtype, adapter_group_size=weight.adapter_group_size,
         )
+
+
+def test_load_state_dict_copies_the_held_adapter_scales_and_zero_points():
+    """``load_state_dict`` into an existing module copies every held tensor, ``adapter_qparams`` included (torchao's
+    ``copy_`` walks ``__tensor_flatten__``): the loaded weight equals the source, not a mix of the two."""
+    layers = []
+    for seed in (0, 1):
+        _, base, delta, moment, factors = _problem(seed=seed)
+        layer = torch.nn.Linear(64, 48, bias=False)
+        weight = QuantWithLowRank.from_parts(base, quantize_factors(delta, factors, 4, 8, moment))
+        layer.weight = torch.nn.Parameter(weight, requires_grad=False)
+        layers.append(layer)
+    target, source = layers
+    assert not torch.equal(target.weight.A_scale, source.weight.A_scale)
+    target.load_state_dict(source.state_dict())
+    assert torch.equal(target.weight.dequantize(), source.weight.dequantize())
+    for name in ("A_scale", "A_zero_point", "B_scale", "B_zero_point"):
+        assert torch.equal(getattr(target.weight, name), getattr(source.weight, name)), name

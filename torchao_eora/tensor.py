@@ -108,7 +108,7 @@ class QuantWithLowRank(TorchAOBaseTensor):
     (``A_scale``, ``A_zero_point``, ``B_scale``, ``B_zero_point`` in that order, each row-major, zero points in the
     compute dtype, exact), and ``A_scale`` ... are copies made from it on access (checkpoints keep the four fields,
     int8 zero points). Why: torch.compile makes each inner tensor a graph input, paid for on every call (a guard,
-    an unwrap, a size assert: about 2.3 us each, measured on CPU decode), and four a layer were what made int4
+    an unwrap, a size assert: about 2.4 us each, measured on CPU decode), and four a layer were what made int4
     adapters slower than fp32 ones. The compute paths read views of it (``adapter_qparams_of``).
     """
 
