@@ -1,7 +1,7 @@
 """Speed of the residual path: per-layer latency and end-to-end decode, fp vs quantized vs EoRA unfused vs fused.
 
     python benchmarks/speed.py                           # CPU: SmolLM2 and Llama-3-8B layer shapes, SmolLM2 decode
-    python benchmarks/speed.py --quick                   # SmolLM2 shapes, M in {1, 16}, 256-token decode (~9 min on CPU)
+    python benchmarks/speed.py --quick                   # SmolLM2 shapes, M in {1, 16}, 256-token decode
     python benchmarks/speed.py --json speed.json         # also write the rows (machine and versions included)
 
 Per layer (one nn.Linear of each distinct shape of the model), for M tokens in {1, 16, 128, 2048}:
