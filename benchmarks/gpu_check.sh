@@ -10,7 +10,7 @@ step() { local limit=$1; shift; local t=$(date +%s); timeout "$limit" "$@"; echo
 step 300 python3 -P -m pytest -q -p no:cacheprovider -k "not on_cpu" tests/test_kernels.py tests/test_inductor_pass.py \
   > "$OUT/pytest_kernels.log" 2>&1; tail -5 "$OUT/pytest_kernels.log"
 cd benchmarks
-step 400 python3 speed.py --quick --random-weights --json "$OUT/speed_gpu_quick.json" > "$OUT/speed_quick.log" 2>&1
+step 400 python3 speed.py --quick --random-weights --new-tokens 64 --json "$OUT/speed_gpu_quick.json" > "$OUT/speed_quick.log" 2>&1
 step 200 python3 speed.py --models llama3-8b --no-decode --json "$OUT/speed_gpu_llama3_layers.json" \
   > "$OUT/speed_llama3.log" 2>&1
 grep -h "^|" "$OUT/speed_quick.log" "$OUT/speed_llama3.log"
