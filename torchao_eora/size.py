@@ -33,10 +33,12 @@ def _inner_tensors(t: torch.Tensor) -> dict[str, torch.Tensor]:
     if type(t) in (torch.Tensor, torch.nn.Parameter) or not hasattr(t, "__tensor_flatten__"):
         return {"": t}
     # QuantWithLowRank: its checkpoint fields (in memory the adapter scales and zero points are one tensor)
-    names = [n for n in t.fields if getattr(t, n) is not None] if isinstance(t, QuantWithLowRank) else None
+    names = t.fields if isinstance(t, QuantWithLowRank) else t.__tensor_flatten__()[0]
     out = {}
-    for name in names or t.__tensor_flatten__()[0]:
-        out.update({f"{name}.{k}" if k else name: v for k, v in _inner_tensors(getattr(t, name)).items()})
+    for name in names:
+        inner = getattr(t, name)  # one read: a QuantWithLowRank adapter field is a copy made on access
+        if inner is not None:
+            out.update({f"{name}.{k}" if k else name: v for k, v in _inner_tensors(inner).items()})
     return out
 
 

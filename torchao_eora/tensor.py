@@ -189,9 +189,10 @@ class QuantWithLowRank(TorchAOBaseTensor):
         self.compute_dtype = dtype  # self.dtype, read without the 1.4 us __torch_function__ round trip (measured)
 
     def __tensor_flatten__(self) -> tuple[list[str], dict]:
-        """torchao's flatten, written out: the present tensor fields in ``fields`` order and every attribute. A
-        compiled step's guards call it twice per weight per call; torchao's generic version took 3 us (measured), a
-        millisecond a token over SmolLM2's 210 weights."""
+        """torchao's flatten, written out: the present held tensors (``_HELD``: the ``fields``, the adapter scales
+        and zero points as the one ``adapter_qparams``) and every attribute. A compiled step's guards call it twice
+        per weight per call; torchao's generic version took 3 us (measured), a millisecond a token over SmolLM2's 210
+        weights."""
         d = self.__dict__
         names = [name for name in _HELD if d[name] is not None]
         dtype = d.get("compute_dtype") or self.dtype  # a weight pickled before compute_dtype existed has none
@@ -200,6 +201,7 @@ class QuantWithLowRank(TorchAOBaseTensor):
 
     @classmethod
     def __tensor_unflatten__(cls, tensors: dict, attributes: dict, outer_size, outer_stride) -> "QuantWithLowRank":
+        """Either form: the held tensors (what ``__tensor_flatten__`` gives) or the checkpoint ``fields``."""
         return cls(**tensors, **attributes)
 
     # ---- adapter scales and zero points: one tensor in memory, four fields in checkpoints -----------------------
@@ -386,10 +388,10 @@ def _holds_intx(t: torch.Tensor, bits: Optional[int]) -> bool:
 
 
 def _qparam_shapes(A: torch.Tensor, B: torch.Tensor, in_features: int, group: int) -> list[tuple[int, int]]:
-    """Shapes of ``A_scale``, ``A_zero_point``, ``B_scale``, ``B_zero_point`` (``A`` grouped along ``in``, ``B``
-    along the rank; ``A.shape[0]`` is the rank, packed or not)."""
-    rank, out_features = A.shape[0], B.shape[0]
-    return [(rank, in_features // group)] * 2 + [(out_features, rank // group)] * 2
+    """Shapes of ``A_scale``, ``A_zero_point``, ``B_scale``, ``B_zero_point``, as ``fields`` declares them
+    (``A.shape[0]`` is the rank, packed or not)."""
+    dims = {"out": B.shape[0], "in": in_features, "rank": A.shape[0]}
+    return [QuantWithLowRank.fields[name].shape(dims, group) for name in _ADAPTER_QPARAMS]
 
 
 def _join_qparams(fields: tuple, shapes: list[tuple[int, int]], dtype: torch.dtype) -> torch.Tensor:
