@@ -158,7 +158,7 @@ def test_a_compressed_tied_head_is_saved_untied_and_reloads(tmp_path):
     (lambda: RTNConfig(bits=3.5), "bits must be an integer in 2..8, got 3.5"),
     (lambda: RTNConfig(group_size="64"), "group_size must be an integer"),
     (lambda: RTNConfig(symmetric="no"), "symmetric must be True or False"),
-    (lambda: EoRAConfig(form="foo"), "form must be one of 'auto', 'eigen', 'inverse_free'"),
+    (lambda: EoRAConfig(form="foo"), "form must be one of 'auto', 'randomized', 'eigen', 'inverse_free'"),
     (lambda: EoRAConfig(base="rtn"), "base must be a compressor config"),
     (lambda: EoRAConfig(base=RTNConfig), "base must be a compressor config"),
     (lambda: EoRAConfig(adapter_resolve=1), "adapter_resolve must be True or False"),

@@ -111,3 +111,62 @@ def test_nan_statistics_and_zero_statistics_raise():
         eigen_of(torch.full((4, 4), float("nan")))
     with pytest.raises(ValueError, match="all zero"):
         eigen_of(torch.zeros(4, 4))
+
+
+def _quantization_problem(out_features, in_features, tokens=3000, seed=0):
+    """A 3-bit RTN error and an anisotropic moment (a few dominant channels), big enough for the iterative solver."""
+    from torchao_eora import RTNConfig
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_features, in_features, generator=g) / in_features**0.5
+    scales = torch.exp(torch.randn(in_features, generator=g))
+    x = torch.randn(tokens, in_features, generator=g) * scales
+    delta = w - RTNConfig(bits=3, group_size=32).compress(w).dequantize(torch.float32)
+    return delta, (x.T @ x).double() / tokens
+
+
+@pytest.mark.parametrize("shape", [(160, 384), (384, 160)])  # reduced by rows (dW itself) and by QR (out > in)
+@pytest.mark.parametrize("shrinkage", [0.0, 0.1])
+def test_randomized_solver_is_within_its_tolerance_of_the_exact_optimum(shape, shrinkage):
+    from torchao_eora.solver import shrink
+
+    delta, c = _quantization_problem(*shape)
+    exact = eora_factors(delta, c, 24, form="inverse_free", shrinkage=shrinkage)
+    fast = eora_factors(delta, c, 24, form="randomized", shrinkage=shrinkage)
+    norm = shrink(c, shrinkage)
+    best, got = weighted_error(delta, exact, norm) ** 2, weighted_error(delta, fast, norm) ** 2
+    assert best <= got <= best * (1 + 1e-4)
+    assert got < 0.999 * weighted_error(delta, svd_factors(delta, 24), norm) ** 2 or shrinkage  # still EoRA
+
+
+def test_reduced_frame_reaches_the_paper_form_exactly():
+    """auto with an exact eigensolver in the reduced frame is the same optimum as the paper's eigen form."""
+    for shape in [(24, 40), (40, 24)]:
+        delta, _, c = _problem(*shape)
+        a, b = eora_factors(delta, c, 6), eora_factors(delta, c, 6, form="eigen")
+        torch.testing.assert_close(a.B.double() @ a.A.double(), b.B.double() @ b.A.double(), rtol=1e-5, atol=1e-6)
+
+
+def test_randomized_solver_gives_the_same_bytes_for_any_thread_count():
+    delta, c = _quantization_problem(256, 512)
+    old = torch.get_num_threads()
+    try:
+        runs = []
+        for threads in (1, 2, old):
+            torch.set_num_threads(threads)
+            runs.append(eora_factors(delta, c, 16, form="randomized"))
+    finally:
+        torch.set_num_threads(old)
+    for f in runs[1:]:
+        assert torch.equal(f.A, runs[0].A) and torch.equal(f.B, runs[0].B)
+
+
+def test_randomized_shrinkage_choice_matches_the_exact_one():
+    from torchao_eora.solver import choose_shrinkage
+
+    delta, _ = _quantization_problem(192, 384)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(600, 384, generator=g, dtype=torch.float64) * torch.logspace(1, -1, 384, dtype=torch.float64)
+    halves = ((x[:300].T @ x[:300]) / 300, (x[300:].T @ x[300:]) / 300)
+    folds = [(delta, halves[0], halves[1]), (delta, halves[1], halves[0])]
+    assert choose_shrinkage(folds, 16, method="randomized") == choose_shrinkage(folds, 16, method="exact")

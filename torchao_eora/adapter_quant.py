@@ -78,6 +78,7 @@ def quantize_factors(
     *,
     resolve: bool = True,
     dtype: torch.dtype = torch.float32,
+    shrinkage: float = 0.0,
 ) -> QuantizedFactors:
     """Quantize balanced EoRA/SVD factors to ``bits`` (2..8) in groups of ``group_size``.
 
@@ -89,10 +90,11 @@ def quantize_factors(
         second_moment: ``C = X^T X / n`` for the re-solve of ``B``; None for the plain (``C = I``) norm of SVD.
         resolve: re-solve ``B`` against the quantized ``A`` before quantizing ``B`` (recommended).
         dtype: the compute dtype; scales are stored in it and the re-solve sees ``A`` exactly as the layer will.
+        shrinkage: the amount the compensation shrank ``second_moment`` by (``solver.shrink``).
     """
     check_adapter_group_size(group_size, factors.rank, factors.A.shape[1])
     qa = _quantize(factors.A, bits, group_size, dtype)
     B = factors.B
     if resolve:
-        B = resolve_B(delta, qa.dequantize(dtype), second_moment)
+        B = resolve_B(delta, qa.dequantize(dtype), second_moment, shrinkage=shrinkage)
     return QuantizedFactors(qa, _quantize(B, bits, group_size, dtype))

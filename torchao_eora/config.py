@@ -13,12 +13,12 @@ from .adapter_quant import check_adapter_group_size
 from .calibration import Calibration
 from .checks import check_bool, check_choice, check_config_json, check_int
 from .compressors import Compressor, GPTQConfig, PruneConfig, RTNConfig
+from .solver import FORMS
 
 __all__ = ["EoRAConfig", "config_from_json", "eora_config"]
 
 Compensation = Literal["eora", "svd", "none"]
 COMPENSATIONS = ("eora", "svd", "none")
-FORMS = ("auto", "eigen", "inverse_free")
 VALUE_MOMENTS = ("auto", "attention", "plain")
 RANK_BUDGETS = ("uniform", "global")
 
@@ -35,7 +35,11 @@ class EoRAConfig(AOBaseConfig):
             data-free) or ``"none"`` (compression only: a rank-0 residual, for baselines).
         calibration: a ``Calibration`` from ``calibrate()``. Modules it did not see (e.g. ``lm_head``) are left
             unchanged. Without one, ``compensation="eora"`` falls back to data-free SVD and says so.
-        form: solver form, ``"auto"`` / ``"eigen"`` / ``"inverse_free"`` (same optimum, different cost).
+        form: solver form (same optimum, different cost; ``solver.eora_factors``): ``"auto"`` (default) reduces the
+            error to ``min(out, in)`` dimensions and finds the top directions exactly for small layers and by
+            randomized subspace iteration for large ones (cost grows with the width squared and the rank, not the
+            width cubed); ``"randomized"`` uses the iteration wherever it applies; ``"eigen"`` (the paper's) and
+            ``"inverse_free"`` are the exact references (an ``in x in`` or ``out x out`` eigendecomposition).
         adapter_bits: quantize ``A`` and ``B`` to this many bits (2..8; 4 is the paper's recommendation) in
             torchao's intx layout, or None (default) for adapters in the model dtype. Ignored by ``compensation="none"``.
         adapter_group_size: values per scale along each factor's input dimension (``A``: in_features, ``B``: the

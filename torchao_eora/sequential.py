@@ -236,8 +236,8 @@ def _compress_module(
         with timer("solve"):
             delta = module.weight.detach().float() - weight.dequantize_base(torch.float32)
             weighted = residual_stats(module_stats, config)
-            eigen = weighted.eigen() if weighted is not None and config.compensation == "eora" else None
-            spectra[name] = error_spectrum(delta, eigen)
+            moment = weighted.moment.mean() if weighted is not None and config.compensation == "eora" else None
+            spectra[name] = error_spectrum(delta, moment)
     install(module, weight)
     return weight
 

@@ -56,9 +56,14 @@ __all__ = [
     "SHRINKAGE_GRID",
     "shrink",
     "choose_shrinkage",
+    "ReducedError",
+    "top_eigenpairs",
+    "reduced_factors",
+    "error_spectrum",
 ]
 
-Form = Literal["auto", "eigen", "inverse_free"]
+Form = Literal["auto", "randomized", "eigen", "inverse_free"]
+FORMS = ("auto", "randomized", "eigen", "inverse_free")
 
 # Singular values below this fraction (times the dimension) of the largest are numerically zero: their
 # directions carry no error worth fitting, and dividing by their square root would only amplify round-off.
@@ -171,11 +176,130 @@ def _balanced(delta: torch.Tensor, u: torch.Tensor, s: torch.Tensor, rank: int) 
     return _pad(inv_half[:, None] * (u.T @ delta), u * half, rank)
 
 
+Method = Literal["auto", "exact", "randomized"]
+
+# Reduced problems up to this size are eigendecomposed exactly: below it a full eigh costs less than the iterations.
+EXACT_SIZE = 1024
+# The randomized eigensolver stops once an iteration lowers the objective (the energy its top-r directions leave
+# out) by less than this fraction of it; the objective is then within 1e-4 of the exact one (measured on every
+# module of SmolLM2 and Gemma-3: benchmarks/solve_scaling.py --real).
+RANDOMIZED_TOLERANCE = 1e-5
+_MAX_ITERATIONS = 40
+_GRAM_BLOCK = 2048  # columns of an in x in moment converted to the working precision at a time
+
+
+class ReducedError:
+    """One module's compression error ``dW`` (out x in) written as ``dW = F m`` with ``F`` (out x n) orthonormal
+    columns and ``n = min(out, in)``: ``m = dW`` when ``out <= in``, else ``m = R`` of a QR decomposition of ``dW``.
+
+    For every second moment ``C``, ``dW C dW^T = F (m C m^T) F^T``: the top eigenvectors the residual needs come from
+    the ``n x n`` Gram matrix :meth:`gram` (lifted back by :meth:`lift`), and no ``in x in`` eigendecomposition is
+    ever formed. Gram matrices are cached per moment, so the folds and amounts of :func:`choose_shrinkage` and the
+    final solve share them. The large products run in the error's precision, fp32 as compressors give it (fp64 when
+    given fp64); the Gram matrices are fp64."""
+
+    def __init__(self, delta: torch.Tensor):
+        self.delta = delta.detach()
+        work = self.delta if self.delta.dtype == torch.float64 else self.delta.float()
+        out_features, in_features = work.shape
+        self._qr = None
+        if out_features <= in_features:
+            self.m = work
+        else:
+            with one_cpu_thread(work.device):  # threaded Householder QR rounds differently per thread count
+                a, tau = torch.geqrf(work)
+            self._qr = (a, tau)
+            self.m = a[:in_features].triu()
+        self._grams: dict[int | None, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    @property
+    def size(self) -> int:
+        return self.m.shape[0]
+
+    def gram(self, moment: torch.Tensor | None) -> torch.Tensor:
+        """``m C m^T`` (n x n, fp64, symmetric) for the second moment ``C``; ``m m^T`` for None (the identity)."""
+        key = None if moment is None else id(moment)
+        if key not in self._grams:
+            m = self.m
+            if moment is None:
+                gram = (m @ m.T).double()
+            else:
+                gram = torch.zeros(m.shape[0], m.shape[0], dtype=torch.float64, device=m.device)
+                for start in range(0, m.shape[1], _GRAM_BLOCK):  # C in column blocks: no full-size copy of C
+                    columns = moment[:, start:start + _GRAM_BLOCK].to(m.dtype)
+                    gram += ((m @ columns) @ m[:, start:start + _GRAM_BLOCK].T).double()
+            self._grams[key] = (0.5 * (gram + gram.T), moment)  # the moment is held so its id stays unique
+        return self._grams[key][0]
+
+    def lift(self, vectors: torch.Tensor) -> torch.Tensor:
+        """``F v``: directions of the reduced space as (out x k) fp64 directions of the output space."""
+        if self._qr is None:
+            return vectors
+        a, tau = self._qr
+        padded = vectors.new_zeros(a.shape[0], vectors.shape[1], dtype=a.dtype)
+        padded[: vectors.shape[0]] = vectors
+        with one_cpu_thread(a.device):
+            return torch.ormqr(a, tau, padded).double()
+
+
+def top_eigenpairs(
+    gram: torch.Tensor, rank: int, *, method: Method = "auto", start: torch.Tensor | None = None,
+    oversample: int | None = None, tolerance: float = RANDOMIZED_TOLERANCE,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The top ``rank`` eigenvectors (n x rank) and eigenvalues (descending, >= 0) of a symmetric PSD ``gram``, and a
+    basis to start the next, similar problem from (None after an exact solve).
+
+    ``"exact"``: a full eigendecomposition. ``"randomized"``: subspace iteration on ``rank + oversample`` vectors
+    (``start``, else a seeded Gaussian block: the same input gives the same bytes), with a Rayleigh-Ritz step per
+    iteration, until an iteration lowers the objective ``tr(gram) - sum(top values)`` by less than ``tolerance`` of
+    it. ``"auto"``: exact up to ``EXACT_SIZE`` or where the block would span half the space, else randomized."""
+    n = gram.shape[0]
+    block = min(n, rank + (oversample if oversample is not None else max(16, rank // 2)))
+    small = n <= EXACT_SIZE or 2 * block >= n  # a full eigh costs less than the iterations
+    if method == "exact" or block >= n or method == "auto" and small:
+        values, vectors = _eigh(gram)
+        return vectors.flip(1)[:, :rank], values.flip(0)[:rank].clamp_min(0.0), None
+    if start is None:
+        generator = torch.Generator(device=gram.device).manual_seed(0)
+        start = torch.randn(n, block, generator=generator, dtype=gram.dtype, device=gram.device)
+    basis = _orthonormal(start.to(gram.dtype))
+    total, previous = float(gram.trace()), float("inf")
+    for _ in range(_MAX_ITERATIONS):
+        image = gram @ basis
+        values, vectors = _eigh(basis.T @ image)  # Rayleigh-Ritz in the current subspace (ascending)
+        objective = max(total - float(values[-rank:].clamp_min(0.0).sum()), 0.0)
+        if previous - objective <= tolerance * objective + _REL_EPS * total:
+            break
+        previous, basis = objective, _orthonormal(image)
+    vectors, values = vectors.flip(1)[:, :rank], values.flip(0)[:rank].clamp_min(0.0)
+    return basis @ vectors, values, basis
+
+
+def _orthonormal(block: torch.Tensor) -> torch.Tensor:
+    with one_cpu_thread(block.device):
+        return torch.linalg.qr(block).Q
+
+
+def reduced_factors(
+    problem: ReducedError, second_moment: torch.Tensor | None, rank: int, *, shrinkage: float = 0.0,
+    method: Method = "auto",
+) -> LowRankFactors:
+    """EoRA's residual through the reduced frame (:class:`ReducedError`): the top-``rank`` eigenvectors of
+    ``m C_a m^T``, ``C_a = (1 - a) C + a mean(diag C) I`` with ``a = shrinkage`` (``C = I`` for None: plain SVD),
+    lifted to the output space, balanced as in the other forms."""
+    gram = problem.gram(second_moment)
+    if shrinkage and second_moment is not None:
+        mean = float(second_moment.diagonal().double().mean())
+        gram = (1.0 - shrinkage) * gram + (shrinkage * mean) * problem.gram(None)
+    vectors, values, _ = top_eigenpairs(gram, rank, method=method)
+    d = problem.delta.to(torch.float64)
+    return _balanced(d, *_truncate(problem.lift(vectors), values.sqrt(), rank), rank)
+
+
 def svd_factors(delta: torch.Tensor, rank: int) -> LowRankFactors:
     """Plain truncated SVD of the compression error (ZeroQuant-V2 LoRC): the data-free baseline, ``C = I``."""
     check_rank(rank, *delta.shape)
-    d = delta.to(torch.float64)
-    return _balanced(d, *_top_singular(d, rank), rank)
+    return reduced_factors(ReducedError(delta), None, rank)
 
 
 def eora_factors(
@@ -185,6 +309,8 @@ def eora_factors(
     *,
     form: Form = "auto",
     eigen: Eigen | None = None,
+    shrinkage: float = 0.0,
+    problem: ReducedError | None = None,
 ) -> LowRankFactors:
     """EoRA: the rank-``rank`` ``B @ A`` minimising ``||(delta - B A) X^T||_F`` given ``C = X^T X``.
 
@@ -192,16 +318,26 @@ def eora_factors(
         delta: compression error ``W - W_c`` (out x in), ideally fp32 or fp64.
         second_moment: ``C`` (in x in). May be omitted when ``eigen`` is given.
         rank: target rank, ``1 <= rank < min(out, in)``.
-        form: ``"eigen"`` (paper), ``"inverse_free"``, or ``"auto"``: the eigen form when ``eigen`` is already
-            computed (shared by modules with the same input) or ``in <= out``, else the inverse-free form.
-        eigen: a precomputed :func:`eigen_of` of ``C`` to reuse across modules that read the same input.
+        form: ``"auto"`` (default): the reduced frame (:class:`ReducedError`), whose cost grows with
+            ``min(out, in)`` and the rank rather than with ``in^3``, with an exact eigensolver for small problems and
+            a randomized one for large ones; ``"randomized"``: the same with the randomized eigensolver wherever it
+            applies (for checks); ``"eigen"`` (the paper's, through ``C``'s eigendecomposition) and
+            ``"inverse_free"`` (``dW C dW^T``, out x out): exact references.
+        eigen: a precomputed :func:`eigen_of` of ``C`` (the eigen form; shared by modules that read one input).
+        shrinkage: solve for ``C_a = (1 - a) C + a mean(diag C) I`` instead (:func:`shrink`).
+        problem: ``delta``'s :class:`ReducedError`, when the caller already built it (its Gram matrices are reused).
     """
     out_features, in_features = delta.shape
     check_rank(rank, out_features, in_features)
     if second_moment is None and eigen is None:
         raise ValueError("eora_factors needs the calibration second moment (or its eigendecomposition)")
-    if form == "auto":
-        form = "eigen" if eigen is not None or in_features <= out_features else "inverse_free"
+    if form in ("auto", "randomized"):
+        if second_moment is None:
+            second_moment = (eigen.vectors * eigen.values) @ eigen.vectors.T
+        method = "randomized" if form == "randomized" else "auto"
+        return reduced_factors(problem or ReducedError(delta), second_moment, rank, shrinkage=shrinkage, method=method)
+    if shrinkage:
+        second_moment, eigen = shrink(second_moment, shrinkage), None
     d = delta.to(torch.float64)
 
     if form == "eigen":
@@ -219,18 +355,17 @@ def eora_factors(
         values, vectors = values.flip(0).clamp_min(0.0), vectors.flip(1)
         return _balanced(d, *_truncate(vectors, values.sqrt(), rank), rank)  # eigenvalues of dW C dW^T are s^2
 
-    raise ValueError(f"form must be 'auto', 'eigen' or 'inverse_free', got {form!r}")
+    raise ValueError(f"form must be one of {FORMS}, got {form!r}")
 
 
-def error_spectrum(delta: torch.Tensor, eigen: Eigen | None = None) -> torch.Tensor:
-    """The squared singular values of ``dW Q`` (``C = Q Q^T`` from ``eigen``; of ``dW`` itself without it, the plain
-    SVD's norm), descending, fp64. Entry ``k`` is exactly what the ``k+1``-th rank removes from the squared error
-    ``||(dW - B A) X^T||_F^2`` of the best rank-``k`` residual (Eckart-Young): the rank budget spends ranks by it."""
-    d = delta.to(torch.float64)
-    m = d if eigen is None else d @ (eigen.vectors * eigen.values.sqrt())
-    gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
+def error_spectrum(delta: torch.Tensor, second_moment: torch.Tensor | None = None) -> torch.Tensor:
+    """The squared singular values of ``dW Q`` (``C = Q Q^T``; of ``dW`` itself without a moment, the plain
+    SVD's norm), descending, fp64: the eigenvalues of the reduced Gram matrix (:class:`ReducedError`). Entry ``k`` is
+    exactly what the ``k+1``-th rank removes from the squared error ``||(dW - B A) X^T||_F^2`` of the best rank-``k``
+    residual (Eckart-Young): the rank budget spends ranks by it."""
+    gram = ReducedError(delta).gram(second_moment)
     with one_cpu_thread(gram.device):
-        values = torch.linalg.eigvalsh(0.5 * (gram + gram.T))
+        values = torch.linalg.eigvalsh(gram)
     return values.flip(0).clamp_min(0.0)
 
 
@@ -250,37 +385,42 @@ def shrink(second_moment: torch.Tensor, amount: float) -> torch.Tensor:
 
 
 def choose_shrinkage(
-    folds: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    folds: list[tuple[torch.Tensor | ReducedError, torch.Tensor, torch.Tensor]],
     rank: int,
     grid: tuple[float, ...] = SHRINKAGE_GRID,
+    *,
+    method: Method = "auto",
 ) -> float:
     """The shrinkage amount of ``grid`` whose rank-``rank`` EoRA residual generalises best across cross-validation
-    ``folds``: ``(delta, fit, score)``, the error to fit and the mean second moments of the fitting and the held-out
-    calibration windows (two folds: even- and odd-numbered windows, each way round).
+    ``folds``: ``(delta, fit, score)``, the error to fit (a tensor or its :class:`ReducedError`) and the mean second
+    moments of the fitting and the held-out calibration windows (two folds: even- and odd-numbered windows, each way
+    round).
 
-    Each fold's fit eigenbasis ``U, l`` gives the shrunk problem ``dW U diag(sqrt l_a)``, whose top left singular
-    vectors ``P`` span ``B A = P P^T dW``; the held-out moment scores it by the exact error ``tr(G) - tr(P^T G P)``,
-    ``G = dW C_score dW^T``. Ties go to the smaller amount. Costs one ``in x in`` eigendecomposition per fold and one
-    truncated SVD per fold and amount."""
+    In the reduced frame of each error the shrunk problem is ``H_a = (1 - a) H_fit + a mean(diag C_fit) H_I``
+    (``ReducedError.gram``): every amount of the grid reuses the same two ``n x n`` matrices, and folds that share an
+    error (data-free compressors) share its frame and Gram matrices. The top-``rank`` eigenvectors ``V`` of ``H_a``
+    span the residual; the held-out moment scores it by the exact error ``tr(H_score) - tr(V^T H_score V)``. Each
+    amount starts its eigensolver from the previous amount's subspace. Ties go to the smaller amount."""
     errors = torch.zeros(len(grid), dtype=torch.float64)
+    problems: dict[int, ReducedError] = {}
     for delta, fit, score in folds:
-        d = delta.to(torch.float64)
-        values, vectors = _eigh(0.5 * (fit.to(torch.float64) + fit.to(torch.float64).T))
-        values = values.clamp_min(0.0)
-        mean = float(values.mean())
-        rotated = d @ vectors
-        held_out = d @ score.to(torch.float64) @ d.T
-        held_out = 0.5 * (held_out + held_out.T)
+        problem = delta if isinstance(delta, ReducedError) else problems.setdefault(id(delta), ReducedError(delta))
+        fit_gram, identity, held_out = problem.gram(fit), problem.gram(None), problem.gram(score)
+        mean = float(fit.diagonal().double().mean())
+        start = None
         for i, amount in enumerate(grid):
-            scale = ((1.0 - amount) * values + amount * mean).sqrt()
-            p, s = _top_singular(rotated * scale, rank)
-            p = p * (s > 0)  # numerically null directions are not part of the residual (_balanced zeroes them)
-            errors[i] += held_out.trace() - torch.einsum("or,op,pr->", p, held_out, p)
+            vectors, values, start = top_eigenpairs(
+                (1.0 - amount) * fit_gram + (amount * mean) * identity, rank, method=method, start=start)
+            vectors = vectors * (values > 0)  # numerically null directions are not part of the residual
+            errors[i] += held_out.trace() - torch.einsum("nr,nm,mr->", vectors, held_out, vectors)
     return float(grid[int(torch.argmin(errors))])  # argmin returns the first of equal minima: the smaller amount
 
 
-def resolve_B(delta: torch.Tensor, A: torch.Tensor, second_moment: torch.Tensor | None = None) -> torch.Tensor:
-    """The ``B`` (out x r) minimising ``||(delta - B A) X^T||_F`` for a fixed ``A`` (r x in), ``C = X^T X``.
+def resolve_B(
+    delta: torch.Tensor, A: torch.Tensor, second_moment: torch.Tensor | None = None, *, shrinkage: float = 0.0
+) -> torch.Tensor:
+    """The ``B`` (out x r) minimising ``||(delta - B A) X^T||_F`` for a fixed ``A`` (r x in), ``C = X^T X`` (shrunk
+    by ``shrinkage`` as in :func:`shrink`, without forming the shrunk in x in matrix).
 
     ``B = delta C A^T (A C A^T)^+`` (``C = I`` when ``second_moment`` is None: the plain Frobenius norm). Used after
     ``A`` is quantized, so that ``B`` compensates ``A``'s rounding error. The pseudo-inverse (eigenvalues of the
@@ -288,7 +428,7 @@ def resolve_B(delta: torch.Tensor, A: torch.Tensor, second_moment: torch.Tensor 
     channels) from dividing by zero: their columns of ``B`` come out zero. Returns fp32.
     """
     d, a = delta.to(torch.float64), A.to(torch.float64)
-    ca = a.T if second_moment is None else second_moment.to(torch.float64) @ a.T  # C A^T (in x r), C symmetric
+    ca = a.T if second_moment is None else _shrunk_product(second_moment, a.T, shrinkage)  # C A^T (in x r)
     gram = a @ ca  # A C A^T (r x r)
     values, vectors = _eigh(0.5 * (gram + gram.T))
     limit = max(gram.shape[0], 1) * _REL_EPS * values.abs().max().clamp_min(0.0) if values.numel() else 0.0
@@ -296,9 +436,20 @@ def resolve_B(delta: torch.Tensor, A: torch.Tensor, second_moment: torch.Tensor 
     return ((d @ ca) @ (vectors * inv) @ vectors.T).float().contiguous()
 
 
-def weighted_error(delta: torch.Tensor, factors: LowRankFactors | None, second_moment: torch.Tensor) -> float:
-    """``||(delta - B A) X^T||_F`` computed from ``C = X^T X`` alone: ``sqrt(tr(E C E^T))``."""
+def weighted_error(
+    delta: torch.Tensor, factors: LowRankFactors | None, second_moment: torch.Tensor, *, shrinkage: float = 0.0
+) -> float:
+    """``||(delta - B A) X^T||_F`` computed from ``C = X^T X`` alone (shrunk by ``shrinkage``): ``sqrt(tr(E C E^T))``."""
     e = delta.to(torch.float64)
     if factors is not None:
         e = e - factors.B.double() @ factors.A.double()
-    return float(torch.einsum("oi,ij,oj->", e, second_moment.to(torch.float64), e).clamp_min(0).sqrt())
+    return float((_shrunk_product(second_moment, e.T, shrinkage) * e.T).sum().clamp_min(0).sqrt())
+
+
+def _shrunk_product(second_moment: torch.Tensor, x: torch.Tensor, shrinkage: float) -> torch.Tensor:
+    """``C_a x`` in fp64 for ``C_a = (1 - a) C + a mean(diag C) I`` (:func:`shrink`), C symmetric."""
+    product = second_moment.to(torch.float64) @ x
+    if not shrinkage:
+        return product
+    mean = float(second_moment.diagonal().double().mean())
+    return (1.0 - shrinkage) * product + (shrinkage * mean) * x

@@ -16,7 +16,7 @@ import torch
 from .adapter_quant import QuantizedFactors, quantize_factors
 from .calibration import ModuleStats
 from .config import EoRAConfig
-from .solver import LowRankFactors, choose_shrinkage, eora_factors, shrink, svd_factors, weighted_error
+from .solver import LowRankFactors, ReducedError, choose_shrinkage, eora_factors, svd_factors, weighted_error
 from .targets import check_targets, module_rank, quantize_call_targets, warn_once
 from .tensor import QuantWithLowRank
 from .timing import Timer
@@ -45,16 +45,19 @@ def eora_quantize_tensor(
     attention = _compressor_fitted_to_attention(stats, config)
     compressor_moment = None if stats is None else (stats.compressor_moment if attention else stats.moment).mean()
     weighted = None if config.compensation == "svd" else residual_stats(stats, config)
-    moment = None if weighted is None else weighted.moment.mean()
+    moment = None if weighted is None else weighted.moment.mean()  # EoRA's, before shrinkage
     rank = module_rank(config, *w32.shape) if rank is None else rank
     with timer("compress"):
         compressed = config.base.compress(w32, compressor_moment)
         delta = w32 - compressed.dequantize(torch.float32)  # in fp32: the error underflows in fp16/bf16
         folds = _cross_validation_folds(w32, delta, config, rank, weighted, attention)
     with timer("solve"):
-        amount = _shrinkage(folds, config, rank)
-        norm = None if weighted is None else moment if amount == 0 else shrink(moment, amount)  # the residual's
-        factors = _solve(delta, config, rank, weighted, norm, amount)
+        # One reduced frame of the error serves the shrinkage folds (data-free compressors share the error) and
+        # the solve: its QR and Gram matrices are computed once.
+        problem = ReducedError(delta) if weighted is not None and config.form in ("auto", "randomized") else None
+        with timer("shrinkage"):
+            amount = _shrinkage(folds, config, rank, problem, delta)
+        factors = _solve(delta, config, rank, weighted, moment, amount, problem)
     for _ in range(config.refine_rounds if rank else 0):
         # Alternate: compress what the residual leaves (W - B A), re-solve; keep a round only if it lowers the
         # error the residual minimises (the compressor's own rounding is not aware of that norm).
@@ -62,12 +65,13 @@ def eora_quantize_tensor(
             again = config.base.compress(w32 - factors.B @ factors.A, compressor_moment)
             delta_again = w32 - again.dequantize(torch.float32)
         with timer("solve"):
-            factors_again = _solve(delta_again, config, rank, weighted, norm, amount)
-            if _residual_error(delta_again, factors_again, norm) >= _residual_error(delta, factors, norm):
+            factors_again = _solve(delta_again, config, rank, weighted, moment, amount)
+            if (_residual_error(delta_again, factors_again, moment, amount)
+                    >= _residual_error(delta, factors, moment, amount)):
                 break
         compressed, delta, factors = again, delta_again, factors_again
     with timer("solve"):
-        factors = _quantize_adapters(delta, factors, config, norm, weight.dtype)
+        factors = _quantize_adapters(delta, factors, config, moment, amount, weight.dtype)
     return QuantWithLowRank.from_parts(compressed, factors, dtype=weight.dtype)
 
 
@@ -111,49 +115,52 @@ def _cross_validation_folds(
     return [(w32 - config.base.compress(w32, fit).dequantize(torch.float32), fit, score) for fit, score in fits]
 
 
-def _shrinkage(folds: list | None, config: EoRAConfig, rank: int) -> float:
+def _shrinkage(folds: list | None, config: EoRAConfig, rank: int, problem: ReducedError | None,
+               delta: torch.Tensor) -> float:
     """EoRA's shrinkage amount for this module: the config's number, or cross-validated on ``folds`` (``"auto"``;
-    0 when there are no folds)."""
+    0 when there are no folds). Folds on ``delta`` itself use its reduced frame ``problem``."""
     if folds is None:
         return 0.0 if config.shrinkage == "auto" or config.compensation != "eora" else float(config.shrinkage)
-    return choose_shrinkage(folds, rank)
+    if problem is None:  # an exact reference form: its own frames, exact eigensolver
+        return choose_shrinkage(folds, rank, method="exact")
+    method = "randomized" if config.form == "randomized" else "auto"
+    return choose_shrinkage([(problem if d is delta else d, fit, score) for d, fit, score in folds], rank,
+                            method=method)
 
 
-def _residual_error(delta: torch.Tensor, factors: LowRankFactors, moment: torch.Tensor | None) -> float:
-    """``||(delta - B A) X^T||_F`` (``X^T X = moment``: ``solver.weighted_error``); the plain Frobenius norm
-    without one."""
+def _residual_error(delta: torch.Tensor, factors: LowRankFactors, moment: torch.Tensor | None, amount: float) -> float:
+    """``||(delta - B A) X^T||_F`` under the (shrunk by ``amount``) moment (``solver.weighted_error``); the plain
+    Frobenius norm without one."""
     if moment is not None:
-        return weighted_error(delta, factors, moment)
+        return weighted_error(delta, factors, moment, shrinkage=amount)
     return float(torch.linalg.norm(delta.double() - factors.B.double() @ factors.A.double()))
 
 
 def _solve(
-    delta: torch.Tensor, config: EoRAConfig, rank: int, stats: ModuleStats | None, norm: torch.Tensor | None,
-    amount: float,
+    delta: torch.Tensor, config: EoRAConfig, rank: int, stats: ModuleStats | None, moment: torch.Tensor | None,
+    amount: float, problem: ReducedError | None = None,
 ) -> LowRankFactors:
-    """The residual factors; ``norm`` is the (shrunk by ``amount``) second moment EoRA weights the error with."""
+    """The residual factors for EoRA's second ``moment`` shrunk by ``amount`` (``problem``: ``delta``'s reduced frame,
+    when already built)."""
     if config.compensation == "none" or rank == 0:
         return LowRankFactors(delta.new_zeros(0, delta.shape[1]), delta.new_zeros(delta.shape[0], 0))
     if stats is None:
         return svd_factors(delta, rank)
-    out_features, in_features = delta.shape
-    form = config.form
-    if form == "auto":  # the eigen form's in x in eigendecomposition is shared by modules reading the same input
-        form = "eigen" if in_features <= out_features else "inverse_free"
-    if form == "eigen" and amount == 0:
+    if config.form == "eigen" and amount == 0:  # the in x in eigendecomposition is shared by modules of one input
         return eora_factors(delta, rank=rank, form="eigen", eigen=stats.eigen())
-    return eora_factors(delta, norm, rank, form=form)  # a shrunk moment is this module's own: nothing to share
+    return eora_factors(delta, moment, rank, form=config.form, shrinkage=amount, problem=problem)
 
 
 def _quantize_adapters(
-    delta: torch.Tensor, factors: LowRankFactors, config: EoRAConfig, moment: torch.Tensor | None, dtype: torch.dtype
+    delta: torch.Tensor, factors: LowRankFactors, config: EoRAConfig, moment: torch.Tensor | None, amount: float,
+    dtype: torch.dtype,
 ) -> Union[LowRankFactors, QuantizedFactors]:
     """intx adapters when the config asks for them; the re-solve of B uses the compensation's own norm."""
     if config.adapter_bits is None or factors.rank == 0:
         return factors
     return quantize_factors(
         delta, factors, config.adapter_bits, config.adapter_group_size, moment,
-        resolve=config.adapter_resolve, dtype=dtype,
+        resolve=config.adapter_resolve, dtype=dtype, shrinkage=amount,
     )
 
 
