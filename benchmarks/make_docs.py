@@ -65,7 +65,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 def headline(root: Path):
     q = _rows(_load(root, "quality_3bit_g64.json"))
-    sm, gm = _load(root, "issue11_smollm2.json"), _load(root, "issue11_gemma.json")
+    sm, gm = _load(root, "residual_options_smollm2.json"), _load(root, "residual_options_gemma.json")
     sizes = {r["variant"]: r["safetensors_bytes"] for r in _rows(_load(root, "sizes_smollm2.json"))}
     out = []
     for model, data, svd in (("SmolLM2-135M", sm, _find(q, method="svd", rank=64)), ("Gemma-3-270M", gm, None)):
@@ -86,7 +86,7 @@ def headline(root: Path):
              f"**{_gap(f, c, r192['ppl'])}**", _mb(r192["packed_bytes"]), bf16("RTN int3 g64, adapters int4 g32 r192")],
         ]
     header = ["model", "variant", "perplexity", "gap closed", "MB in memory (fp32 run)", "MB checkpoint (bf16)"]
-    return _table(header, out), ["issue11_smollm2.json", "issue11_gemma.json", "quality_3bit_g64.json",
+    return _table(header, out), ["residual_options_smollm2.json", "residual_options_gemma.json", "quality_3bit_g64.json",
                                  "sizes_smollm2.json"]
 
 
@@ -140,7 +140,7 @@ def gptq_engine(root: Path):
 
 
 def residual_options(root: Path):
-    sm, gm = _load(root, "issue11_smollm2.json"), _load(root, "issue11_gemma.json")
+    sm, gm = _load(root, "residual_options_smollm2.json"), _load(root, "residual_options_gemma.json")
 
     def cell(data, run, **want):
         if run not in data["runs"]:
@@ -164,7 +164,7 @@ def residual_options(root: Path):
     for label, run, want in specs:
         out.append([label, mb(run, **want), cell(sm, run, **want), cell(gm, run, **want)])
     header = ["perplexity (gap closed)", "adapter MB (SmolLM2, fp32 run)", "SmolLM2-135M", "Gemma-3-270M"]
-    return _table(header, out), ["issue11_smollm2.json", "issue11_gemma.json"]
+    return _table(header, out), ["residual_options_smollm2.json", "residual_options_gemma.json"]
 
 
 _WINDOWS = {4: ["attention_residual_4windows_sparsegpt.json", "attention_residual_4windows_rest.json"],
@@ -370,7 +370,7 @@ def plot(root: Path, path: Path) -> None:
     ax.set_title("SmolLM2-135M: one-shot statistics, 8,192 held-out tokens", fontsize=9)
 
     ax = axes[1]
-    gm = _load(root, "issue11_gemma.json")
+    gm = _load(root, "residual_options_gemma.json")
     base = _rows(gm, "uniform_and_refine")
     fp, rtn = _find(base, method="fp"), _find(base, method="none")
     r64 = _find(base, method="eora", rank=64, refine_rounds=None)
