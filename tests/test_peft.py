@@ -315,6 +315,44 @@ def test_cli_export_peft(eora, tmp_path):
     assert json.loads((only / "adapter_config.json").read_text())["base_model_name_or_path"] == "org/eora-base"
 
 
+def test_vllm_allocation_rounds_up_to_an_allowed_max_lora_rank():
+    from torchao_eora.peft_io import vllm_lora_allocation
+
+    model = tiny_llama()
+    quantize_(model, EoRAConfig(rank=4, base=BASE, compensation="svd"), filter_fn=_linears_in("self_attn."))
+    quantize_(model, EoRAConfig(rank=12, base=BASE, compensation="svd", adapter_bits=4, adapter_group_size=4),
+              filter_fn=_linears_in("mlp."))
+    weights = [m.weight for m in model.modules() if isinstance(getattr(m, "weight", None), QuantWithLowRank)]
+    alloc = vllm_lora_allocation(model)
+    assert alloc["max_rank"] == 12 and alloc["max_lora_rank"] == 16  # every module in a rank-16 slot, bf16
+    assert alloc["vllm_bf16_bytes"] == sum(16 * (w.shape[0] + w.shape[1]) * 2 for w in weights)
+    ours = sum(getattr(w, f).numel() * getattr(w, f).element_size() for w in weights for f in w.fields
+               if w.fields[f].part == "adapters" and getattr(w, f) is not None)
+    assert alloc["our_bytes"] == ours < alloc["vllm_bf16_bytes"]
+
+
+def test_vllm_allocation_above_512_has_no_slot():
+    from torchao_eora.cli import _vllm_note
+    from torchao_eora.peft_io import vllm_lora_allocation
+
+    model = tiny_llama()
+    quantize_(model, EoRAConfig(rank=4, base=BASE, compensation="svd"))
+    assert vllm_lora_allocation(model)["max_lora_rank"] == 8
+    note = _vllm_note({"max_rank": 600, "max_lora_rank": None, "vllm_bf16_bytes": None, "our_bytes": 1})
+    assert "cannot serve" in note
+
+
+def test_cli_export_peft_prints_the_vllm_allocation(eora, tmp_path, capsys):
+    from torchao_eora import cli
+
+    model, _ = eora
+    saved = save_pretrained(model, tmp_path / "saved")
+    assert cli.main(["export-peft", "--model", str(saved), "--out", str(tmp_path / "adapter"), "--no-base"]) == 0
+    out = capsys.readouterr().out
+    assert "--max-lora-rank 8 " in out  # the fixture's adapters are rank 8: the allowed value 8 fits exactly
+    assert "in bf16/fp16 at that rank" in out and "in our own format" in out
+
+
 def test_cli_export_peft_help_covers_every_flag():
     from torchao_eora import cli
 

@@ -434,7 +434,7 @@ def cmd_export_peft(args) -> int:
     from transformers import AutoTokenizer
 
     from .hf import load_pretrained
-    from .peft_io import BASE_DIR, export_peft
+    from .peft_io import BASE_DIR, export_peft, vllm_lora_allocation
 
     check_output_dir(args.out, sources=[args.model], overwrite=args.overwrite)
     model = load_pretrained(args.model)
@@ -444,7 +444,20 @@ def cmd_export_peft(args) -> int:
     out = export_peft(model, args.out, args.base_model_name_or_path, save_base=not args.no_base, tokenizer=tokenizer,
                       overwrite=args.overwrite, base_format=args.base_format)
     print(f"PEFT adapter written to {out}" + ("" if args.no_base else f"; base-only checkpoint in {out / BASE_DIR}"))
+    print(_vllm_note(vllm_lora_allocation(model)))
     return 0
+
+
+def _vllm_note(alloc: dict) -> str:
+    """The short block export-peft prints: what vLLM will allocate for this adapter."""
+    mb = lambda n: f"{n / 1e6:.1f} MB"  # noqa: E731
+    if alloc["max_lora_rank"] is None:
+        return (f"vLLM: the largest adapter rank, {alloc['max_rank']}, is above vLLM's largest --max-lora-rank "
+                f"(512): vLLM cannot serve this adapter; re-quantize with --rank 512 or less")
+    return (f"vLLM: serve with --enable-lora --max-lora-rank {alloc['max_lora_rank']} (largest adapter rank "
+            f"{alloc['max_rank']}).\n"
+            f"  vLLM holds LoRA weights in bf16/fp16 at that rank: {mb(alloc['vllm_bf16_bytes'])} per adapter, "
+            f"against {mb(alloc['our_bytes'])} in our own format (torchao_eora.load_pretrained).")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -31,12 +31,15 @@ from .io_utils import atomic_directory
 from .stock_export import BASE_FORMATS, BaseFormat, write_stock_base
 from .tensor import QuantWithLowRank
 
-__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "BASE_DIR", "base_only", "export_peft", "import_peft"]
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "BASE_DIR", "VLLM_MAX_LORA_RANKS", "base_only", "export_peft",
+           "import_peft", "vllm_lora_allocation"]
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 BASE_DIR = "base"
 _PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the wrapped model
+# vLLM's accepted --max-lora-rank values; it allocates every adapter slot at that rank, in fp16/bf16 only.
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 _KEY = re.compile(rf"^{re.escape(_PREFIX)}(?P<module>.+)\.lora_(?P<factor>[AB])\.weight$")
 
 
@@ -162,6 +165,28 @@ def export_peft(
 # ---- import -----------------------------------------------------------------------------------------------------
 # Everything is validated before the first module is touched (a model is either fully imported or unchanged); every
 # problem is one ValueError line naming the adapter directory, what is wrong and what to do.
+
+
+def vllm_lora_allocation(model: torch.nn.Module) -> dict:
+    """What vLLM holds for the adapter ``export_peft`` writes from ``model``, against our own format.
+
+    vLLM keeps LoRA weights in fp16/bf16 only and allocates each module's ``A`` and ``B`` at ``--max-lora-rank``,
+    which must be one of :data:`VLLM_MAX_LORA_RANKS`. Returns ``{"max_rank", "max_lora_rank" (None when no
+    allowed value fits), "vllm_bf16_bytes" (every adapted module at that rank, 2 bytes a value, one adapter
+    slot), "our_bytes" (the adapters as our checkpoint holds them: bit-packed values with their scales and zero
+    points)}``.
+    """
+    from .size import _inner_tensors
+
+    modules = [m.weight for m in _low_rank_modules(model).values() if m.weight.rank > 0]
+    if not modules:
+        raise ValueError("the model has no QuantWithLowRank weight with a residual (rank > 0)")
+    max_rank = max(w.rank for w in modules)
+    slot = next((r for r in VLLM_MAX_LORA_RANKS if r >= max_rank), None)
+    ours = sum(t.numel() * t.element_size() for w in modules
+               for f, t in _inner_tensors(w).items() if w.fields[f.split(".")[0]].part == "adapters")
+    vllm = None if slot is None else sum(slot * (w.shape[0] + w.shape[1]) * 2 for w in modules)
+    return {"max_rank": max_rank, "max_lora_rank": slot, "vllm_bf16_bytes": vllm, "our_bytes": ours}
 
 
 def _pattern_value(pattern: dict | None, name: str, default):
