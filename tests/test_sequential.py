@@ -90,11 +90,11 @@ def test_quantize_with_another_config_recompresses_from_the_statistics():
     assert model.model.layers[1].mlp.down_proj.weight.rank == 8
 
 
-def test_the_timer_splits_forward_moments_compress_and_solve():
+def test_the_timer_splits_forward_moments_compress_shrinkage_and_solve():
     timer = Timer()
     compress_sequential(tiny_llama(), token_batches(), EoRAConfig(rank=4, base=RTNConfig(3, 32)), progress=False,
                         timer=timer)
-    assert set(timer.seconds) == {"forward", "moments", "compress", "solve"}
+    assert set(timer.seconds) == {"forward", "moments", "compress", "shrinkage", "solve"}
     assert all(v > 0 for v in timer.seconds.values())
 
 

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Literal
+from typing import Iterator, Literal, Union
 
 import torch
 
@@ -60,6 +60,7 @@ __all__ = [
     "top_eigenpairs",
     "reduced_factors",
     "error_spectrum",
+    "mean_eigenvalue",
 ]
 
 Form = Literal["auto", "randomized", "eigen", "inverse_free"]
@@ -177,6 +178,10 @@ def _balanced(delta: torch.Tensor, u: torch.Tensor, s: torch.Tensor, rank: int) 
 
 
 Method = Literal["auto", "exact", "randomized"]
+# A second moment, or a weighted sum of stored ones ``((w, C), ...)``: the held-out halves of the cross-validation are
+# ``half / n_half`` and ``(total - half) / n_rest``, and Gram matrices are linear in the moment, so no in x in
+# copy of either half is ever made.
+Moment = Union[torch.Tensor, tuple[tuple[float, torch.Tensor], ...]]
 
 # Reduced problems up to this size are eigendecomposed exactly: below it a full eigh costs less than the iterations.
 EXACT_SIZE = 1024
@@ -216,8 +221,10 @@ class ReducedError:
     def size(self) -> int:
         return self.m.shape[0]
 
-    def gram(self, moment: torch.Tensor | None) -> torch.Tensor:
+    def gram(self, moment: Moment | None) -> torch.Tensor:
         """``m C m^T`` (n x n, fp64, symmetric) for the second moment ``C``; ``m m^T`` for None (the identity)."""
+        if isinstance(moment, tuple):
+            return sum(weight * self.gram(term) for weight, term in moment)
         key = None if moment is None else id(moment)
         if key not in self._grams:
             m = self.m
@@ -275,6 +282,13 @@ def top_eigenpairs(
     return basis @ vectors, values, basis
 
 
+def mean_eigenvalue(moment: Moment) -> float:
+    """``mean(diag C)``: the level :func:`shrink` pulls the eigenvalues toward."""
+    if isinstance(moment, tuple):
+        return sum(weight * mean_eigenvalue(term) for weight, term in moment)
+    return float(moment.diagonal().double().mean())
+
+
 def _orthonormal(block: torch.Tensor) -> torch.Tensor:
     with one_cpu_thread(block.device):
         return torch.linalg.qr(block).Q
@@ -289,8 +303,7 @@ def reduced_factors(
     lifted to the output space, balanced as in the other forms."""
     gram = problem.gram(second_moment)
     if shrinkage and second_moment is not None:
-        mean = float(second_moment.diagonal().double().mean())
-        gram = (1.0 - shrinkage) * gram + (shrinkage * mean) * problem.gram(None)
+        gram = (1.0 - shrinkage) * gram + (shrinkage * mean_eigenvalue(second_moment)) * problem.gram(None)
     vectors, values, _ = top_eigenpairs(gram, rank, method=method)
     d = problem.delta.to(torch.float64)
     return _balanced(d, *_truncate(problem.lift(vectors), values.sqrt(), rank), rank)
@@ -385,7 +398,7 @@ def shrink(second_moment: torch.Tensor, amount: float) -> torch.Tensor:
 
 
 def choose_shrinkage(
-    folds: list[tuple[torch.Tensor | ReducedError, torch.Tensor, torch.Tensor]],
+    folds: list[tuple[torch.Tensor | ReducedError, Moment, Moment]],
     rank: int,
     grid: tuple[float, ...] = SHRINKAGE_GRID,
     *,
@@ -393,8 +406,8 @@ def choose_shrinkage(
 ) -> float:
     """The shrinkage amount of ``grid`` whose rank-``rank`` EoRA residual generalises best across cross-validation
     ``folds``: ``(delta, fit, score)``, the error to fit (a tensor or its :class:`ReducedError`) and the mean second
-    moments of the fitting and the held-out calibration windows (two folds: even- and odd-numbered windows, each way
-    round).
+    moments (:data:`Moment`) of the fitting and the held-out calibration windows (two folds: even- and odd-numbered
+    windows, each way round).
 
     In the reduced frame of each error the shrunk problem is ``H_a = (1 - a) H_fit + a mean(diag C_fit) H_I``
     (``ReducedError.gram``): every amount of the grid reuses the same two ``n x n`` matrices, and folds that share an
@@ -406,7 +419,7 @@ def choose_shrinkage(
     for delta, fit, score in folds:
         problem = delta if isinstance(delta, ReducedError) else problems.setdefault(id(delta), ReducedError(delta))
         fit_gram, identity, held_out = problem.gram(fit), problem.gram(None), problem.gram(score)
-        mean = float(fit.diagonal().double().mean())
+        mean = mean_eigenvalue(fit)
         start = None
         for i, amount in enumerate(grid):
             vectors, values, start = top_eigenpairs(

@@ -133,7 +133,7 @@ def quantize_checkpoint(
         dtype: dtype the layers are computed and the adapters stored in.
         device: where each layer is compressed (default: CUDA when present, else CPU).
         keep_statistics: keep every layer's second moments in the returned ``Calibration`` (to save them).
-        timer: adds seconds to ``forward``, ``moments``, ``compress``, ``solve`` and ``io``.
+        timer: adds seconds to ``forward``, ``moments``, ``compress``, ``shrinkage``, ``solve`` and ``io``.
 
     Returns:
         The ``Calibration`` of the pass (its ``bytes_written`` attribute is the payload written).

@@ -16,7 +16,7 @@ import torch
 from .adapter_quant import QuantizedFactors, quantize_factors
 from .calibration import ModuleStats
 from .config import EoRAConfig
-from .solver import LowRankFactors, ReducedError, choose_shrinkage, eora_factors, svd_factors, weighted_error
+from .solver import LowRankFactors, Moment, ReducedError, choose_shrinkage, eora_factors, svd_factors, weighted_error
 from .targets import check_targets, module_rank, quantize_call_targets, warn_once
 from .tensor import QuantWithLowRank
 from .timing import Timer
@@ -36,7 +36,8 @@ def eora_quantize_tensor(
         stats: the layer's input statistics. Needed by calibrated compressors (GPTQ, SparseGPT, Wanda) and by
             ``compensation="eora"``; without them the residual is the plain SVD of the error.
         rank: this module's residual rank when a rank budget chose it (default: ``config.rank``, clamped to fit).
-        timer: adds the seconds spent in ``"compress"`` and ``"solve"`` (benchmarks report them apart).
+        timer: adds the seconds spent in ``"compress"``, ``"shrinkage"`` (choosing the amount) and ``"solve"``
+            (benchmarks report them apart).
     """
     timer = timer or Timer()
     w32 = weight.detach().float()
@@ -55,8 +56,9 @@ def eora_quantize_tensor(
         # One reduced frame of the error serves the shrinkage folds (data-free compressors share the error) and
         # the solve: its QR and Gram matrices are computed once.
         problem = ReducedError(delta) if weighted is not None and config.form in ("auto", "randomized") else None
-        with timer("shrinkage"):
-            amount = _shrinkage(folds, config, rank, problem, delta)
+    with timer("shrinkage"):
+        amount = _shrinkage(folds, config, rank, problem, delta)
+    with timer("solve"):
         factors = _solve(delta, config, rank, weighted, moment, amount, problem)
     for _ in range(config.refine_rounds if rank else 0):
         # Alternate: compress what the residual leaves (W - B A), re-solve; keep a round only if it lowers the
@@ -97,7 +99,7 @@ def _compressor_fitted_to_attention(stats: ModuleStats | None, config: EoRAConfi
 def _cross_validation_folds(
     w32: torch.Tensor, delta: torch.Tensor, config: EoRAConfig, rank: int, stats: ModuleStats | None,
     attention: bool,
-) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None:
+) -> list[tuple[torch.Tensor, Moment, Moment]] | None:
     """The ``(error, fit moment, score moment)`` folds that ``shrinkage="auto"`` is chosen on, or None when there is
     nothing to choose (a fixed amount, no EoRA, rank 0, or statistics that were not split in halves).
 
@@ -106,13 +108,14 @@ def _cross_validation_folds(
     again on its fitting half alone (two more compressions per module)."""
     if stats is None or config.compensation != "eora" or rank == 0 or config.shrinkage != "auto":
         return None
-    halves = stats.moment.halves()
+    if not getattr(config.base, "needs_calibration", False) or attention:  # data-free, or fitted to another moment
+        halves = stats.moment.half_terms()  # weighted sums of the stored sums: no in x in copies
+        return None if halves is None else [(delta, fit, score) for fit, score in (halves, halves[::-1])]
+    halves = stats.moment.halves()  # the compressor needs each half as a matrix
     if halves is None:
         return None
-    fits = (halves, halves[::-1])
-    if not getattr(config.base, "needs_calibration", False) or attention:  # data-free, or fitted to another moment
-        return [(delta, fit, score) for fit, score in fits]
-    return [(w32 - config.base.compress(w32, fit).dequantize(torch.float32), fit, score) for fit, score in fits]
+    return [(w32 - config.base.compress(w32, fit).dequantize(torch.float32), fit, score)
+            for fit, score in (halves, halves[::-1])]
 
 
 def _shrinkage(folds: list | None, config: EoRAConfig, rank: int, problem: ReducedError | None,
