@@ -142,6 +142,12 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
                    help="pull EoRA's calibration second moment toward the identity by A in [0, 1] before solving (0: "
                         "the paper's EoRA, 1: plain SVD); auto (default): chosen per layer by cross-validation "
                         "over the calibration windows, so little calibration data cannot make EoRA worse than SVD")
+    g.add_argument("--form", default="auto", choices=["auto", "randomized", "eigen", "inverse_free"],
+                   help="how the residual is solved (same optimum): auto (default) reduces each layer's error to "
+                        "min(out, in) dimensions and takes its top directions exactly up to 1024 and by randomized "
+                        "subspace iteration above (cost grows with width^2 x rank, not width^3: docs/solver.md); "
+                        "randomized: the iteration wherever it applies; eigen (the paper's) and inverse_free: exact "
+                        "references through an in x in or out x out eigendecomposition (slow above ~4k)")
     g.add_argument("--compensation", default="eora", choices=["eora", "svd", "none"],
                    help="eora: activation-weighted closed form (default); svd: plain SVD of the error, data-free; "
                         "none: compression only")
@@ -301,7 +307,7 @@ def _config_from_args(args) -> "EoRAConfig":
     return EoRAConfig(rank=args.rank, base=base, compensation=args.compensation, adapter_bits=args.adapter_bits,
                       adapter_group_size=group, adapter_resolve=not args.no_adapter_resolve,
                       value_moment=args.value_moment, rank_budget=args.rank_budget,
-                      refine_rounds=args.refine_rounds, shrinkage=args.shrinkage)
+                      refine_rounds=args.refine_rounds, shrinkage=args.shrinkage, form=args.form)
 
 
 def cmd_quantize(args) -> int:
