@@ -18,11 +18,14 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Mapping
+
+from safetensors import SafetensorError
+from safetensors.torch import save_file
 
 __all__ = [
     "atomic_directory", "atomic_file", "canonicalize_safetensors_header", "check_output_dir", "current_umask",
-    "recover_directory",
+    "recover_directory", "save_safetensors",
 ]
 
 _STAGES = ("tmp", "old")  # .NAME.tmp-PID-XXXX: being written (or the old one after a swap); .old-: moved aside
@@ -165,6 +168,18 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # someone else's process
         return True
     return True
+
+
+def save_safetensors(tensors: Mapping, path: str | os.PathLike, metadata: Mapping[str, str]) -> None:
+    """``save_file`` then :func:`canonicalize_safetensors_header`; a failed write (a full disk) is an ``OSError``
+    naming the file, not safetensors' own error type (the caller's atomic directory keeps the old output)."""
+    path = Path(path)
+    try:
+        save_file(dict(tensors), str(path), metadata=dict(metadata))
+    except SafetensorError as e:
+        raise OSError(f"cannot write {path.name} into {path.parent} ({e}); nothing was replaced: free some disk "
+                      "space or choose another output directory") from None
+    canonicalize_safetensors_header(path)
 
 
 def canonicalize_safetensors_header(path: str | os.PathLike) -> None:

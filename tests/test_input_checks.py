@@ -1,0 +1,143 @@
+"""Bad input ends in one line that names the file or tensor and says what to do, before anything is written: the
+streaming path (`quantize --model DIR --out OUT`) checks a checkpoint as strictly as ``load_pretrained``, and
+calibration files, GGUF paths, unsupported models and read-only outputs are refused the same way."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torchao.quantization import quantize_
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import torchao_eora  # noqa: F401  (extends transformers' torchao quantizer)
+from helpers import char_tokenizer, copy_dir, tiny_llama, token_batches
+from test_cli_errors import _fails_in_one_line, _quantize
+from torchao_eora import Calibration, EoRAConfig, RTNConfig, calibrate, cli, eora_config
+from torchao_eora.hf import load_pretrained, save_pretrained
+
+BASE = RTNConfig(bits=3, group_size=32)
+INDEX = "model.safetensors.index.json"
+DOWN = "model.layers.0.mlp.down_proj.weight"
+
+
+# ---- the streaming path: a sharded float checkpoint, edited ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    """A tiny untied Llama in several safetensors shards with an index, and a tokenizer (copy it to edit it)."""
+    path = tmp_path_factory.mktemp("sharded") / "src"
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).save_pretrained(path, max_shard_size="60KB")
+    char_tokenizer().save_pretrained(path)
+    return path
+
+
+def _shard_of(directory: Path, key: str) -> Path:
+    return directory / json.loads((directory / INDEX).read_text())["weight_map"][key]
+
+
+def _edit_tensor(key: str, change):
+    """An edit: ``key``'s tensor in its shard becomes ``change(tensor)`` (metadata kept)."""
+
+    def edit(directory: Path) -> None:
+        shard = _shard_of(directory, key)
+        with safe_open(str(shard), framework="pt") as f:
+            metadata = f.metadata()
+        tensors = load_file(str(shard))
+        tensors[key] = change(tensors[key])
+        save_file(tensors, str(shard), metadata=metadata)
+
+    return edit
+
+
+def _extra_tensor(directory: Path) -> None:
+    shard = _shard_of(directory, DOWN)
+    tensors = load_file(str(shard))
+    tensors["model.layers.0.mlp.extra.weight"] = torch.zeros(4, 4)
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    index = json.loads((directory / INDEX).read_text())
+    index["weight_map"]["model.layers.0.mlp.extra.weight"] = shard.name
+    (directory / INDEX).write_text(json.dumps(index))
+
+
+def _config_hidden_size(directory: Path) -> None:
+    config = json.loads((directory / "config.json").read_text())
+    config["hidden_size"] = 32
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+def _write(name: str, data: bytes | None = None, cut: int | None = None):
+    """An edit: file ``name`` (or the shard holding DOWN) gets ``data``, or is cut to its first ``cut`` bytes."""
+
+    def edit(directory: Path) -> None:
+        path = directory / name if name else _shard_of(directory, DOWN)
+        path.write_bytes(data if data is not None else path.read_bytes()[:cut])
+
+    return edit
+
+
+STREAMING = {  # edit: fragments the one-line error must hold
+    "decoder weight int8": (_edit_tensor(DOWN, lambda t: t.to(torch.int8)), [DOWN, "stored as int8", "floating"]),
+    "lm_head int8": (_edit_tensor("lm_head.weight", lambda t: t.to(torch.int8)), ["lm_head.weight", "int8"]),
+    "lm_head 511x64": (_edit_tensor("lm_head.weight", lambda t: t[:127]), ["lm_head.weight", "(127, 64)",
+                                                                          "(128, 64)", "config.json"]),
+    "weight of the wrong shape": (_edit_tensor(DOWN, lambda t: t[:, :127].contiguous()), [DOWN, "(64, 127)", "(64, 128)"]),
+    "config.json hidden size": (_config_hidden_size, ["model.embed_tokens.weight", "(128, 64)", "(128, 32)",
+                                                      "config.json"]),
+    "extra tensor": (_extra_tensor, ["model.layers.0.mlp.extra.weight", "not a tensor of LlamaForCausalLM"]),
+    "index not JSON": (_write(INDEX, b"{not json"), [INDEX, "not valid JSON"]),
+    "index without weight_map": (_write(INDEX, b'{"metadata": {}}'), [INDEX, "weight_map"]),
+    "index names a missing shard": (_write(INDEX, json.dumps({"weight_map": {DOWN: "gone.safetensors"}}).encode()),
+                                    ["gone.safetensors"]),
+    "truncated shard": (_write("", cut=4000), ["safetensors", "truncated or damaged"]),
+    "empty shard": (_write("", data=b""), ["safetensors", "truncated or damaged"]),
+}
+
+
+@pytest.mark.parametrize("case", list(STREAMING))
+def test_streaming_refuses_a_bad_checkpoint_before_writing(sharded, tmp_path, capsys, case):
+    edit, fragments = STREAMING[case]
+    source = copy_dir(sharded, tmp_path / "src")
+    edit(source)
+    _fails_in_one_line(_quantize(source, "--out", str(tmp_path / "out")), capsys, *fragments)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no output, no hidden temporary
+
+
+def test_the_loader_and_the_streaming_path_say_the_same(sharded, tmp_path, capsys):
+    source = copy_dir(sharded, tmp_path / "src")
+    _edit_tensor(DOWN, lambda t: t.to(torch.int8))(source)
+    with pytest.raises(ValueError) as err:
+        load_pretrained(source)
+    line = _fails_in_one_line(_quantize(source, "--out", str(tmp_path / "out")), capsys)
+    assert line.endswith(str(err.value))
+
+
+def test_a_full_disk_is_one_line_and_loses_nothing(sharded, tmp_path, capsys, monkeypatch):
+    from safetensors import SafetensorError
+
+    from torchao_eora import io_utils
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+                              "message: \"No space left on device\" })")
+
+    monkeypatch.setattr(io_utils, "save_file", full)
+    _fails_in_one_line(_quantize(sharded, "--out", str(tmp_path / "out")), capsys, "No space left on device",
+                       "model-00001-of-")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_untouched_sharded_checkpoint_still_streams(sharded, tmp_path):
+    assert cli.main(_quantize(sharded, "--out", str(tmp_path / "out"))) == 0
+    load_pretrained(tmp_path / "out")
