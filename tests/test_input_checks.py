@@ -141,3 +141,58 @@ def test_a_full_disk_is_one_line_and_loses_nothing(sharded, tmp_path, capsys, mo
 def test_an_untouched_sharded_checkpoint_still_streams(sharded, tmp_path):
     assert cli.main(_quantize(sharded, "--out", str(tmp_path / "out"))) == 0
     load_pretrained(tmp_path / "out")
+
+
+# ---- calibration statistics meet a model in quantize_ ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    """Statistics of tiny_llama(seed 0), calibrated sequentially, and the file they were saved to."""
+    model = tiny_llama()
+    calib = calibrate(model, token_batches(), EoRAConfig(rank=4, base=BASE), progress=False)
+    path = tmp_path_factory.mktemp("calib") / "stats.safetensors"
+    calib.save(path)
+    return calib, path
+
+
+def test_loaded_statistics_are_checked_when_quantize_meets_the_model(calibrated):
+    other = tiny_llama(seed=1)
+    before = other.model.layers[0].self_attn.q_proj.weight.clone()
+    with pytest.raises(ValueError, match=r"collected on different weights .*check_weights=False"):
+        quantize_(other, eora_config(Calibration.load(calibrated[1])))
+    assert torch.equal(other.model.layers[0].self_attn.q_proj.weight, before)  # nothing converted
+    quantize_(tiny_llama(), eora_config(Calibration.load(calibrated[1])))  # the calibrated model: converts
+
+
+def test_another_models_compressed_weights_are_never_installed():
+    calib = calibrate(tiny_llama(), token_batches(), EoRAConfig(rank=4, base=BASE), progress=False)
+    other = tiny_llama(seed=1)
+    with pytest.raises(ValueError, match="collected on different weights"):
+        quantize_(other, eora_config(calib))
+    # Weights that differ on purpose (a fine-tune): compressed from its own weights with the statistics, never
+    # replaced by the calibrated model's compressed copies
+    calib.bind(other, check_weights=False)
+    quantize_(other, eora_config(calib))
+    own = tiny_llama(seed=1).model.layers[1].mlp.down_proj.weight
+    error = (other.model.layers[1].mlp.down_proj.weight.dequantize() - own).abs().max()
+    assert error < 0.5 * own.abs().max()
+
+
+@pytest.mark.parametrize("field, value, fragment", [
+    ("n_tokens", "many", "n_tokens"),
+    ("group_of", ["x"], "group_of"),
+    ("mode", "weekly", "mode"),
+])
+def test_a_calibration_file_with_a_wrong_type_is_refused_at_load(calibrated, tmp_path, field, value, fragment):
+    path = calibrated[1]
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["torchao_eora.calibration"])
+    if field == "n_tokens":
+        meta[field] = {k: value for k in meta[field]}
+    else:
+        meta[field] = value
+    crafted = tmp_path / "crafted.safetensors"
+    save_file(load_file(str(path)), str(crafted), metadata={"torchao_eora.calibration": json.dumps(meta)})
+    with pytest.raises(ValueError, match=rf"crafted\.safetensors.*{fragment}"):
+        Calibration.load(crafted)
