@@ -196,3 +196,36 @@ def test_a_calibration_file_with_a_wrong_type_is_refused_at_load(calibrated, tmp
     save_file(load_file(str(path)), str(crafted), metadata={"torchao_eora.calibration": json.dumps(meta)})
     with pytest.raises(ValueError, match=rf"crafted\.safetensors.*{fragment}"):
         Calibration.load(crafted)
+
+
+# ---- per-tensor torchao metadata of a saved checkpoint --------------------------------------------------------
+
+Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    model, config = tiny_llama(), EoRAConfig(rank=4, base=BASE, compensation="svd")
+    quantize_(model, config)
+    return save_pretrained(model, tmp_path_factory.mktemp("ckpt") / "eora", config)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m.update(_type="Int4Tensor"),
+    lambda m: m["_data"].update(dtype={"_type": "torch.dtype", "_data": "float99"}),
+    lambda m: m["_data"].update(target_dtype="int3"),
+], ids=["another class", "unknown dtype", "dtype as a string"])
+def test_edited_tensor_metadata_is_named(saved, tmp_path, edit):
+    from transformers import AutoModelForCausalLM
+
+    broken = copy_dir(saved, tmp_path / "broken")
+    weights = str(broken / "model.safetensors")
+    with safe_open(weights, framework="pt") as f:
+        metadata = f.metadata()
+    meta = json.loads(metadata[Q_PROJ])
+    edit(meta)
+    metadata[Q_PROJ] = json.dumps(meta)
+    save_file(load_file(weights), weights, metadata=metadata)
+    for load in (load_pretrained, AutoModelForCausalLM.from_pretrained):
+        with pytest.raises(ValueError, match=rf"{Q_PROJ}.*re-save"):
+            load(broken)

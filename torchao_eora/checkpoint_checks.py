@@ -139,6 +139,7 @@ def check_checkpoint(model: torch.nn.Module, files: Iterable[str]) -> None:
             if _modelis_floating(model, name):
                 kinds[name] = _Kind("floating")
             continue
+        _check_metadata(name, meta)
         fqn, param = name.rsplit(".", 1)
         prefix = f"{fqn}._{param}_"
         layout = _low_rank_layout(prefix, meta, headers, _model_shape(model, name))
@@ -216,6 +217,22 @@ _RESAVE = (
 
 def dtype_problem(key: str, st_dtype: str, wanted: str) -> str:
     return f"checkpoint tensor {key} is stored as {_ST_DTYPES.get(st_dtype, st_dtype)}, expected {wanted}: {_RESAVE}"
+
+
+def _check_metadata(name: str, meta: dict) -> None:
+    """A tensor subclass entry of the torchao metadata names ``QuantWithLowRank`` (what ``EoRAConfig`` writes) and
+    real torch dtypes: anything else would fail inside transformers with an error that names no tensor."""
+    if meta["_type"] != QuantWithLowRank.__name__:
+        raise ValueError(f"checkpoint tensor {name} is a {meta['_type']!r} in the torchao metadata, expected "
+                         f"{QuantWithLowRank.__name__} or a plain tensor: {_RESAVE}")
+    data = meta.get("_data")
+    for key, value in (data.items() if isinstance(data, dict) else [("_data", data)]):
+        if not key.endswith("dtype") or (value is None and key != "dtype"):
+            continue
+        dtype = value.get("_data") if isinstance(value, dict) and value.get("_type") == "torch.dtype" else None
+        if not isinstance(dtype, str) or not isinstance(getattr(torch, dtype.removeprefix("torch."), None), torch.dtype):
+            raise ValueError(f"checkpoint tensor {name} has {key} {json.dumps(value)} in the torchao metadata, not a "
+                             f"torch dtype: {_RESAVE}")
 
 
 def _intx_bits(value) -> int | None:
