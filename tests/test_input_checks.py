@@ -229,3 +229,32 @@ def test_edited_tensor_metadata_is_named(saved, tmp_path, edit):
     for load in (load_pretrained, AutoModelForCausalLM.from_pretrained):
         with pytest.raises(ValueError, match=rf"{Q_PROJ}.*re-save"):
             load(broken)
+
+
+# ---- GGUF paths ----------------------------------------------------------------------------------------------
+
+
+def _real_gguf_head(path: Path, size: int) -> bytes:
+    """The first bytes of a real GGUF (the header, and part of its key table): a download cut short."""
+    gguf = pytest.importorskip("gguf")
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(2)
+    writer.add_token_list([f"t{i}" for i in range(2000)])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    return path.read_bytes()[:size]
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (lambda p: p.write_bytes(b""), "is empty"),
+    (lambda p: p.write_bytes(b"GGUF\x03\x00\x00\x00\x05\x00"), "truncated or damaged"),
+    (lambda p: p.write_bytes(_real_gguf_head(p.with_name("full.gguf"), 4096)), "truncated or damaged"),
+    (lambda p: p.write_bytes(b"PK\x03\x04" + bytes(64)), "not a GGUF file"),
+    (lambda p: p.mkdir(), "is a directory"),
+], ids=["empty", "truncated header", "cut in the key table", "not gguf", "directory"])
+def test_a_bad_gguf_path_is_named(tmp_path, capsys, make, fragment):
+    path = tmp_path / "model.gguf"
+    make(path)
+    line = _fails_in_one_line(["eval", "--model", str(path), "--tasks", "", "--eval-tokens", "0"], capsys, fragment)
+    assert str(path) in line and "huggingface.co" not in line
