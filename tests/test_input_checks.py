@@ -258,3 +258,26 @@ def test_a_bad_gguf_path_is_named(tmp_path, capsys, make, fragment):
     make(path)
     line = _fails_in_one_line(["eval", "--model", str(path), "--tasks", "", "--eval-tokens", "0"], capsys, fragment)
     assert str(path) in line and "huggingface.co" not in line
+
+
+# ---- a model with no nn.Linear to convert (GPT-2's Conv1D) ----------------------------------------------------
+
+
+def _gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=64)).eval()
+
+
+def test_data_free_quantize_names_conv1d_instead_of_converting_nothing():
+    with pytest.raises(ValueError, match=r"no supported linear layers found .*transformer\.h; found Conv1D"):
+        quantize_(_gpt2(), EoRAConfig(rank=4, base=BASE, compensation="svd"))
+
+
+def test_quantize_on_load_names_conv1d_instead_of_converting_nothing(tmp_path):
+    from transformers import AutoModelForCausalLM, TorchAoConfig
+
+    _gpt2().save_pretrained(tmp_path / "gpt2")
+    config = TorchAoConfig(EoRAConfig(rank=4, base=BASE, compensation="svd"))
+    with pytest.raises(ValueError, match=r"no supported linear layers found .*found Conv1D"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2", quantization_config=config)

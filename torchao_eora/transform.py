@@ -195,6 +195,10 @@ def eora_module_transform(module: torch.nn.Module, config: EoRAConfig, **kwargs)
             targets, root = call
             head = _output_embeddings(root)
             if module is head:
+                if all(m is head for m in targets.values()):  # nothing else to convert: say why, as calibrate() does
+                    from .sequential import find_decoder_layers
+
+                    find_decoder_layers(root)
                 warn_once(config, "leaving lm_head (the output embeddings) uncompressed, as the calibrated path does; "
                           "quantize_(model.lm_head, config) compresses it")
                 return module
