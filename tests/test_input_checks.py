@@ -281,3 +281,18 @@ def test_quantize_on_load_names_conv1d_instead_of_converting_nothing(tmp_path):
     config = TorchAoConfig(EoRAConfig(rank=4, base=BASE, compensation="svd"))
     with pytest.raises(ValueError, match=r"no supported linear layers found .*found Conv1D"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2", quantization_config=config)
+
+
+# ---- a read-only output directory ----------------------------------------------------------------------------
+
+
+def test_a_read_only_output_is_refused_before_anything_is_written(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(_quantize(tiny_dir, "--out", str(out))) == 0
+    os.chmod(out, stat.S_IRUSR | stat.S_IXUSR)
+    try:
+        for argv in (_quantize(tiny_dir, "--out", str(out)), _quantize(tiny_dir, "--out", str(out), "--rank", "8")):
+            _fails_in_one_line(argv, capsys, str(out), "read-only", "chmod")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no hidden copy left behind
+    finally:
+        os.chmod(out, 0o755)

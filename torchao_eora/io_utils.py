@@ -16,6 +16,7 @@ import glob
 import json
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping
@@ -50,6 +51,10 @@ def check_output_dir(out_dir: str | os.PathLike, *, sources: Iterable = (), over
         source = Path(source).resolve()
         if out == source or out in source.parents:
             raise ValueError(f"output directory {out} would replace the model being read ({source}): choose another")
+    if out.is_dir() and not (os.access(out, os.W_OK) and out.stat().st_mode & stat.S_IWUSR):
+        # the swap would succeed, but the old copy could not be deleted: a hidden leftover the user cannot remove
+        raise PermissionError(f"output directory {out} is read-only; saving replaces it: make it writable "
+                              f"(chmod u+w {out}) or choose another")
     if out.is_dir() and not overwrite and not _is_our_output(out):
         contents = sorted(p.name for p in out.iterdir())
         if contents:
