@@ -296,3 +296,20 @@ def test_a_read_only_output_is_refused_before_anything_is_written(tiny_dir, tmp_
         assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no hidden copy left behind
     finally:
         os.chmod(out, 0o755)
+
+
+# ---- tensor-parallel slices ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("adapter_bits", [None, 4])
+def test_row_and_column_slices_are_both_independent_copies(adapter_bits):
+    model = tiny_llama()
+    config = EoRAConfig(rank=8, base=BASE, compensation="svd", adapter_bits=adapter_bits, adapter_group_size=8)
+    quantize_(model, config)
+    q = model.model.layers[0].self_attn.q_proj.weight
+    for piece in (q[16:48], torch.ops.aten.slice.Tensor(q, 1, 32, 64)):
+        for name in q.fields:
+            inner, whole = getattr(piece, name), getattr(q, name)
+            if inner is not None:
+                assert inner.is_contiguous()
+                assert inner.untyped_storage().data_ptr() != whole.untyped_storage().data_ptr(), name
