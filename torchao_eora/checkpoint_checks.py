@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Iterable, NamedTuple
 
@@ -59,7 +60,7 @@ def checkpoint_headers(directory: str | Path) -> dict[str, _Header]:
     index = directory / INDEX
     if not index.is_file():
         return read_headers(sorted(directory.glob("*.safetensors")))[1]
-    damaged = f"{index} is damaged: download or save the checkpoint again"
+    damaged = "the index is damaged: download or save the checkpoint again"
     try:
         weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
     except (UnicodeDecodeError, ValueError, AttributeError) as e:
@@ -96,7 +97,8 @@ def check_plain_checkpoint(model: torch.nn.Module, headers: dict[str, _Header], 
             raise ValueError(dtype_problem(key, header.dtype, "a floating-point type"))
     if not names:
         return
-    extra = sorted(set(headers) - set(state))
+    ignored = getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()  # e.g. GPT-2's attn.bias
+    extra = sorted(k for k in set(headers) - set(state) if not any(re.search(p, k) for p in ignored))
     if extra:
         raise ValueError(f"checkpoint tensor {extra[0]} ({headers[extra[0]].file}) is not a tensor of {where}: a "
                          "checkpoint of another model? fix config.json, or remove the tensor (and its index entry)")

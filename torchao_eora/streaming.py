@@ -142,7 +142,7 @@ def quantize_checkpoint(
         with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary tables) real
             model = AutoModelForCausalLM.from_config(model_config, dtype=dtype).eval()
     prefix, layers = find_decoder_layers(model)
-    check_plain_checkpoint(model, weights.headers)  # what load_pretrained checks, before anything is written
+    check_plain_checkpoint(model, weights.headers)  # names, shapes and dtypes, before anything is written
     state_keys = list(model.state_dict())  # tied weights appear once
     outside = [k for k in weights.keys() if not k.startswith(prefix + ".") and k in state_keys]
     head = model.get_output_embeddings()
