@@ -156,6 +156,7 @@ class Calibration:
         self.fingerprint = fingerprint
         self.check_weights = check_weights
         self._names: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
+        self._roots: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()  # whole models bound (fingerprint checked)
         self._eigen_cache: "OrderedDict[str, Eigen]" = OrderedDict()
 
     def __repr__(self) -> str:
@@ -187,6 +188,10 @@ class Calibration:
             self.check_weights = check_weights
         if not prefix and self.fingerprint is not None:
             check_fingerprint(self.fingerprint, model, check_weights=self.check_weights)
+            if self.results and not self.check_weights and not _same_weights(self.fingerprint, model):
+                self.results = {}  # compressed copies of other weights: quantize_ compresses this model's instead
+        if not prefix:
+            self._roots.add(model)
         for name, module in model.named_modules():
             full = prefix + name
             if full in self.group_of:
@@ -263,6 +268,7 @@ class Calibration:
         if raw is None:
             raise ValueError(f"{path} is not a torchao-eora calibration file (no 'torchao_eora.calibration' metadata)")
         meta = json.loads(raw)
+        _check_meta_types(meta, path)  # a wrong type here would surface as a TypeError inside quantize_
         tensors = load_file(str(path))
         missing = set(meta["n_tokens"]) - set(tensors)
         if missing:
@@ -291,6 +297,25 @@ class Calibration:
         calib = cls(groups, meta["group_of"], meta["mode"], None, fingerprint, check_weights, config_json=meta["config"],
                     value_group_of=values, ranks=ranks)
         return calib.bind(model) if model is not None else calib
+
+
+def _check_meta_types(meta, path) -> None:
+    """The fields every reader relies on have their types: counts are integers, names are strings."""
+    def names_to(kind):
+        return lambda v: isinstance(v, dict) and all(isinstance(k, str) and kind(x) for k, x in v.items())
+
+    count = names_to(lambda n: isinstance(n, int) and not isinstance(n, bool) and n >= 0)
+    checks = {
+        "mode": (lambda m: m in ("sequential", "one-shot"), "'sequential' or 'one-shot'"),
+        "n_tokens": (count, "a map of moment names to token counts"),
+        "group_of": (names_to(lambda g: isinstance(g, str)), "a map of module names to moment names"),
+    }
+    for key, (valid, what) in checks.items():
+        if not isinstance(meta, dict) or not valid(meta.get(key)):
+            raise ValueError(f"{path} is corrupt: {key!r} must be {what}; recalibrate to get a valid file")
+    unknown = sorted(set(meta["group_of"].values()) - set(meta["n_tokens"]))
+    if unknown:
+        raise ValueError(f"{path} is corrupt: 'group_of' names moments not in the file ({unknown[:3]}); recalibrate")
 
 
 # ---- which model the statistics belong to ----------------------------------------------------------------------
@@ -341,6 +366,14 @@ def model_fingerprint(model: torch.nn.Module) -> dict:
         "linears": {name: [m.out_features, m.in_features] for name, m in linears.items()},
         "weights": {name: _sample(m.weight) for name, m in linears.items() if _is_plain(m.weight)},
     }
+
+
+def _same_weights(expected: Mapping, model: torch.nn.Module) -> bool:
+    try:
+        check_fingerprint(expected, model)
+    except ValueError:
+        return False
+    return True
 
 
 def check_fingerprint(expected: Mapping, model: torch.nn.Module, *, check_weights: bool = True) -> None:

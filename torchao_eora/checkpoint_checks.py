@@ -1,10 +1,14 @@
-"""Check a torchao safetensors checkpoint against a model before any tensor is loaded: every tensor present,
-nothing extra, shapes, dtypes and intx value ranges right (``QuantWithLowRank`` fields by their layout)."""
+"""Check a safetensors checkpoint against a model before any tensor is loaded: every tensor present, nothing
+extra, shapes, dtypes and intx value ranges right (``QuantWithLowRank`` fields by their layout). The strict loader
+(``hf.load_pretrained``, transformers' torchao quantizer) and the streaming reader (``streaming.py``) read and check
+through these functions, so both name the same problems in the same words."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
+from pathlib import Path
 from typing import Iterable, NamedTuple
 
 import torch
@@ -12,7 +16,11 @@ import torch
 from .packing import PACKED_BITS, can_pack, packing_unit
 from .tensor import QuantWithLowRank
 
-__all__ = ["check_checkpoint", "dtype_problem", "is_floating", "read_headers"]
+__all__ = [
+    "check_checkpoint", "check_plain_checkpoint", "checkpoint_headers", "dtype_problem", "is_floating", "read_headers",
+]
+
+INDEX = "model.safetensors.index.json"
 
 
 class _Header(NamedTuple):
@@ -27,15 +35,79 @@ def read_headers(files: Iterable[str]) -> tuple[dict[str, str], dict[str, _Heade
     """Metadata and tensor shapes / dtypes / files of safetensors files, without reading any tensor data."""
     from safetensors import safe_open
 
+    from safetensors import SafetensorError
+
     metadata: dict[str, str] = {}
     headers: dict[str, _Header] = {}
     for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            metadata.update(f.metadata() or {})
-            for k in f.keys():
-                s = f.get_slice(k)
-                headers[k] = _Header(list(s.get_shape()), s.get_dtype(), str(file))
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                metadata.update(f.metadata() or {})
+                for k in f.keys():
+                    s = f.get_slice(k)
+                    headers[k] = _Header(list(s.get_shape()), s.get_dtype(), str(file))
+        except SafetensorError as e:  # an empty, cut or overwritten file: safetensors' message names no file
+            raise ValueError(f"{file} is not a readable safetensors file ({e}): it is truncated or damaged; "
+                             "download or save the checkpoint again") from None
     return metadata, headers
+
+
+def checkpoint_headers(directory: str | Path) -> dict[str, _Header]:
+    """Shapes, dtypes and files of every tensor of a local safetensors checkpoint (one file, or shards listed by
+    ``model.safetensors.index.json``), without reading tensor data; a damaged index or shard is a ValueError
+    naming the file."""
+    directory = Path(directory)
+    index = directory / INDEX
+    if not index.is_file():
+        return read_headers(sorted(directory.glob("*.safetensors")))[1]
+    damaged = "the index is damaged: download or save the checkpoint again"
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+    except (UnicodeDecodeError, ValueError, AttributeError) as e:
+        raise ValueError(f"{index} is not valid JSON with a 'weight_map' ({e}); {damaged}") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index} has no 'weight_map' of tensor names to shard files; {damaged}")
+    shards = sorted(set(weight_map.values()))
+    gone = [name for name in shards if not (directory / name).is_file() or Path(name).name != name]
+    if gone:
+        raise ValueError(f"{index} lists shard {gone[0]}, which is not a file in {directory}; {damaged}")
+    headers = read_headers([directory / name for name in shards])[1]
+    for key, name in weight_map.items():
+        if key not in headers or Path(headers[key].file).name != name:
+            raise ValueError(f"{index} puts tensor {key} in {name}, which does not hold it; {damaged}")
+    return headers
+
+
+def check_plain_checkpoint(model: torch.nn.Module, headers: dict[str, _Header], *, names: bool = True) -> None:
+    """Check an unquantized checkpoint (``checkpoint_headers``) against ``model`` (built from its config.json, on
+    the meta device is fine) before loading it: tensors loaded into floating-point parameters or buffers must be
+    floating point; with ``names``, also every tensor present, none extra (a model is converted whole or not at
+    all), and shapes equal to the model's. (``from_pretrained`` compares names and shapes itself, after its key
+    conversions: ``load_pretrained`` passes ``names=False``.) Raises ``ValueError`` naming the tensor."""
+    state = model.state_dict()
+    where = f"{type(model).__name__} as config.json describes it"
+    for key, target in state.items():  # in the model's order: the first problem named is the first layer's
+        header = headers.get(key)
+        if header is None:
+            continue
+        if names and tuple(header.shape) != tuple(target.shape):
+            raise ValueError(f"checkpoint tensor {key} ({header.file}) has shape {tuple(header.shape)}, but {where} "
+                             f"expects {tuple(target.shape)}: fix config.json or the weights")
+        if target.is_floating_point() and not is_floating(header.dtype):
+            raise ValueError(dtype_problem(key, header.dtype, "a floating-point type"))
+    if not names:
+        return
+    ignored = getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()  # e.g. GPT-2's attn.bias
+    extra = sorted(k for k in set(headers) - set(state) if not any(re.search(p, k) for p in ignored))
+    if extra:
+        raise ValueError(f"checkpoint tensor {extra[0]} ({headers[extra[0]].file}) is not a tensor of {where}: a "
+                         "checkpoint of another model? fix config.json, or remove the tensor (and its index entry)")
+    tied = getattr(model, "all_tied_weights_keys", None) or {}  # transformers saves one of two tied tensors
+    missing = [k for k in state if k not in headers and k not in tied and k not in tied.values()]
+    if missing:
+        source = Path(next(iter(headers.values())).file).parent if headers else "the checkpoint"
+        raise ValueError(f"{source} has no tensors for {missing[:3]} of {where} (a checkpoint of another "
+                         "model?): fix config.json or the weights")
 
 
 def check_checkpoint(model: torch.nn.Module, files: Iterable[str]) -> None:
@@ -69,6 +141,7 @@ def check_checkpoint(model: torch.nn.Module, files: Iterable[str]) -> None:
             if _modelis_floating(model, name):
                 kinds[name] = _Kind("floating")
             continue
+        _check_metadata(name, meta)
         fqn, param = name.rsplit(".", 1)
         prefix = f"{fqn}._{param}_"
         layout = _low_rank_layout(prefix, meta, headers, _model_shape(model, name))
@@ -146,6 +219,22 @@ _RESAVE = (
 
 def dtype_problem(key: str, st_dtype: str, wanted: str) -> str:
     return f"checkpoint tensor {key} is stored as {_ST_DTYPES.get(st_dtype, st_dtype)}, expected {wanted}: {_RESAVE}"
+
+
+def _check_metadata(name: str, meta: dict) -> None:
+    """A tensor subclass entry of the torchao metadata names ``QuantWithLowRank`` (what ``EoRAConfig`` writes) and
+    real torch dtypes: anything else would fail inside transformers with an error that names no tensor."""
+    if meta["_type"] != QuantWithLowRank.__name__:
+        raise ValueError(f"checkpoint tensor {name} is a {meta['_type']!r} in the torchao metadata, expected "
+                         f"{QuantWithLowRank.__name__} or a plain tensor: {_RESAVE}")
+    data = meta.get("_data")
+    for key, value in (data.items() if isinstance(data, dict) else [("_data", data)]):
+        if not key.endswith("dtype") or (value is None and key != "dtype"):
+            continue
+        dtype = value.get("_data") if isinstance(value, dict) and value.get("_type") == "torch.dtype" else None
+        if not isinstance(dtype, str) or not isinstance(getattr(torch, dtype.removeprefix("torch."), None), torch.dtype):
+            raise ValueError(f"checkpoint tensor {name} has {key} {json.dumps(value)} in the torchao metadata, not a "
+                             f"torch dtype: {_RESAVE}")
 
 
 def _intx_bits(value) -> int | None:

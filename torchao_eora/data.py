@@ -13,6 +13,7 @@ import functools
 import importlib.util
 import pathlib
 import re
+import struct
 from typing import TYPE_CHECKING
 
 import torch
@@ -77,8 +78,12 @@ def load_model(
 
     p = smollm2_gguf_path() if path is None else pathlib.Path(path)
     if p.suffix == ".gguf":
+        _check_gguf(p)
         kwargs = {"local_files_only": True, "gguf_file": p.name, "trust_remote_code": False}
-        model = AutoModelForCausalLM.from_pretrained(p.parent, dtype=dtype, **kwargs)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(p.parent, dtype=dtype, **kwargs)
+        except struct.error as e:  # the gguf reader ran past the end of a cut file
+            raise ValueError(f"{p} is truncated or damaged ({e}): download or write the GGUF file again") from None
         tokenizer = AutoTokenizer.from_pretrained(p.parent, **kwargs)
     else:
         check_safetensors_only(p)  # a clear error for pickle-only directories, before transformers' generic one
@@ -87,6 +92,23 @@ def load_model(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer
+
+
+def _check_gguf(path: pathlib.Path) -> None:
+    """A GGUF file, by its fixed-size header (magic, version, tensor and key counts): transformers' errors for an
+    empty, cut or foreign file name no file (or point at the hub). The rest is read by transformers."""
+    if not path.is_file():
+        kind = "a directory" if path.is_dir() else "missing"
+        raise FileNotFoundError(f"{path} is {kind}, not a GGUF file: give the path of a .gguf file, or a model "
+                                "directory without the .gguf suffix")
+    with path.open("rb") as f:
+        head = f.read(24)
+    if not head:
+        raise ValueError(f"{path} is empty: download or write the GGUF file again")
+    if head[:4] != b"GGUF":
+        raise ValueError(f"{path} is not a GGUF file (it does not start with 'GGUF'): give a .gguf model file")
+    if len(head) < 24:
+        raise ValueError(f"{path} is truncated or damaged ({len(head)} bytes): download or write the GGUF file again")
 
 
 def load_tokenizer(directory: str | pathlib.Path) -> PreTrainedTokenizerBase:

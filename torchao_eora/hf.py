@@ -14,11 +14,11 @@ import logging
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING
 
 import torch
 
-from .checkpoint_checks import dtype_problem, is_floating, read_headers
+from .checkpoint_checks import check_plain_checkpoint, checkpoint_headers
 from .config import EoRAConfig
 from .io_utils import atomic_directory, canonicalize_safetensors_header, recover_directory
 from .tensor import QuantWithLowRank
@@ -161,6 +161,7 @@ def load_pretrained(path: str | os.PathLike, model_class=None, **kwargs) -> "Pre
     from transformers import AutoModelForCausalLM
 
     path = check_safetensors_only(path)
+    headers = checkpoint_headers(path)  # a damaged index or shard is named here, as the streaming reader names it
     cls = model_class or AutoModelForCausalLM
     if kwargs.pop("trust_remote_code", False):
         raise ValueError("load_pretrained never runs Python code from a model directory: drop trust_remote_code")
@@ -181,18 +182,8 @@ def load_pretrained(path: str | os.PathLike, model_class=None, **kwargs) -> "Pre
     if getattr(model.config, "quantization_config", None) is None:
         # A plain checkpoint: no quantizer ran check_checkpoint, and transformers casts an integer tensor into a
         # floating parameter without a word. (Quantized checkpoints are checked before loading.)
-        _check_plain_dtypes(model, sorted(str(f) for f in path.glob("*.safetensors")))
+        check_plain_checkpoint(model, headers, names=False)  # names and shapes: transformers' info, above
     return model.eval()
-
-
-def _check_plain_dtypes(model: torch.nn.Module, files: Iterable[str]) -> None:
-    """Every tensor that loads into a floating-point parameter or buffer of ``model`` must be floating point."""
-    state = model.state_dict()
-    _, headers = read_headers(files)
-    for key, header in headers.items():
-        target = state.get(key)
-        if target is not None and target.is_floating_point() and not is_floating(header.dtype):
-            raise ValueError(dtype_problem(key, header.dtype, "a floating-point type"))
 
 
 def _describe_key(key) -> str:

@@ -137,6 +137,10 @@ def _wrap_before_loading(cls) -> None:
             f.endswith(".safetensors") for f in files
         ):
             check_checkpoint(model, files)
+        elif not self.pre_quantized and isinstance(quant_type, EoRAConfig):
+            from .sequential import find_decoder_layers
+
+            find_decoder_layers(model)  # a model without nn.Linear layers (GPT-2's Conv1D) would convert nothing
         return result
 
     cls._process_model_before_weight_loading = _process_model_before_weight_loading

@@ -16,13 +16,17 @@ import glob
 import json
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Mapping
+
+from safetensors import SafetensorError
+from safetensors.torch import save_file
 
 __all__ = [
     "atomic_directory", "atomic_file", "canonicalize_safetensors_header", "check_output_dir", "current_umask",
-    "recover_directory",
+    "recover_directory", "save_safetensors",
 ]
 
 _STAGES = ("tmp", "old")  # .NAME.tmp-PID-XXXX: being written (or the old one after a swap); .old-: moved aside
@@ -47,6 +51,10 @@ def check_output_dir(out_dir: str | os.PathLike, *, sources: Iterable = (), over
         source = Path(source).resolve()
         if out == source or out in source.parents:
             raise ValueError(f"output directory {out} would replace the model being read ({source}): choose another")
+    if out.is_dir() and not (os.access(out, os.W_OK) and out.stat().st_mode & stat.S_IWUSR):
+        # the swap would succeed, but the old copy could not be deleted: a hidden leftover the user cannot remove
+        raise PermissionError(f"output directory {out} is read-only; saving replaces it: make it writable "
+                              f"(chmod u+w {out}) or choose another")
     if out.is_dir() and not overwrite and not _is_our_output(out):
         contents = sorted(p.name for p in out.iterdir())
         if contents:
@@ -165,6 +173,18 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # someone else's process
         return True
     return True
+
+
+def save_safetensors(tensors: Mapping, path: str | os.PathLike, metadata: Mapping[str, str]) -> None:
+    """``save_file`` then :func:`canonicalize_safetensors_header`; a failed write (a full disk) is an ``OSError``
+    naming the file, not safetensors' own error type (the caller's atomic directory keeps the old output)."""
+    path = Path(path)
+    try:
+        save_file(dict(tensors), str(path), metadata=dict(metadata))
+    except SafetensorError as e:
+        raise OSError(f"cannot write {path.name} into {path.parent} ({e}); nothing was replaced: free some disk "
+                      "space or choose another output directory") from None
+    canonicalize_safetensors_header(path)
 
 
 def canonicalize_safetensors_header(path: str | os.PathLike) -> None:

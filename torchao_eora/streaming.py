@@ -19,12 +19,12 @@ from typing import Iterable, Mapping
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .calibration import Calibration
+from .checkpoint_checks import check_plain_checkpoint, checkpoint_headers
 from .config import EoRAConfig
 from .hf import attach_quantizer, check_safetensors_only
-from .io_utils import atomic_directory, canonicalize_safetensors_header
+from .io_utils import atomic_directory, save_safetensors
 from .sequential import compress_sequential, compute_device, find_decoder_layers
 from .timing import Timer
 
@@ -39,15 +39,8 @@ class ShardedWeights:
 
     def __init__(self, directory: str | os.PathLike):
         self.directory = check_safetensors_only(directory)
-        index = self.directory / _INDEX
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self.file_of = {key: self.directory / name for key, name in weight_map.items()}
-        else:
-            self.file_of = {}
-            for file in sorted(self.directory.glob("*.safetensors")):
-                with safe_open(str(file), framework="pt") as f:
-                    self.file_of.update({key: file for key in f.keys()})
+        self.headers = checkpoint_headers(self.directory)  # a damaged index or shard fails here, naming the file
+        self.file_of = {key: Path(header.file) for key, header in self.headers.items()}
 
     def keys(self) -> list[str]:
         return sorted(self.file_of)
@@ -103,8 +96,7 @@ class StreamingIO:
         tensors, metadata = flatten_tensor_state_dict(dict(state))
         metadata = {**metadata, "tensor_names": json.dumps(self.tensor_names), "format": "pt"}
         name = f"model-{shard:05d}-of-{self.n_shards:05d}.safetensors"
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(self.out / name), metadata=metadata)
-        canonicalize_safetensors_header(self.out / name)
+        save_safetensors({k: v.contiguous() for k, v in tensors.items()}, self.out / name, metadata)
         self.weight_map.update({key: name for key in tensors})
         self.total_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
 
@@ -150,11 +142,8 @@ def quantize_checkpoint(
         with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary tables) real
             model = AutoModelForCausalLM.from_config(model_config, dtype=dtype).eval()
     prefix, layers = find_decoder_layers(model)
+    check_plain_checkpoint(model, weights.headers)  # names, shapes and dtypes, before anything is written
     state_keys = list(model.state_dict())  # tied weights appear once
-    missing = [k for k in state_keys if k not in weights.file_of and not _tied(model, k)]
-    if missing:
-        raise ValueError(f"{source} has no tensors for {missing[:3]} (a checkpoint of another model?): load it in "
-                         "memory instead, or check config.json")
     outside = [k for k in weights.keys() if not k.startswith(prefix + ".") and k in state_keys]
     head = model.get_output_embeddings()
     head_name = _name_of(model, head) if head is not None else None
@@ -180,11 +169,6 @@ def quantize_checkpoint(
                     shutil.copy2(file, tmp / file.name)
     calib.bytes_written = io.total_bytes
     return calib
-
-
-def _tied(model: torch.nn.Module, key: str) -> bool:
-    tied = getattr(model, "all_tied_weights_keys", None) or {}
-    return key in tied or key in tied.values()
 
 
 def _name_of(model: torch.nn.Module, module: torch.nn.Module) -> str:

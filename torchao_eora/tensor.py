@@ -504,7 +504,9 @@ def _(func, types, args, kwargs):
 
 
 def _piece(self: QuantWithLowRank, dim: int, start: int, end: int) -> QuantWithLowRank:
-    """Rows or columns ``[start:end]`` of ``self`` as a contiguous ``QuantWithLowRank`` (tensor parallelism).
+    """Rows or columns ``[start:end]`` of ``self`` as a ``QuantWithLowRank`` that owns its tensors (tensor
+    parallelism). Row and column pieces alike are copies: a column piece of bit-packed values cannot be a view,
+    and inner tensors stay contiguous (the subclass flattens one level deep), so no piece aliases ``self``.
 
     Rows cut ``qdata`` and ``B`` (with ``B``'s per-row groups); columns cut ``qdata`` and ``A`` (with ``A``'s
     groups along ``in``), so column bounds must align with ``group_size`` and ``adapter_group_size``: a group's
@@ -537,7 +539,7 @@ def _piece(self: QuantWithLowRank, dim: int, start: int, end: int) -> QuantWithL
             per = 1 if field.role == "values" else getattr(self, field.group_attribute) or 1
             return t[:, start // per : end // per]
 
-    return self._rebuild(lambda field, t: cut(field, t).contiguous())
+    return self._rebuild(lambda field, t: cut(field, t).clone(memory_format=torch.contiguous_format))
 
 
 @implements(aten.slice.Tensor)

@@ -188,9 +188,10 @@ def eora_module_transform(module: torch.nn.Module, config: EoRAConfig, **kwargs)
     name = None
     if calib is not None:
         name = calib.name_of(module)
-        if name is None and call is not None:
-            name = next(n for n, m in call[0].items() if m is module)
-            name = name if name in calib.group_of else None
+        if name is None and call is not None and call[1] not in calib._roots:
+            # statistics loaded without a model, or calibrated on another one: check the fingerprint now, so
+            # another model's statistics (or compressed weights) are refused before its first layer changes
+            name = calib.bind(call[1]).name_of(module)
         if name is None:
             return module  # not a calibrated layer (lm_head, vision tower, ...): leave it alone
         _check_all_once(calib, {n: m for m, n in list(calib._names.items())}, config)
@@ -204,6 +205,10 @@ def eora_module_transform(module: torch.nn.Module, config: EoRAConfig, **kwargs)
             targets, root = call
             head = _output_embeddings(root)
             if module is head:
+                if all(m is head for m in targets.values()):  # nothing else to convert: say why, as calibrate() does
+                    from .sequential import find_decoder_layers
+
+                    find_decoder_layers(root)
                 warn_once(config, "leaving lm_head (the output embeddings) uncompressed, as the calibrated path does; "
                           "quantize_(model.lm_head, config) compresses it")
                 return module
