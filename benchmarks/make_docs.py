@@ -275,9 +275,42 @@ def scale(root: Path):
     return _table(out[0], out[1:]), ["scale_cpu.json"]
 
 
+def solve_scaling(root: Path):
+    """Seconds per decoder layer of the default solve against the layer's calibration forward passes."""
+    name = "solve_scaling_cpu.json"
+    out = []
+    for r in _load(root, name)["rows"]:
+        shapes = f"{r['hidden_size']} / {r['intermediate_size']}, kv {r['hidden_size'] // r['num_attention_heads'] * r['num_key_value_heads']}"
+        out.append([r["shape"], shapes, r["base"].upper(), f"{r['compress_s']:,.1f}", f"{r['shrinkage_s']:,.1f}",
+                    f"{r['solve_s']:,.1f}", f"{r['forward_s']:,.0f}", f"**{r['solve_over_forward']:.2f}**",
+                    f"{r['peak_rss_gib']:.1f}"])
+    header = ["layer", "hidden / MLP, kv", "base", "compress s", "shrinkage s", "solve s (with shrinkage)",
+              "forward s (128 x 512, 2 passes)", "solve / forward", "peak RSS GiB"]
+    return _table(header, out), [name]
+
+
+def solver_accuracy(root: Path):
+    """The randomized solver against the exact one on every module of the real models."""
+    out, sources = [], []
+    for model, label in (("smollm2", "SmolLM2-135M"), ("gemma", "Gemma-3-270M")):
+        name = f"solver_accuracy_{model}.json"
+        if not (root / RESULTS / name).exists():
+            continue
+        data = _load(root, name)
+        rows = data["rows"]
+        worst = max(abs(r["objective_rel_diff"]) for r in rows)
+        differ = [r for r in rows if r["amount_randomized"] != r["amount_exact"]]
+        out.append([label, str(len(rows)), f"{data['calib_samples']} x 512", f"{worst:.1e}",
+                    f"{len(rows) - len(differ)} of {len(rows)}"])
+        sources.append(name)
+    header = ["model", "modules", "calibration (one-shot)", "worst relative objective difference",
+              "same shrinkage amount"]
+    return _table(header, out), sources
+
+
 TABLES = {f.__name__.replace("_", "-"): f for f in (
     headline, quality_rtn, paper_suite, gptq_engine, residual_options, attention_residual, adapter_bits,
-    bits_adapters, decode_cpu, layers_cpu, layers_h200, scale)}
+    bits_adapters, decode_cpu, layers_cpu, layers_h200, scale, solve_scaling, solver_accuracy)}
 
 
 def render(name: str, root: Path, doc: Path) -> str:

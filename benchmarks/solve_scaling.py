@@ -220,10 +220,10 @@ def run_real(args: argparse.Namespace) -> list[dict]:
         path = str(gemma.assemble())
     model, tokenizer = load_model(path)
     batches = calibration_batches(tokenizer, wikipedia_split()[0], args.calib_samples, 512)
-    calib = calibrate(model, batches, mode="one-shot", progress=True)
-    linears = {n: m for n, m in model.named_modules() if n in calib.group_of}
     base, rows = RTNConfig(bits=3, group_size=64), []
     config = EoRAConfig(rank=args.rank or DEFAULT_RANK, base=base)
+    calib = calibrate(model, batches, config, mode="one-shot", progress=True)  # RTN: no attention-weighted moment
+    linears = {n: m for n, m in model.named_modules() if n in calib.group_of}
     for name, module in linears.items():
         w = module.weight.detach().float()
         delta = w - base.compress(w).dequantize(torch.float32)
