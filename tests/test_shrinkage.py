@@ -180,3 +180,25 @@ def test_calibrated_compressors_are_cross_validated_on_a_compression_of_the_fitt
     rtn = EoRAConfig(rank=4, base=RTNConfig(bits=3, group_size=32))
     assert all(error is delta for error, _, _ in _cross_validation_folds(w, delta, rtn, 4, stats, attention=False))
     assert _cross_validation_folds(w, delta, EoRAConfig(rank=4, base=rtn.base, shrinkage=0.1), 4, stats, False) is None
+
+
+@pytest.mark.parametrize("normalized", [False, True])
+def test_half_terms_are_the_halves_without_copies(normalized):
+    """The folds of data-free compressors read each half as a weighted sum of the stored sums: the same Gram
+    matrices (and the same chosen amount) as the materialised halves."""
+    from torchao_eora.calibration import SecondMoment
+    from torchao_eora.solver import ReducedError, mean_eigenvalue
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(300, 48, generator=g, dtype=torch.float64) * torch.logspace(0.5, -1, 48, dtype=torch.float64)
+    moment = SecondMoment(x.T @ x, 300, half=(x[:120].T @ x[:120]).float(), n_half=120)
+    if normalized:
+        moment.normalize_()
+    problem = ReducedError(_error(24, 48))
+    for terms, half in zip(moment.half_terms(), moment.halves()):
+        torch.testing.assert_close(problem.gram(terms), problem.gram(half), rtol=1e-5, atol=1e-8)
+        assert mean_eigenvalue(terms) == pytest.approx(float(half.diagonal().mean()), rel=1e-6)
+    terms, halves = moment.half_terms(), moment.halves()
+    as_terms = choose_shrinkage([(problem, terms[0], terms[1]), (problem, terms[1], terms[0])], 4)
+    as_halves = choose_shrinkage([(problem.delta, halves[0], halves[1]), (problem.delta, halves[1], halves[0])], 4)
+    assert as_terms == as_halves
