@@ -145,6 +145,7 @@ class Calibration:
         self.ranks = dict(ranks or {})  # per-module residual ranks of a global rank budget (empty: uniform)
         self.fingerprint = fingerprint
         self.check_weights = check_weights
+        self.coverage = None  # the share of the model a sequential pass compressed (coverage.Coverage)
         self._names: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
         self._eigen_cache: "OrderedDict[str, Eigen]" = OrderedDict()
 

@@ -167,6 +167,10 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--load-calibration", default=None, metavar="PATH",
                    help="reuse statistics saved with --save-calibration instead of calibrating")
     g.add_argument("--save-calibration", default=None, metavar="PATH", help="write the statistics (safetensors)")
+    g = p.add_argument_group("coverage")
+    g.add_argument("--allow-partial", action="store_true",
+                   help="compress what is supported even if a large weight holder of the decoder layers (an unknown "
+                        "mixture-of-experts layout, a Conv1D) stays uncompressed; by default that is an error")
 
 
 def _add_overwrite_arg(p: argparse.ArgumentParser) -> None:
@@ -306,6 +310,7 @@ def _config_from_args(args) -> "EoRAConfig":
 
 def cmd_quantize(args) -> int:
     from .calibration import Calibration
+    from .coverage import measured_coverage
     from .data import load_model
     from .hf import save_pretrained
     from .io_utils import check_output_dir
@@ -334,7 +339,8 @@ def cmd_quantize(args) -> int:
         calib = Calibration.load(args.load_calibration, model) if args.load_calibration else None
         calib = compress_model(model, tokenizer, config, source=args.calib_source, n_samples=args.calib_samples,
                          seq_len=args.seq_len, batch_size=args.calib_batch_size, mode=args.calib_mode,
-                         calibration=calib, keep_statistics=bool(args.save_calibration), timer=timer)
+                         calibration=calib, keep_statistics=bool(args.save_calibration), timer=timer,
+                         allow_partial=args.allow_partial)
         if args.out:
             with timer("io"):
                 print(f"saved to {save_pretrained(model, args.out, config, tokenizer, overwrite=args.overwrite)}")
@@ -347,6 +353,8 @@ def cmd_quantize(args) -> int:
         metrics = evaluate(model, tokenizer, eval_tokens=args.eval_tokens, seq_len=args.seq_len, tasks=tasks,
                            task_limit=args.task_limit, held_out_tasks=args.held_out_tasks, timer=timer)
     rows.append(_row(config.describe(), metrics, sum(timer.seconds.values()), memory))
+    coverage = getattr(calib, "coverage", None) or measured_coverage(model)
+    print(coverage.describe())
     print("time per phase (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timer.seconds.items()))
     print(f"peak memory of the compression (GiB): {memory:.3f}")
     _print_summary(rows, tasks)
@@ -373,7 +381,8 @@ def _quantize_streaming(args, config, timer):
         batches = calibration_batches(tokenizer, calibration_texts(args.calib_source), args.calib_samples,
                                       args.seq_len, args.calib_batch_size)
     calib = quantize_checkpoint(args.model, args.out, config, batches, dtype=_dtype(args.dtype),
-                                keep_statistics=bool(args.save_calibration), overwrite=args.overwrite, timer=timer)
+                                keep_statistics=bool(args.save_calibration), overwrite=args.overwrite, timer=timer,
+                                allow_partial=args.allow_partial)
     print(f"saved to {os.path.abspath(args.out)} ({calib.bytes_written / 2**20:.1f} MiB of tensors)")
     model = None
     if args.eval_tokens or _tasks(args.tasks):

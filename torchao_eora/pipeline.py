@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from .calibration import Calibration
 from .config import EoRAConfig
+from .coverage import check_coverage
 from .sequential import _linears, calibrate, compress_sequential, find_decoder_layers
 from .targets import check_targets
 from .data import bbc_articles, bos_token_id, calibration_batches, token_stream, wikipedia_split
@@ -50,12 +51,14 @@ def compress_model(
     keep_statistics: bool = True,
     timer: Timer | None = None,
     progress: bool = True,
+    allow_partial: bool = False,
 ) -> Calibration | None:
     """Compress ``model`` in place with ``config``, every decoder linear once; lm_head and embeddings stay as they are.
 
     Calibrated configs run the sequential pass (``compress_sequential``) unless ``mode="one-shot"`` or statistics
     are given (``calibration``); data-free ones go through ``quantize_`` layer by layer. Every target is checked
-    before the first one changes. Returns the calibration used (None for data-free methods).
+    before the first one changes; a large weight holder that would stay uncompressed is an error unless
+    ``allow_partial``. Returns the calibration used (None for data-free methods).
     """
     timer = timer or Timer()
     needs_data = config.compensation == "eora" or getattr(config.base, "needs_calibration", False)
@@ -63,15 +66,17 @@ def compress_model(
         batches = calibration_batches(tokenizer, calibration_texts(source), n_samples, seq_len, batch_size)
         if mode == "sequential":
             calib = compress_sequential(model, batches, config, keep_statistics=keep_statistics, timer=timer,
-                                        progress=progress)
+                                        progress=progress, allow_partial=allow_partial)
             return calib.bind(model)
         with timer("moments"):
-            calibration = calibrate(model, batches, config, mode=mode, progress=progress)
+            calibration = calibrate(model, batches, config, mode=mode, progress=progress, allow_partial=allow_partial)
     with timer("compress"):
         if calibration is not None:
             config = replace(config, calibration=calibration.bind(model))
         prefix, layers = find_decoder_layers(model)
         check_targets(_linears(layers, prefix + "."), config)  # every layer, before the first is changed
+        targets = {f"{name}.weight": m.weight for name, m in _linears(layers, prefix + ".").items()}
+        check_coverage(model, layers, prefix, targets, allow_partial=allow_partial)
         for layer in tqdm(layers, desc=f"compressing ({config.describe()})", disable=not progress):
             quantize_(layer, config)  # one decoder layer at a time, for a progress bar
     return calibration

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from .attention_moments import mixed_value_moment
 from .calibration import VALUE_GROUP_SUFFIX, Calibration, SecondMoment, model_fingerprint
 from .config import EoRAConfig
+from .coverage import check_coverage
 from .rank_budget import allocate_ranks
 from .solver import error_spectrum
 from .targets import check_targets, module_rank
@@ -109,6 +110,7 @@ def compress_sequential(
     timer: Timer | None = None,
     ranks: Mapping[str, int] | None = None,
     spectra: dict[str, torch.Tensor] | None = None,
+    allow_partial: bool = False,
 ) -> Calibration:
     """Compress every linear of every decoder layer with ``config``, layer by layer, each exactly once.
 
@@ -129,10 +131,12 @@ def compress_sequential(
             ``config.rank_budget == "global"`` and no ``ranks``, a first pass (on layer copies) measures every
             module's error spectrum and ``rank_budget.allocate_ranks`` chooses them.
         spectra: filled with every module's error spectrum (``solver.error_spectrum``), when given.
+        allow_partial: compress what is supported even when a large weight holder of the decoder layers (an
+            unknown expert layout, a Conv1D) would stay uncompressed; by default that is a ValueError naming it.
 
     Returns:
         The ``Calibration`` (config, fingerprint of the uncompressed model, statistics if kept, results if not
-        in place), not yet bound.
+        in place), not yet bound; its ``coverage`` says which share of the model's weights is compressed.
     """
     timer = timer or Timer()
     device = torch.device(device) if device is not None else compute_device()
@@ -151,7 +155,11 @@ def compress_sequential(
     batches = _check_batches(batches) if needs_data else []
     prefix, layers = find_decoder_layers(model)
     check_targets(_linears(layers, prefix + "."), config)  # every layer before the first changes (meta: shapes only)
+    targets = {f"{name}.weight": m.weight for name, m in _linears(layers, prefix + ".").items()}
+    coverage = check_coverage(model, layers, prefix, targets, allow_partial=allow_partial)
+    log.info(coverage.describe())
     calib = Calibration({}, {}, "sequential", config, fingerprint=model_fingerprint(model), ranks=ranks)
+    calib.coverage = coverage
     # v_proj's compressor or EoRA's residual sees the attention-weighted moment: it needs the attention
     # probabilities (eager attention)
     value_moments = needs_data and (config.attention_value_moment or config.attention_value_residual)
@@ -268,6 +276,7 @@ def calibrate(
     *,
     mode: Mode = "sequential",
     progress: bool = True,
+    allow_partial: bool = False,
 ) -> Calibration:
     """Collect the input second moment of every linear layer inside the decoder blocks; the model is not changed.
 
@@ -283,6 +292,7 @@ def calibrate(
             also collects that moment, summed over kv heads, which needs the attention probabilities: the
             forward runs eager attention and costs about twice the plain statistics.
         progress: show a tqdm bar.
+        allow_partial: see ``compress_sequential`` (a large uncompressed weight holder is an error by default).
 
     Returns:
         A ``Calibration`` bound to ``model``; pass it on with ``eora_config(calib)`` or
@@ -292,11 +302,13 @@ def calibrate(
     if config is not None and mode != "sequential":  # fail now on a layer the config cannot convert
         prefix, layers = find_decoder_layers(model)
         check_targets(_linears(layers, prefix + "."), replace(config, calibration=None), warn=False)
+        targets = {f"{name}.weight": m.weight for name, m in _linears(layers, prefix + ".").items()}
+        check_coverage(model, layers, prefix, targets, allow_partial=allow_partial)
     if mode == "sequential":
         if config is None:
             raise ValueError("sequential calibration compresses as it goes: pass the EoRAConfig you will quantize with")
         calib = compress_sequential(model, batches, config, in_place=False, progress=progress,
-                                    device=next(model.parameters()).device)
+                                    device=next(model.parameters()).device, allow_partial=allow_partial)
     elif mode == "one-shot":
         split = config is None or config.shrinkage == "auto"  # a later config may still want it: None keeps them
         values = config is None or config.attention_value_residual

@@ -122,6 +122,7 @@ def quantize_checkpoint(
     overwrite: bool = False,
     timer: Timer | None = None,
     progress: bool = True,
+    allow_partial: bool = False,
 ) -> Calibration:
     """Compress the checkpoint in ``model_dir`` into ``out_dir``, one decoder layer in memory at a time.
 
@@ -134,6 +135,7 @@ def quantize_checkpoint(
         device: where each layer is compressed (default: CUDA when present, else CPU).
         keep_statistics: keep every layer's second moments in the returned ``Calibration`` (to save them).
         timer: adds seconds to ``forward``, ``moments``, ``compress``, ``solve`` and ``io``.
+        allow_partial: compress what is supported even if a large weight holder would stay uncompressed.
 
     Returns:
         The ``Calibration`` of the pass (its ``bytes_written`` attribute is the payload written).
@@ -166,7 +168,7 @@ def quantize_checkpoint(
     with atomic_directory(out_dir, sources=[source], overwrite=overwrite) as tmp:
         io = StreamingIO(model, weights, tmp, prefix, len(layers) + len(outside), dtype, timer)
         calib = compress_sequential(model, batches, config, keep_statistics=keep_statistics, layer_io=io,
-                                    device=device, progress=progress, timer=timer)
+                                    device=device, progress=progress, timer=timer, allow_partial=allow_partial)
         with timer("io"):
             for shard, key in enumerate(outside, start=len(layers) + 1):  # one tensor per shard: bounded memory
                 io.write(shard, {key: weights.get(key, dtype)})
