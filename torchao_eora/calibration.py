@@ -146,6 +146,7 @@ class Calibration:
         self.fingerprint = fingerprint
         self.check_weights = check_weights
         self.coverage = None  # the share of the model a sequential pass compressed (coverage.Coverage)
+        self.expert_tokens: dict[str, list[int]] = {}  # experts module name -> calibration tokens per expert
         self._names: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
         self._eigen_cache: "OrderedDict[str, Eigen]" = OrderedDict()
 

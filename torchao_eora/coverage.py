@@ -92,6 +92,7 @@ def measured_coverage(model: torch.nn.Module) -> Coverage:
 
 
 def _compressed_types() -> tuple[type, ...]:
+    from .experts_tensor import QuantExperts
     from .tensor import QuantWithLowRank
 
-    return (QuantWithLowRank,)
+    return (QuantWithLowRank, QuantExperts)

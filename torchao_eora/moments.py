@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Mapping
 
 import torch
+import torch.nn.functional as F
 
 from .allocator import long_lived_allocations
 from .attention_moments import mixed_value_moment
@@ -31,14 +32,19 @@ class MomentCollector:
     * for each v_proj in ``values`` (name -> (attention module, v_proj, kv heads)), the attention-weighted moment
       ``sum x~ x~^T`` per kv head (``attention_moments.mixed_value_moment``), from the attention probabilities the
       (eager) attention module returns;
+    * for each fused experts module in ``experts`` (name -> module), per expert the moments of the tokens routed to
+      it (``<name>.<expert>.gate_up_proj`` / ``.down_proj``; an expert no token reached has none);
     * with ``split``, also the plain sums of the even-numbered windows alone (``SecondMoment.half``), from which
       EoRA's shrinkage is cross-validated.
     """
 
     def __init__(self, modules: Mapping[str, torch.nn.Linear], timer: Timer | None = None,
                  values: Mapping[str, tuple[torch.nn.Module, torch.nn.Linear, int | None]] | None = None, *,
-                 stop_when_done: bool = False, split: bool = False):
+                 stop_when_done: bool = False, split: bool = False,
+                 experts: Mapping[str, torch.nn.Module] | None = None, weighted_down: bool = True):
         self.modules = dict(modules)
+        self.experts = dict(experts or {})
+        self.weighted_down = weighted_down
         self.split = split
         self._first_window = 0  # index of the current batch's first window, over all batches
         self._windows = 0
@@ -64,6 +70,8 @@ class MomentCollector:
         for name, (attention, v_proj, n_kv) in self.values.items():
             self._handles.append(v_proj.register_forward_pre_hook(self._keep_value_input))
             self._handles.append(attention.register_forward_hook(self._value_hook(name, n_kv)))
+        for name, module in self.experts.items():
+            self._handles.append(module.register_forward_pre_hook(self._experts_hook(name), with_kwargs=True))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -89,7 +97,7 @@ class MomentCollector:
         self._windows = windows
         self.token_mask = None if attention_mask is None else attention_mask.bool()
         self._last_input = None
-        self._pending = set(self.modules) | {name + VALUE_GROUP_SUFFIX for name in self.values}
+        self._pending = set(self.modules) | {name + VALUE_GROUP_SUFFIX for name in self.values} | set(self.experts)
 
     def _done(self, key: str) -> None:
         self._pending.discard(key)
@@ -138,6 +146,41 @@ class MomentCollector:
 
         return hook
 
+    def _experts_hook(self, name: str):
+        """Per expert of a fused experts module (``experts.py``), the moments of the tokens the router sends to it:
+        ``x`` at ``gate_up_proj``'s input, and at ``down_proj``'s input the gated activation ``h``, or with
+        ``weighted_down`` ``w h`` (``w`` the token's routing weight: how down_proj's error reaches the output)."""
+
+        def hook(module, args, kwargs):
+            hidden, index, weights = _routed_call(args, kwargs)
+            with self.timer("moments"):
+                self._accumulate_experts(name, module, hidden.detach(), index, weights)
+            self._done(name)
+
+        return hook
+
+    def _accumulate_experts(self, name: str, module: torch.nn.Module, hidden: torch.Tensor, index: torch.Tensor,
+                            weights: torch.Tensor) -> None:
+        keep = self.token_mask
+        keep = None if keep is None or keep.numel() != hidden.shape[0] else keep.reshape(-1).to(hidden.device)
+        window_length = hidden.shape[0] // self._windows if self._windows else 0
+        gate_up, down = module.gate_up_proj, module.down_proj
+        for expert in range(gate_up.shape[0]):
+            token, slot = torch.nonzero(index == expert, as_tuple=True)
+            if keep is not None:
+                token, slot = token[keep[token]], slot[keep[token]]
+            if token.numel() == 0:
+                continue
+            even = None
+            if self.split and window_length:
+                even = (self._first_window + torch.div(token, window_length, rounding_mode="floor")) % 2 == 0
+            x = hidden[token].float()
+            self._add_rows(f"{name}.{expert}.gate_up_proj", x, even)
+            h = _apply_gate(module, F.linear(x, gate_up[expert].float()))
+            if self.weighted_down:
+                h = h * weights[token, slot].float()[:, None]
+            self._add_rows(f"{name}.{expert}.down_proj", h, even)
+
     def _accumulate(self, name: str, group: str, x: torch.Tensor) -> None:
         flat = x.detach().reshape(-1, x.shape[-1])
         keep = self.token_mask
@@ -149,7 +192,13 @@ class MomentCollector:
             even = even if keep is None else even[keep.to(flat.device)]
         if keep is not None:  # a copy only if padded
             flat = flat[keep.to(flat.device)]
-        flat = flat.float()
+        self._add_rows(group, flat.float(), even, name)
+
+    def _add_rows(self, group: str, flat: torch.Tensor, even: torch.Tensor | None, name: str | None = None) -> None:
+        """Add the fp32 rows ``flat`` (tokens x features) to ``group``'s moment; ``even`` flags the rows of
+        even-numbered windows (None: not split)."""
+        name = name or group
+        self.group_of.setdefault(name, group)
         if not torch.isfinite(flat).all():
             raise ValueError(
                 f"non-finite (NaN/inf) activations at the input of {name!r}: the model overflowed on the "
@@ -197,3 +246,22 @@ def _mirror_lower_(total: torch.Tensor) -> None:
     for start in range(0, total.shape[0] - _BLOCK, _BLOCK):
         end = start + _BLOCK
         total[start:end, end:] = total[end:, start:end].T
+
+
+def _routed_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(hidden_states (tokens, hidden), top_k_index, top_k_weights)`` of a transformers 5 experts call."""
+    names = ("hidden_states", "top_k_index", "top_k_weights")
+    values = list(args) + [kwargs[n] for n in names[len(args):] if n in kwargs]
+    if len(values) < 3:
+        raise RuntimeError("an experts module was called without (hidden_states, top_k_index, top_k_weights): "
+                           "this mixture-of-experts layout is not supported; pass allow_partial=True to skip it")
+    return values[0], values[1], values[2]
+
+
+def _apply_gate(module: torch.nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
+    """The experts' activation ``act(gate) * up`` (transformers' ``_apply_gate`` where the class has one)."""
+    apply = getattr(module, "_apply_gate", None)
+    if apply is not None:
+        return apply(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return module.act_fn(gate) * up

@@ -25,6 +25,8 @@ from .allocator import LONG_LIVED_BYTES, release_free_memory, set_mmap_threshold
 from .calibration import Calibration, model_fingerprint
 from .config import EoRAConfig
 from .coverage import check_coverage
+from .experts import (WEIGHTED_DOWN, check_experts, compress_experts, expert_token_counts, expert_weights,
+                      find_experts, use_eager_experts)
 from .moments import MomentCollector, StopForward
 from .rank_budget import allocate_ranks
 from .solver import error_spectrum
@@ -154,9 +156,14 @@ def compress_sequential(
     batches = _check_batches(batches) if needs_data else []
     prefix, layers = find_decoder_layers(model)
     check_targets(_linears(layers, prefix + "."), config)  # every layer before the first changes (meta: shapes only)
+    experts = find_experts(layers, prefix + ".")
+    check_experts(experts, config)
     targets = {f"{name}.weight": m.weight for name, m in _linears(layers, prefix + ".").items()}
+    targets.update(expert_weights(experts))
     coverage = check_coverage(model, layers, prefix, targets, allow_partial=allow_partial)
     log.info(coverage.describe())
+    if experts:
+        use_eager_experts(model)
     calib = Calibration({}, {}, "sequential", config, fingerprint=model_fingerprint(model), ranks=ranks)
     calib.coverage = coverage
     # v_proj's compressor or EoRA's residual sees the attention-weighted moment: it needs the attention
@@ -175,7 +182,9 @@ def compress_sequential(
             check_targets(linears, config, warn=False)  # now with the real weights (NaN), when they were streamed in
             # per kv head for the compressor; EoRA's residual alone reads the sum (1/H_kv of the memory)
             values = _value_projections(layer, f"{prefix}.{i}.", config.attention_value_moment) if value_moments else {}
-            with MomentCollector(linears, timer, values, stop_when_done=True, split=split) as collector, \
+            layer_experts = find_experts(layer, f"{prefix}.{i}.") if needs_data else {}
+            with MomentCollector(linears, timer, values, stop_when_done=True, split=split, experts=layer_experts,
+                                 weighted_down=WEIGHTED_DOWN) as collector, \
                     timer("forward"), \
                     transient_allocations():
                 for h, kw, mask in zip(hidden, kwargs, masks):
@@ -192,6 +201,12 @@ def compress_sequential(
             results = _compress_layer(_linears(target, f"{prefix}.{i}."), config, stats if needs_data else None,
                                       free_statistics=not keep_statistics, timer=timer, ranks=ranks or {},
                                       spectra=spectra)
+            for name, module in find_experts(target, f"{prefix}.{i}.").items():
+                tokens = expert_token_counts(stats if needs_data else None, name, module.gate_up_proj.shape[0])
+                if needs_data:
+                    calib.expert_tokens[name] = tokens
+                    log.info("%s: calibration tokens per expert %s", name, tokens)
+                results.update(compress_experts(name, module, config, stats if needs_data else None, timer=timer))
             if not in_place:
                 calib.results.update(results)
             del results
