@@ -65,3 +65,35 @@ def test_experts_are_found_in_moe_layers_only():
     model = tiny_causal_lm("deepseek_v3")  # layer 0 dense, layer 1 routed + shared experts
     found = find_experts(model.model.layers, "model.layers.")
     assert list(found) == ["model.layers.1.mlp.experts"]
+
+
+@pytest.mark.parametrize("base_format", ["torchao", "eora"])
+@pytest.mark.parametrize("architecture", ["qwen3_moe", pytest.param("mixtral", marks=pytest.mark.slow)])
+def test_peft_export_of_experts_loads_and_computes_the_same(tmp_path, architecture, base_format):
+    from peft import PeftModel
+
+    from torchao_eora import export_peft
+
+    model = tiny_causal_lm(architecture)
+    compress_sequential(model, token_batches(1), CONFIG, progress=False)
+    export_peft(model, tmp_path / "adapter", config=CONFIG, base_format=base_format)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "adapter" / "base")
+    peft_model = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    batch = token_batches(1, seed=9)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(**batch).logits, model(**batch).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_peft_export_says_which_linears_peft_will_not_adapt(tmp_path, caplog):
+    """DeepSeek-V3's shared experts are linears named gate_proj / up_proj / down_proj: PEFT with transformers 5
+    takes them for a transformers 4 per-expert adapter and drops them, so the export says so."""
+    from peft import PeftModel
+
+    from torchao_eora import export_peft
+
+    model = tiny_causal_lm("deepseek_v3")
+    compress_sequential(model, token_batches(1), CONFIG, progress=False)
+    export_peft(model, tmp_path / "adapter", config=CONFIG)
+    assert "will not apply the adapters of 6 linears" in caplog.text  # dense layer 0 and the shared experts
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "adapter" / "base")
+    PeftModel.from_pretrained(base, tmp_path / "adapter")  # loads: keys and shapes of the experts' factors fit

@@ -84,6 +84,18 @@ class QuantExperts(TorchAOBaseTensor):
             tensors[name] = torch.stack(parts)
         return cls(**tensors, **attributes)
 
+    def without_residual(self) -> "QuantExperts":
+        """The same compressed bases with rank-0 residuals (what a base-only checkpoint holds)."""
+        E, out_features, in_features = self.shape
+        base = {n: getattr(self, n) for n in ("qdata", "scale", "zero_point")}
+        empty = dict(dtype=self.dtype, device=self.device)
+        return QuantExperts(A=torch.zeros(E, 0, in_features, **empty), B=torch.zeros(E, out_features, 0, **empty),
+                            **base, target_dtype=self.target_dtype, group_size=self.group_size, dtype=self.dtype)
+
+    def dequantize_base(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The dense (E, out, in) compressed bases ``W_c`` alone."""
+        return torch.stack([self.expert(e).dequantize_base(dtype) for e in range(self.num_experts)])
+
     def _fields(self) -> dict[str, torch.Tensor]:
         return {n: getattr(self, n) for n in self.tensor_data_names + self.optional_tensor_data_names
                 if getattr(self, n) is not None}
@@ -148,3 +160,10 @@ def _(func, types, args, kwargs):
     new = QuantExperts(**moved, **(self._attributes() | {"dtype": dtype}))
     return return_and_correct_aliasing(func, args, kwargs, new)
 
+
+
+@implements(aten.baddbmm.default)
+def _(func, types, args, kwargs):
+    """``W + alpha * b1 @ b2`` as a dense tensor: PEFT's LoRA on fused experts folds its update in this way."""
+    self, batch1, batch2 = args[:3]
+    return func(self.dequantize(batch1.dtype), batch1, batch2, *args[3:], **kwargs)
