@@ -311,6 +311,7 @@ def _config_from_args(args) -> "EoRAConfig":
 def cmd_quantize(args) -> int:
     from .calibration import Calibration
     from .coverage import measured_coverage
+    from .experts import least_seen
     from .data import load_model
     from .hf import save_pretrained
     from .io_utils import check_output_dir
@@ -355,6 +356,9 @@ def cmd_quantize(args) -> int:
     rows.append(_row(config.describe(), metrics, sum(timer.seconds.values()), memory))
     coverage = getattr(calib, "coverage", None) or measured_coverage(model)
     print(coverage.describe())
+    if getattr(calib, "expert_tokens", None):
+        print("least-seen experts (calibration tokens): "
+              + ", ".join(f"{name} {n}" for name, n in least_seen(calib.expert_tokens)))
     print("time per phase (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timer.seconds.items()))
     print(f"peak memory of the compression (GiB): {memory:.3f}")
     _print_summary(rows, tasks)

@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .calibration import Calibration
+from .checkpoint_names import CheckpointLayout
 from .config import EoRAConfig
 from .hf import attach_quantizer, check_safetensors_only
 from .io_utils import atomic_directory, canonicalize_safetensors_header
@@ -60,7 +61,7 @@ class ShardedWeights:
         return tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype)
 
 
-def _materialise(module: torch.nn.Module, prefix: str, weights: ShardedWeights, dtype, device) -> None:
+def _materialise(module: torch.nn.Module, prefix: str, weights: CheckpointLayout, dtype, device) -> None:
     """Give every parameter and persistent buffer of ``module`` its checkpoint value (``prefix`` + its name)."""
     from accelerate.utils import set_module_tensor_to_device
 
@@ -71,12 +72,12 @@ def _materialise(module: torch.nn.Module, prefix: str, weights: ShardedWeights, 
 class StreamingIO:
     """``LayerIO`` for :func:`compress_sequential`: load layer ``i`` from the shards, write it out when done, free it."""
 
-    def __init__(self, model: torch.nn.Module, weights: ShardedWeights, out: Path, layers_prefix: str, n_shards: int,
+    def __init__(self, model: torch.nn.Module, weights: CheckpointLayout, out: Path, layers_prefix: str, n_shards: int,
                  dtype: torch.dtype, timer: Timer):
         self.model, self.weights, self.out, self.prefix = model, weights, out, layers_prefix
         self.n_shards, self.dtype, self.timer = n_shards, dtype, timer
         # every shard names all tensors written, as save_pretrained's do (a tied lm_head is not written)
-        self.tensor_names = [k for k in model.state_dict() if k.startswith(layers_prefix + ".") or k in weights.file_of]
+        self.tensor_names = [k for k in model.state_dict() if k.startswith(layers_prefix + ".") or k in weights]
         self.weight_map: dict[str, str] = {}
         self.total_bytes = 0
 
@@ -145,15 +146,16 @@ def quantize_checkpoint(
 
     timer = timer or Timer()
     device = torch.device(device) if device is not None else compute_device()
-    weights = ShardedWeights(model_dir)
-    source = weights.directory
+    shards = ShardedWeights(model_dir)
+    source = shards.directory
     with timer("io"):
         model_config = AutoConfig.from_pretrained(source, local_files_only=True, trust_remote_code=False)
         with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary tables) real
             model = AutoModelForCausalLM.from_config(model_config, dtype=dtype).eval()
+    weights = CheckpointLayout(model, shards)  # in-memory names: per-expert tensors fused, heads renamed, ...
     prefix, layers = find_decoder_layers(model)
     state_keys = list(model.state_dict())  # tied weights appear once
-    missing = [k for k in state_keys if k not in weights.file_of and not _tied(model, k)]
+    missing = [k for k in state_keys if k not in weights and not _tied(model, k)]
     if missing:
         raise ValueError(f"{source} has no tensors for {missing[:3]} (a checkpoint of another model?): load it in "
                          "memory instead, or check config.json")
@@ -210,7 +212,7 @@ def _free(model: torch.nn.Module, key: str) -> None:
     set_module_tensor_to_device(model, key, "meta")
 
 
-def _materialise_key(model: torch.nn.Module, key: str, weights: ShardedWeights, dtype) -> None:
+def _materialise_key(model: torch.nn.Module, key: str, weights: CheckpointLayout, dtype) -> None:
     from accelerate.utils import set_module_tensor_to_device
 
     set_module_tensor_to_device(model, key, "cpu", value=weights.get(key, dtype))
