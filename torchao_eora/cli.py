@@ -200,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output directory, written atomically; refused if it is a file, the --model directory, or a "
                         "non-empty directory that is not a torchao-eora checkpoint (see --overwrite); omit to not save")
     _add_overwrite_arg(q)
+    q.add_argument("--resume", action="store_true",
+                   help="continue a killed streaming job writing --out from its last written layer (same model, flags "
+                        "and calibration data, else refused); the result is bit-identical to an uninterrupted run")
 
     e = sub.add_parser("eval", help="evaluate a model: held-out perplexity and zero-shot accuracy")
     _add_model_args(e)
@@ -321,6 +324,9 @@ def cmd_quantize(args) -> int:
         args.calib_source, args.held_out_tasks = f"task:{args.calib_task}", True
         calibration_texts(args.calib_source)  # an unknown task fails now, not after loading the model
     config = _config_from_args(args)
+    if args.resume and not _streams(args):
+        raise ValueError("--resume continues a streaming job: it needs --model DIR (a local checkpoint) and --out, "
+                         "with sequential calibration")
     if args.out:  # before hours of work, not after
         check_output_dir(args.out, sources=[args.model], overwrite=args.overwrite)
     tasks = _tasks(args.tasks)
@@ -386,7 +392,7 @@ def _quantize_streaming(args, config, timer):
                                       args.seq_len, args.calib_batch_size)
     calib = quantize_checkpoint(args.model, args.out, config, batches, dtype=_dtype(args.dtype),
                                 keep_statistics=bool(args.save_calibration), overwrite=args.overwrite, timer=timer,
-                                allow_partial=args.allow_partial)
+                                allow_partial=args.allow_partial, resume=args.resume)
     print(f"saved to {os.path.abspath(args.out)} ({calib.bytes_written / 2**20:.1f} MiB of tensors)")
     model = None
     if args.eval_tokens or _tasks(args.tasks):

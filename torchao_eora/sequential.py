@@ -55,6 +55,9 @@ class LayerIO(Protocol):
     def done(self, index: int, layer: torch.nn.Module) -> None:
         """``layer`` is compressed: keep, write or free it."""
 
+    # Optional: ``written(index) -> bool``, True for a layer a resumed job already wrote; ``load`` then gives it its
+    # compressed weights, and the pass only runs it to make the next layer's inputs.
+
 
 class InMemory:
     """The model is in memory: move each layer to the compute device for its turn and back after.
@@ -175,9 +178,18 @@ def compress_sequential(
             hidden, layer_kwargs = _capture_layer_inputs(model, layers, batches, device)
         masks = [b.get("attention_mask") for b in batches]
         bar = tqdm(range(len(layers)), desc=f"compressing ({config.describe()})", disable=not progress)
+        written = getattr(layer_io, "written", None)
         for i in bar:
             layer, kwargs = layers[i], layer_kwargs[i]
             layer_io.load(i, layer, device)
+            if written is not None and written(i):  # compressed by the run this one resumes: make the next inputs
+                with timer("forward"), transient_allocations(), _dense_linears(_linears(layer, "")):
+                    for h, kw in zip(hidden, kwargs):
+                        h.copy_(_output(layer(h, **kw)))
+                layer_kwargs[i] = None
+                del kwargs
+                layer_io.done(i, layer)
+                continue
             linears = _linears(layer, f"{prefix}.{i}.")
             check_targets(linears, config, warn=False)  # now with the real weights (NaN), when they were streamed in
             # per kv head for the compressor; EoRA's residual alone reads the sum (1/H_kv of the memory)
