@@ -97,3 +97,33 @@ def test_peft_export_says_which_linears_peft_will_not_adapt(tmp_path, caplog):
     assert "will not apply the adapters of 6 linears" in caplog.text  # dense layer 0 and the shared experts
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "adapter" / "base")
     PeftModel.from_pretrained(base, tmp_path / "adapter")  # loads: keys and shapes of the experts' factors fit
+
+
+def test_calibrate_then_quantize_installs_the_experts_too():
+    """The two-step flow: sequential calibration compresses the experts on layer copies, quantize_ installs them
+    with the linears (quantize_ itself visits linears only)."""
+    from torchao.quantization import quantize_
+
+    from torchao_eora import calibrate, eora_config
+
+    model = tiny_causal_lm("mixtral")
+    reference = tiny_causal_lm("mixtral")
+    calib = calibrate(model, token_batches(1), CONFIG, progress=False)
+    assert all(type(p) is torch.nn.Parameter for p in model.parameters())  # calibrate changes nothing
+    quantize_(model, eora_config(calib))
+    compress_sequential(reference, token_batches(1), CONFIG, progress=False)
+    assert all(isinstance(layer.mlp.experts.down_proj, QuantExperts) for layer in model.model.layers)
+    batch = token_batches(1, seed=9)[0]
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, reference(**batch).logits)
+
+
+def test_the_data_free_path_compresses_the_experts_too():
+    from torchao_eora.coverage import measured_coverage
+    from torchao_eora.pipeline import compress_model
+
+    model = tiny_causal_lm("qwen3_moe")
+    config = EoRAConfig(rank=4, base=RTNConfig(bits=4, group_size=16), compensation="svd", adapter_bits=None)
+    compress_model(model, None, config, progress=False)
+    assert all(isinstance(layer.mlp.experts.gate_up_proj, QuantExperts) for layer in model.model.layers)
+    assert abs(measured_coverage(model).share - 0.8735) < 1e-3

@@ -24,8 +24,8 @@ from .timing import Timer
 from .transform import eora_quantize_tensor
 
 __all__ = [
-    "EXPERT_PARAMETERS", "WEIGHTED_DOWN", "check_experts", "compress_experts", "find_experts", "least_seen",
-    "layout_problem", "use_eager_experts",
+    "EXPERT_PARAMETERS", "WEIGHTED_DOWN", "check_experts", "compress_experts", "find_experts",
+    "install_calibrated_experts", "least_seen", "layout_problem", "use_eager_experts",
 ]
 
 log = logging.getLogger(__name__)
@@ -158,3 +158,23 @@ def _cached(moment: SecondMoment):
         return cache[0]
 
     return eigen
+
+
+def install_calibrated_experts(root: torch.nn.Module, results: Mapping[str, torch.Tensor]) -> int:
+    """Install the ``QuantExperts`` a sequential calibration compressed (``Calibration.results``, by full name) into
+    ``root`` (the model ``quantize_`` is converting); returns how many were installed."""
+    installed = 0
+    for name, weight in results.items():
+        module_name, _, param = name.rpartition(".")
+        if not isinstance(weight, QuantExperts):
+            continue
+        try:
+            module = root.get_submodule(module_name)
+        except AttributeError:  # quantize_ was called on a part of the model that does not hold it
+            continue
+        if not isinstance(getattr(module, param), QuantExperts):
+            setattr(module, param, torch.nn.Parameter(weight, requires_grad=False))
+            installed += 1
+    if installed:
+        use_eager_experts(root)
+    return installed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from typing import Sequence
 
@@ -12,11 +13,14 @@ from tqdm.auto import tqdm
 from .calibration import Calibration
 from .config import EoRAConfig
 from .coverage import check_coverage
+from .experts import check_experts, compress_experts, expert_weights, find_experts, use_eager_experts
 from .sequential import _linears, calibrate, compress_sequential, find_decoder_layers
 from .targets import check_targets
 from .data import bbc_articles, bos_token_id, calibration_batches, token_stream, wikipedia_split
 from .eval import perplexity, task_calibration_texts, zero_shot
 from .timing import Timer, peak_memory_gib
+
+log = logging.getLogger(__name__)
 
 __all__ = ["CALIBRATION_SOURCES", "calibration_texts", "compress_model", "evaluate", "Timer", "peak_memory_gib"]
 
@@ -75,10 +79,21 @@ def compress_model(
             config = replace(config, calibration=calibration.bind(model))
         prefix, layers = find_decoder_layers(model)
         check_targets(_linears(layers, prefix + "."), config)  # every layer, before the first is changed
+        experts = find_experts(layers, prefix + ".")
+        check_experts(experts, config)
         targets = {f"{name}.weight": m.weight for name, m in _linears(layers, prefix + ".").items()}
+        targets.update(expert_weights(experts))
         check_coverage(model, layers, prefix, targets, allow_partial=allow_partial)
         for layer in tqdm(layers, desc=f"compressing ({config.describe()})", disable=not progress):
             quantize_(layer, config)  # one decoder layer at a time, for a progress bar
+        if experts and needs_data:
+            log.warning("statistics given or one-shot: the experts get no routed statistics (identity moment, plain "
+                        "SVD residual); sequential calibration measures each expert's routed tokens")
+        for name, module in experts.items():  # quantize_ visits linears only
+            no_routed_statistics = Calibration({}, {}, "one-shot") if needs_data else None
+            compress_experts(name, module, replace(config, calibration=None), no_routed_statistics)
+        if experts:
+            use_eager_experts(model)
     return calibration
 
 
