@@ -213,12 +213,8 @@ def compress_sequential(
             results = _compress_layer(_linears(target, f"{prefix}.{i}."), config, stats if needs_data else None,
                                       free_statistics=not keep_statistics, timer=timer, ranks=ranks or {},
                                       spectra=spectra)
-            for name, module in find_experts(target, f"{prefix}.{i}.").items():
-                tokens = expert_token_counts(stats if needs_data else None, name, module.gate_up_proj.shape[0])
-                if needs_data:
-                    calib.expert_tokens[name] = tokens
-                    log.info("%s: calibration tokens per expert %s", name, tokens)
-                results.update(compress_experts(name, module, config, stats if needs_data else None, timer=timer))
+            results.update(_compress_layer_experts(target, f"{prefix}.{i}.", config, stats if needs_data else None,
+                                                   calib, timer))
             if not in_place:
                 calib.results.update(results)
             del results
@@ -256,6 +252,21 @@ def _compress_layer(
                 if group is not None and last_reader.get(group) == name:
                     del stats.groups[group]
                     stats._eigen_cache.pop(group, None)
+    return results
+
+
+def _compress_layer_experts(
+    layer: torch.nn.Module, prefix: str, config: EoRAConfig, stats: Calibration | None, calib: Calibration,
+    timer: Timer,
+) -> dict[str, torch.Tensor]:
+    """Compress the layer's fused experts in place (``experts.py``); their routed token counts go to
+    ``calib.expert_tokens`` and the log. Returns the new weights by name."""
+    results = {}
+    for name, module in find_experts(layer, prefix).items():
+        if stats is not None:
+            calib.expert_tokens[name] = expert_token_counts(stats, name, module.gate_up_proj.shape[0])
+            log.info("%s: calibration tokens per expert %s", name, calib.expert_tokens[name])
+        results.update(compress_experts(name, module, config, stats, timer=timer))
     return results
 
 
