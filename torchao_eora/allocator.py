@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 
-__all__ = ["LONG_LIVED_BYTES", "long_lived_allocations", "release_free_memory", "set_mmap_threshold", "transient_allocations"]
+__all__ = [
+    "LONG_LIVED_BYTES", "long_lived_allocations", "release_free_memory", "set_mmap_threshold", "transient_allocations",
+]
 
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 LONG_LIVED_BYTES = 1 << 20  # mmapped from this size on: freed pages go back to the OS at once

@@ -136,9 +136,10 @@ def _(func, types, args, kwargs):
     a new tensor rather than an aten view (a view's version counter cannot be shared under inference mode). A
     vector of experts (the batched experts paths) gives their dense effective weights: correct, not fast."""
     self, index = args
-    if isinstance(index, int) or (isinstance(index, torch.Tensor) and index.dim() == 0 and not index.is_floating_point()):
+    integer_tensor = isinstance(index, torch.Tensor) and not index.is_floating_point()
+    if isinstance(index, int) or (integer_tensor and index.dim() == 0):
         return self.expert(int(index))
-    if isinstance(index, torch.Tensor) and not index.is_floating_point():
+    if integer_tensor:
         dense = [self.expert(int(e)).dequantize() for e in index.reshape(-1)]
         return torch.stack(dense).reshape(*index.shape, *self.shape[1:])
     raise NotImplementedError(f"QuantExperts is indexed by expert only, got {index!r}")

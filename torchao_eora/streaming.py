@@ -1,11 +1,12 @@
 """Compress a checkpoint larger than memory: one decoder layer's weights materialised at a time.
 
 :func:`quantize_checkpoint` builds the model on the meta device, reads each tensor lazily from the safetensors
-shards, runs the sequential pass (``sequential.py``) with a ``LayerIO`` that loads layer ``i`` onto the compute
+shards under its in-memory name (``checkpoint_names.py``: per-expert tensors fused, renamed heads), runs the sequential pass (``sequential.py``) with a ``LayerIO`` that loads layer ``i`` onto the compute
 device, and writes it out as a shard as soon as it is compressed, then frees it. The output directory is the
 checkpoint ``save_pretrained`` writes (safetensors shards with torchao metadata, an index, ``config.json`` with the
 ``TorchAoConfig``, the tokenizer files), swapped into place atomically once complete: ``from_pretrained`` and
-``load_pretrained`` load it. Peak memory is about one layer's weights, statistics and solver work, plus the
+``load_pretrained`` load it. Until then the shards are kept in ``.OUT.partial``, so a killed job resumes from its
+last written layer (``resume.py``). Peak memory is about one layer's weights, statistics and solver work, plus the
 calibration activations, not the model.
 """
 
@@ -73,8 +74,8 @@ def _materialise(module: torch.nn.Module, prefix: str, weights: CheckpointLayout
 class StreamingIO:
     """``LayerIO`` for :func:`compress_sequential`: load layer ``i`` from the shards, write it out when done, free it."""
 
-    def __init__(self, model: torch.nn.Module, weights: CheckpointLayout, out: Path, layers_prefix: str, n_shards: int,
-                 dtype: torch.dtype, timer: Timer, job: PartialJob | None = None):
+    def __init__(self, model: torch.nn.Module, weights: CheckpointLayout, out: Path, layers_prefix: str,
+                 n_shards: int, dtype: torch.dtype, timer: Timer, job: PartialJob | None = None):
         self.model, self.weights, self.out, self.prefix = model, weights, out, layers_prefix
         self.n_shards, self.dtype, self.timer, self.job = n_shards, dtype, timer, job
         # every shard names all tensors written, as save_pretrained's do (a tied lm_head is not written)
