@@ -69,3 +69,32 @@ def token_batches(n_batches=2, batch=4, seq=32, vocab=128, seed=0, pad_first=0):
             mask[0, seq - pad_first:] = 0
         out.append({"input_ids": ids, "attention_mask": mask})
     return out
+
+
+def tiny_causal_lm(architecture: str, seed: int = 0, layers: int = 2, vocab: int = 128):
+    """A small random model of another architecture: "qwen3_moe", "mixtral", "deepseek_v3" (a dense first layer,
+    then routed + shared experts) or "gpt_neox" (Pythia; its head is ``embed_out`` on disk)."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                  max_position_embeddings=128)
+    if architecture == "qwen3_moe":
+        cfg = tf.Qwen3MoeConfig(**common, num_key_value_heads=2, intermediate_size=128, moe_intermediate_size=32,
+                                num_experts=8, num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[],
+                                norm_topk_prob=True)
+        return tf.Qwen3MoeForCausalLM(cfg).eval()
+    if architecture == "mixtral":
+        cfg = tf.MixtralConfig(**common, num_key_value_heads=2, intermediate_size=32, num_local_experts=4,
+                               num_experts_per_tok=2)
+        return tf.MixtralForCausalLM(cfg).eval()
+    if architecture == "deepseek_v3":
+        cfg = tf.DeepseekV3Config(**common, num_key_value_heads=4, intermediate_size=128, moe_intermediate_size=32,
+                                  n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+                                  first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8,
+                                  qk_nope_head_dim=8, v_head_dim=16, n_group=2, topk_group=1)
+        return tf.DeepseekV3ForCausalLM(cfg).eval()
+    if architecture == "gpt_neox":
+        cfg = tf.GPTNeoXConfig(**common, intermediate_size=128)
+        return tf.GPTNeoXForCausalLM(cfg).eval()
+    raise ValueError(f"unknown architecture {architecture!r}")

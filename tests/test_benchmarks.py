@@ -83,3 +83,10 @@ def test_scale_and_gptq_study(tmp_path):
                             "--n-samples", "2", "--seq-len", "64", "--eval-tokens", "128", "--no-save"],
                            check=True, capture_output=True, text=True, timeout=600)
     assert "gptq" in study.stdout
+
+
+def test_moe_study(tmp_path, monkeypatch):
+    out = tmp_path / "moe.json"
+    assert _main("moe_study.py", monkeypatch)(["--windows", "4", "--json", str(out)]) == 0
+    row = json.loads(out.read_text())["results"][0]
+    assert sum(row["tokens per expert"]) == 4 * 64 * 2 and row["eora weighted down"]["block"] < 1

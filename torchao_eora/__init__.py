@@ -15,6 +15,7 @@ install_log_filters()  # before torchao is imported: its import-time noise about
 from .calibration import Calibration, SecondMoment
 from .compressors import CompressedWeight, Compressor, GPTQConfig, PruneConfig, RTNConfig
 from .config import EoRAConfig, eora_config
+from .experts_tensor import QuantExperts
 from .hf import load_pretrained, save_pretrained
 from .merge import merge_low_rank
 from .peft_io import export_peft, import_peft
@@ -34,6 +35,7 @@ __all__ = [
     "GPTQConfig",
     "LowRankFactors",
     "PruneConfig",
+    "QuantExperts",
     "QuantWithLowRank",
     "RTNConfig",
     "SecondMoment",

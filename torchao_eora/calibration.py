@@ -155,6 +155,8 @@ class Calibration:
         self.ranks = dict(ranks or {})  # per-module residual ranks of a global rank budget (empty: uniform)
         self.fingerprint = fingerprint
         self.check_weights = check_weights
+        self.coverage = None  # the share of the model a sequential pass compressed (coverage.Coverage)
+        self.expert_tokens: dict[str, list[int]] = {}  # experts module name -> calibration tokens per expert
         self._names: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
         self._roots: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()  # whole models bound (fingerprint checked)
         self._eigen_cache: "OrderedDict[str, Eigen]" = OrderedDict()

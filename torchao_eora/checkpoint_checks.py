@@ -14,6 +14,7 @@ from typing import Iterable, NamedTuple
 import torch
 
 from .packing import PACKED_BITS, can_pack, packing_unit
+from .experts_tensor import QuantExperts
 from .tensor import QuantWithLowRank
 
 __all__ = [
@@ -221,12 +222,15 @@ def dtype_problem(key: str, st_dtype: str, wanted: str) -> str:
     return f"checkpoint tensor {key} is stored as {_ST_DTYPES.get(st_dtype, st_dtype)}, expected {wanted}: {_RESAVE}"
 
 
+_OUR_CLASSES = (QuantWithLowRank.__name__, QuantExperts.__name__)  # what EoRAConfig writes (experts: MoE layers)
+
+
 def _check_metadata(name: str, meta: dict) -> None:
-    """A tensor subclass entry of the torchao metadata names ``QuantWithLowRank`` (what ``EoRAConfig`` writes) and
+    """A tensor subclass entry of the torchao metadata names one of our classes (what ``EoRAConfig`` writes) and
     real torch dtypes: anything else would fail inside transformers with an error that names no tensor."""
-    if meta["_type"] != QuantWithLowRank.__name__:
+    if meta["_type"] not in _OUR_CLASSES:
         raise ValueError(f"checkpoint tensor {name} is a {meta['_type']!r} in the torchao metadata, expected "
-                         f"{QuantWithLowRank.__name__} or a plain tensor: {_RESAVE}")
+                         f"{' or '.join(_OUR_CLASSES)} or a plain tensor: {_RESAVE}")
     data = meta.get("_data")
     for key, value in (data.items() if isinstance(data, dict) else [("_data", data)]):
         if not key.endswith("dtype") or (value is None and key != "dtype"):

@@ -173,6 +173,10 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--load-calibration", default=None, metavar="PATH",
                    help="reuse statistics saved with --save-calibration instead of calibrating")
     g.add_argument("--save-calibration", default=None, metavar="PATH", help="write the statistics (safetensors)")
+    g = p.add_argument_group("coverage")
+    g.add_argument("--allow-partial", action="store_true",
+                   help="compress what is supported even if a large weight holder of the decoder layers (an unknown "
+                        "mixture-of-experts layout, a Conv1D) stays uncompressed; by default that is an error")
 
 
 def _add_overwrite_arg(p: argparse.ArgumentParser) -> None:
@@ -202,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output directory, written atomically; refused if it is a file, the --model directory, or a "
                         "non-empty directory that is not a torchao-eora checkpoint (see --overwrite); omit to not save")
     _add_overwrite_arg(q)
+    q.add_argument("--resume", action="store_true",
+                   help="continue a killed streaming job writing --out from its last written layer (same model, flags "
+                        "and calibration data, else refused); the result is bit-identical to an uninterrupted run")
 
     e = sub.add_parser("eval", help="evaluate a model: held-out perplexity and zero-shot accuracy")
     _add_model_args(e)
@@ -312,6 +319,8 @@ def _config_from_args(args) -> "EoRAConfig":
 
 def cmd_quantize(args) -> int:
     from .calibration import Calibration
+    from .coverage import measured_coverage
+    from .experts import least_seen
     from .data import load_model
     from .hf import save_pretrained
     from .io_utils import check_output_dir
@@ -321,6 +330,9 @@ def cmd_quantize(args) -> int:
         args.calib_source, args.held_out_tasks = f"task:{args.calib_task}", True
         calibration_texts(args.calib_source)  # an unknown task fails now, not after loading the model
     config = _config_from_args(args)
+    if args.resume and not _streams(args):
+        raise ValueError("--resume continues a streaming job: it needs --model DIR (a local checkpoint) and --out, "
+                         "with sequential calibration")
     if args.out:  # before hours of work, not after
         check_output_dir(args.out, sources=[args.model], overwrite=args.overwrite)
     tasks = _tasks(args.tasks)
@@ -340,7 +352,8 @@ def cmd_quantize(args) -> int:
         calib = Calibration.load(args.load_calibration, model) if args.load_calibration else None
         calib = compress_model(model, tokenizer, config, source=args.calib_source, n_samples=args.calib_samples,
                          seq_len=args.seq_len, batch_size=args.calib_batch_size, mode=args.calib_mode,
-                         calibration=calib, keep_statistics=bool(args.save_calibration), timer=timer)
+                         calibration=calib, keep_statistics=bool(args.save_calibration), timer=timer,
+                         allow_partial=args.allow_partial)
         if args.out:
             with timer("io"):
                 print(f"saved to {save_pretrained(model, args.out, config, tokenizer, overwrite=args.overwrite)}")
@@ -353,6 +366,11 @@ def cmd_quantize(args) -> int:
         metrics = evaluate(model, tokenizer, eval_tokens=args.eval_tokens, seq_len=args.seq_len, tasks=tasks,
                            task_limit=args.task_limit, held_out_tasks=args.held_out_tasks, timer=timer)
     rows.append(_row(config.describe(), metrics, sum(timer.seconds.values()), memory))
+    coverage = getattr(calib, "coverage", None) or measured_coverage(model)
+    print(coverage.describe())
+    if getattr(calib, "expert_tokens", None):
+        print("least-seen experts (calibration tokens): "
+              + ", ".join(f"{name} {n}" for name, n in least_seen(calib.expert_tokens)))
     print("time per phase (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timer.seconds.items()))
     print(f"peak memory of the compression (GiB): {memory:.3f}")
     _print_summary(rows, tasks)
@@ -379,7 +397,8 @@ def _quantize_streaming(args, config, timer):
         batches = calibration_batches(tokenizer, calibration_texts(args.calib_source), args.calib_samples,
                                       args.seq_len, args.calib_batch_size)
     calib = quantize_checkpoint(args.model, args.out, config, batches, dtype=_dtype(args.dtype),
-                                keep_statistics=bool(args.save_calibration), overwrite=args.overwrite, timer=timer)
+                                keep_statistics=bool(args.save_calibration), overwrite=args.overwrite, timer=timer,
+                                allow_partial=args.allow_partial, resume=args.resume)
     print(f"saved to {os.path.abspath(args.out)} ({calib.bytes_written / 2**20:.1f} MiB of tensors)")
     model = None
     if args.eval_tokens or _tasks(args.tasks):

@@ -69,11 +69,20 @@ def write_checkpoint(model: torch.nn.Module, directory: Path, config: EoRAConfig
     """Write safetensors + config.json (+ tokenizer) into an existing directory (no atomicity: see save_pretrained)."""
     attach_quantizer(model, config)
     untie_compressed_head(model)
-    model.save_pretrained(directory, safe_serialization=True)
+    # In-memory names, as the torchao metadata records them: transformers would otherwise rename the flattened fields
+    # back to the hub layout (Mixtral's block_sparse_moe, GPT-NeoX's embed_out) but not the metadata naming them.
+    original_format = {"save_original_format": False} if _saves_original_format(model) else {}
+    model.save_pretrained(directory, safe_serialization=True, **original_format)
     for weights in Path(directory).glob("*.safetensors"):
         canonicalize_safetensors_header(weights)  # same model, same bytes
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
+
+
+def _saves_original_format(model: torch.nn.Module) -> bool:
+    import inspect
+
+    return "save_original_format" in inspect.signature(model.save_pretrained).parameters
 
 
 def untie_compressed_head(model: torch.nn.Module) -> None:

@@ -10,6 +10,8 @@ import logging
 from .checkpoint_checks import check_checkpoint
 from .checks import CONFIG_TYPES
 from .config import EoRAConfig, _build_from_json
+from .experts import use_eager_experts
+from .experts_tensor import QuantExperts
 from .tensor import QuantWithLowRank
 
 __all__ = ["extend_transformers_torchao"]
@@ -43,6 +45,7 @@ def extend_transformers_torchao() -> bool:
       with its name (instead of a generic conversion error, a warning, or nothing at all).
     * Quantize on load is data-free: an ``EoRAConfig`` carrying a ``Calibration`` is refused up front with the
       way to use statistics (load unquantized, then ``quantize_``); torchao's handler sees modules, not names.
+    * After loading an EoRA checkpoint with compressed experts: run them with the eager experts loop.
     * After loading an EoRA checkpoint: forget the deserialize step transformers would try (and fail) to reverse
       in ``save_pretrained``, so a reloaded model saves again.
 
@@ -171,6 +174,8 @@ def _wrap_after_loading(cls) -> None:
         quant_type = getattr(self.quantization_config, "quant_type", None)
         if not isinstance(quant_type, EoRAConfig):
             return result
+        if any(isinstance(p, QuantExperts) for p in model.parameters()):
+            use_eager_experts(model)
         conversions = getattr(model, "_weight_conversions", None)
         if conversions:
             # transformers keeps the load-only deserialize step to reverse it on save, but it has no reverse (the

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import re
@@ -28,12 +29,14 @@ import torch
 from .config import EoRAConfig
 from .hf import attach_quantizer, recorded_config, write_checkpoint
 from .io_utils import atomic_directory
+from .peft_experts import dropped_by_peft, expert_adapter, experts_base_only
 from .stock_export import BASE_FORMATS, BaseFormat, write_stock_base
 from .tensor import QuantWithLowRank
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "BASE_DIR", "VLLM_MAX_LORA_RANKS", "base_only", "export_peft",
            "import_peft", "vllm_lora_allocation"]
 
+log = logging.getLogger(__name__)
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 BASE_DIR = "base"
@@ -137,12 +140,28 @@ def export_peft(
     for name, module in modules.items():
         tensors[f"{_PREFIX}{name}.lora_A.weight"] = module.weight.dequantize_A().detach().contiguous()
         tensors[f"{_PREFIX}{name}.lora_B.weight"] = module.weight.dequantize_B().detach().contiguous()
+    expert_tensors, target_parameters, expert_ranks = expert_adapter(model, _PREFIX)
+    tensors.update(expert_tensors)
     if save_base:
         config = config if config is not None else recorded_config(model)
         base_model_name_or_path = base_model_name_or_path or str(out / BASE_DIR)
     adapter_config = _adapter_config(
         {n: m.weight.rank for n, m in modules.items()}, _target_modules(model, list(modules)), base_model_name_or_path
     )
+    if target_parameters:  # PEFT's LoRA on the fused expert parameters takes the global r
+        if expert_ranks != {adapter_config["r"]}:
+            raise ValueError(f"the experts' residual ranks {sorted(expert_ranks)} differ from the linear layers' "
+                             f"{adapter_config['r']}: PEFT gives fused experts the global r; compress with one rank")
+        adapter_config["target_parameters"] = target_parameters
+        # PEFT reads gate_proj / up_proj linears (DeepSeek's shared experts) as a v4 adapter of per-expert weights
+        # and gives the fused gate_up_proj rank 2r; an explicit pattern for each parameter comes first and wins.
+        for target in target_parameters:
+            adapter_config["rank_pattern"][target] = adapter_config["alpha_pattern"][target] = adapter_config["r"]
+    dropped = dropped_by_peft(model, list(modules))
+    if dropped:
+        log.warning("PEFT with transformers 5 will not apply the adapters of %d linears named like transformers 4 "
+                    "expert weights (first: %s): it reads them as an old per-expert adapter. The adapter file holds "
+                    "them; PeftModel computes the model without their residuals", len(dropped), dropped[0])
     from safetensors.torch import save_file
 
     sources = [getattr(model, "name_or_path", None) or None]
@@ -155,7 +174,7 @@ def export_peft(
                 write_stock_base(model, tmp / BASE_DIR, base_format, config, tokenizer)
             else:
                 try:
-                    with base_only(model):
+                    with base_only(model), experts_base_only(model):
                         write_checkpoint(model, tmp / BASE_DIR, replace(config, compensation="none"), tokenizer)
                 finally:  # write_checkpoint recorded the base-only config; the model itself still has its residuals
                     attach_quantizer(model, config)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from typing import Sequence
 
@@ -11,11 +12,15 @@ from tqdm.auto import tqdm
 
 from .calibration import Calibration
 from .config import EoRAConfig
+from .coverage import check_coverage
+from .experts import check_experts, compress_experts, expert_weights, find_experts, use_eager_experts
 from .sequential import _linears, calibrate, compress_sequential, find_decoder_layers
 from .targets import check_targets
 from .data import bbc_articles, bos_token_id, calibration_batches, token_stream, wikipedia_split
 from .eval import perplexity, task_calibration_texts, zero_shot
 from .timing import Timer, peak_memory_gib
+
+log = logging.getLogger(__name__)
 
 __all__ = ["CALIBRATION_SOURCES", "calibration_texts", "compress_model", "evaluate", "Timer", "peak_memory_gib"]
 
@@ -50,12 +55,14 @@ def compress_model(
     keep_statistics: bool = True,
     timer: Timer | None = None,
     progress: bool = True,
+    allow_partial: bool = False,
 ) -> Calibration | None:
     """Compress ``model`` in place with ``config``, every decoder linear once; lm_head and embeddings stay as they are.
 
     Calibrated configs run the sequential pass (``compress_sequential``) unless ``mode="one-shot"`` or statistics
     are given (``calibration``); data-free ones go through ``quantize_`` layer by layer. Every target is checked
-    before the first one changes. Returns the calibration used (None for data-free methods).
+    before the first one changes; a large weight holder that would stay uncompressed is an error unless
+    ``allow_partial``. Returns the calibration used (None for data-free methods).
     """
     timer = timer or Timer()
     needs_data = config.compensation == "eora" or getattr(config.base, "needs_calibration", False)
@@ -63,17 +70,30 @@ def compress_model(
         batches = calibration_batches(tokenizer, calibration_texts(source), n_samples, seq_len, batch_size)
         if mode == "sequential":
             calib = compress_sequential(model, batches, config, keep_statistics=keep_statistics, timer=timer,
-                                        progress=progress)
+                                        progress=progress, allow_partial=allow_partial)
             return calib.bind(model)
         with timer("moments"):
-            calibration = calibrate(model, batches, config, mode=mode, progress=progress)
+            calibration = calibrate(model, batches, config, mode=mode, progress=progress, allow_partial=allow_partial)
     with timer("compress"):
         if calibration is not None:
             config = replace(config, calibration=calibration.bind(model))
         prefix, layers = find_decoder_layers(model)
         check_targets(_linears(layers, prefix + "."), config)  # every layer, before the first is changed
+        experts = find_experts(layers, prefix + ".")
+        check_experts(experts, config)
+        targets = {f"{name}.weight": m.weight for name, m in _linears(layers, prefix + ".").items()}
+        targets.update(expert_weights(experts))
+        check_coverage(model, layers, prefix, targets, allow_partial=allow_partial)
         for layer in tqdm(layers, desc=f"compressing ({config.describe()})", disable=not progress):
             quantize_(layer, config)  # one decoder layer at a time, for a progress bar
+        if experts and needs_data:
+            log.warning("statistics given or one-shot: the experts get no routed statistics (identity moment, plain "
+                        "SVD residual); sequential calibration measures each expert's routed tokens")
+        for name, module in experts.items():  # quantize_ visits linears only
+            no_routed_statistics = Calibration({}, {}, "one-shot") if needs_data else None
+            compress_experts(name, module, replace(config, calibration=None), no_routed_statistics)
+        if experts:
+            use_eager_experts(model)
     return calibration
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import ctypes
 import logging
 import types
 from dataclasses import replace
@@ -22,9 +21,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .attention_moments import mixed_value_moment
-from .calibration import VALUE_GROUP_SUFFIX, Calibration, SecondMoment, model_fingerprint
+from .allocator import LONG_LIVED_BYTES, release_free_memory, set_mmap_threshold, transient_allocations
+from .calibration import Calibration, model_fingerprint
 from .config import EoRAConfig
+from .coverage import check_coverage
+from .experts import (WEIGHTED_DOWN, check_experts, compress_experts, expert_token_counts, expert_weights,
+                      find_experts, use_eager_experts)
+from .moments import MomentCollector, StopForward
 from .rank_budget import allocate_ranks
 from .solver import error_spectrum
 from .targets import check_targets, module_rank
@@ -36,7 +39,6 @@ __all__ = ["LayerIO", "calibrate", "compress_sequential", "compute_device", "fin
 
 log = logging.getLogger(__name__)
 Mode = Literal["sequential", "one-shot"]
-_BLOCK = 256  # columns of x^T x computed at a time
 
 
 def compute_device() -> torch.device:
@@ -52,6 +54,9 @@ class LayerIO(Protocol):
 
     def done(self, index: int, layer: torch.nn.Module) -> None:
         """``layer`` is compressed: keep, write or free it."""
+
+    # Optional: ``written(index) -> bool``, True for a layer a resumed job already wrote; ``load`` then gives it its
+    # compressed weights, and the pass only runs it to make the next layer's inputs.
 
 
 class InMemory:
@@ -109,6 +114,7 @@ def compress_sequential(
     timer: Timer | None = None,
     ranks: Mapping[str, int] | None = None,
     spectra: dict[str, torch.Tensor] | None = None,
+    allow_partial: bool = False,
 ) -> Calibration:
     """Compress every linear of every decoder layer with ``config``, layer by layer, each exactly once.
 
@@ -129,15 +135,17 @@ def compress_sequential(
             ``config.rank_budget == "global"`` and no ``ranks``, a first pass (on layer copies) measures every
             module's error spectrum and ``rank_budget.allocate_ranks`` chooses them.
         spectra: filled with every module's error spectrum (``solver.error_spectrum``), when given.
+        allow_partial: compress what is supported even when a large weight holder of the decoder layers (an
+            unknown expert layout, a Conv1D) would stay uncompressed; by default that is a ValueError naming it.
 
     Returns:
         The ``Calibration`` (config, fingerprint of the uncompressed model, statistics if kept, results if not
-        in place), not yet bound.
+        in place), not yet bound; its ``coverage`` says which share of the model's weights is compressed.
     """
     timer = timer or Timer()
     device = torch.device(device) if device is not None else compute_device()
     layer_io = layer_io or InMemory()
-    _set_mmap_threshold(_LONG_LIVED_BYTES)
+    set_mmap_threshold(LONG_LIVED_BYTES)
     config = replace(config, calibration=None)
     batches = list(batches)
     if ranks is None and config.rank_budget == "global" and config.compensation != "none":
@@ -151,7 +159,16 @@ def compress_sequential(
     batches = _check_batches(batches) if needs_data else []
     prefix, layers = find_decoder_layers(model)
     check_targets(_linears(layers, prefix + "."), config)  # every layer before the first changes (meta: shapes only)
+    experts = find_experts(layers, prefix + ".")
+    check_experts(experts, config)
+    targets = {f"{name}.weight": m.weight for name, m in _linears(layers, prefix + ".").items()}
+    targets.update(expert_weights(experts))
+    coverage = check_coverage(model, layers, prefix, targets, allow_partial=allow_partial)
+    log.info(coverage.describe())
+    if experts:
+        use_eager_experts(model)
     calib = Calibration({}, {}, "sequential", config, fingerprint=model_fingerprint(model), ranks=ranks)
+    calib.coverage = coverage
     # v_proj's compressor or EoRA's residual sees the attention-weighted moment: it needs the attention
     # probabilities (eager attention)
     value_moments = needs_data and (config.attention_value_moment or config.attention_value_residual)
@@ -161,21 +178,32 @@ def compress_sequential(
             hidden, layer_kwargs = _capture_layer_inputs(model, layers, batches, device)
         masks = [b.get("attention_mask") for b in batches]
         bar = tqdm(range(len(layers)), desc=f"compressing ({config.describe()})", disable=not progress)
+        written = getattr(layer_io, "written", None)
         for i in bar:
             layer, kwargs = layers[i], layer_kwargs[i]
             layer_io.load(i, layer, device)
+            if written is not None and written(i):  # compressed by the run this one resumes: make the next inputs
+                with timer("forward"), transient_allocations(), _dense_linears(_linears(layer, "")):
+                    for h, kw in zip(hidden, kwargs):
+                        h.copy_(_output(layer(h, **kw)))
+                layer_kwargs[i] = None
+                del kwargs
+                layer_io.done(i, layer)
+                continue
             linears = _linears(layer, f"{prefix}.{i}.")
             check_targets(linears, config, warn=False)  # now with the real weights (NaN), when they were streamed in
             # per kv head for the compressor; EoRA's residual alone reads the sum (1/H_kv of the memory)
             values = _value_projections(layer, f"{prefix}.{i}.", config.attention_value_moment) if value_moments else {}
-            with _MomentCollector(linears, timer, values, stop_when_done=True, split=split) as collector, \
+            layer_experts = find_experts(layer, f"{prefix}.{i}.") if needs_data else {}
+            with MomentCollector(linears, timer, values, stop_when_done=True, split=split, experts=layer_experts,
+                                 weighted_down=WEIGHTED_DOWN) as collector, \
                     timer("forward"), \
-                    _transient_allocations():
+                    transient_allocations():
                 for h, kw, mask in zip(hidden, kwargs, masks):
                     collector.start_batch(mask, h.shape[0])
-                    with contextlib.suppress(_StopForward):  # the rest of the layer feeds no statistic
+                    with contextlib.suppress(StopForward):  # the rest of the layer feeds no statistic
                         layer(h, **kw)
-            _release_free_memory()  # the activations of the measuring passes
+            release_free_memory()  # the activations of the measuring passes
             if not keep_statistics:  # nobody needs the sums: divide in place, the solver reads them without a copy
                 collector.normalize_()
             stats = Calibration(collector.groups, collector.group_of, "sequential",
@@ -185,10 +213,12 @@ def compress_sequential(
             results = _compress_layer(_linears(target, f"{prefix}.{i}."), config, stats if needs_data else None,
                                       free_statistics=not keep_statistics, timer=timer, ranks=ranks or {},
                                       spectra=spectra)
+            results.update(_compress_layer_experts(target, f"{prefix}.{i}.", config, stats if needs_data else None,
+                                                   calib, timer))
             if not in_place:
                 calib.results.update(results)
             del results
-            with timer("forward"), _transient_allocations(), _dense_linears(_linears(target, "")):
+            with timer("forward"), transient_allocations(), _dense_linears(_linears(target, "")):
                 for h, kw in zip(hidden, kwargs):  # in place: these long-lived buffers are allocated once
                     h.copy_(_output(target(h, **kw)))
             calib.group_of.update(stats.group_of)
@@ -198,7 +228,7 @@ def compress_sequential(
             layer_kwargs[i] = None  # this layer's masks and rotary tables are not needed any more
             del stats, target, kwargs
             layer_io.done(i, layer)
-            _release_free_memory()
+            release_free_memory()
     timer.seconds["forward"] -= timer.seconds.get("moments", 0.0)  # the moment hooks ran inside the forward passes
     return calib
 
@@ -222,6 +252,21 @@ def _compress_layer(
                 if group is not None and last_reader.get(group) == name:
                     del stats.groups[group]
                     stats._eigen_cache.pop(group, None)
+    return results
+
+
+def _compress_layer_experts(
+    layer: torch.nn.Module, prefix: str, config: EoRAConfig, stats: Calibration | None, calib: Calibration,
+    timer: Timer,
+) -> dict[str, torch.Tensor]:
+    """Compress the layer's fused experts in place (``experts.py``); their routed token counts go to
+    ``calib.expert_tokens`` and the log. Returns the new weights by name."""
+    results = {}
+    for name, module in find_experts(layer, prefix).items():
+        if stats is not None:
+            calib.expert_tokens[name] = expert_token_counts(stats, name, module.gate_up_proj.shape[0])
+            log.info("%s: calibration tokens per expert %s", name, calib.expert_tokens[name])
+        results.update(compress_experts(name, module, config, stats, timer=timer))
     return results
 
 
@@ -268,6 +313,7 @@ def calibrate(
     *,
     mode: Mode = "sequential",
     progress: bool = True,
+    allow_partial: bool = False,
 ) -> Calibration:
     """Collect the input second moment of every linear layer inside the decoder blocks; the model is not changed.
 
@@ -283,6 +329,7 @@ def calibrate(
             also collects that moment, summed over kv heads, which needs the attention probabilities: the
             forward runs eager attention and costs about twice the plain statistics.
         progress: show a tqdm bar.
+        allow_partial: see ``compress_sequential`` (a large uncompressed weight holder is an error by default).
 
     Returns:
         A ``Calibration`` bound to ``model``; pass it on with ``eora_config(calib)`` or
@@ -292,11 +339,13 @@ def calibrate(
     if config is not None and mode != "sequential":  # fail now on a layer the config cannot convert
         prefix, layers = find_decoder_layers(model)
         check_targets(_linears(layers, prefix + "."), replace(config, calibration=None), warn=False)
+        targets = {f"{name}.weight": m.weight for name, m in _linears(layers, prefix + ".").items()}
+        check_coverage(model, layers, prefix, targets, allow_partial=allow_partial)
     if mode == "sequential":
         if config is None:
             raise ValueError("sequential calibration compresses as it goes: pass the EoRAConfig you will quantize with")
         calib = compress_sequential(model, batches, config, in_place=False, progress=progress,
-                                    device=next(model.parameters()).device)
+                                    device=next(model.parameters()).device, allow_partial=allow_partial)
     elif mode == "one-shot":
         split = config is None or config.shrinkage == "auto"  # a later config may still want it: None keeps them
         values = config is None or config.attention_value_residual
@@ -315,193 +364,15 @@ def _calibrate_one_shot(model, batches, progress, split: bool, values: bool) -> 
     for i, layer in enumerate(layers if values else ()):  # for EoRA's residual alone: summed over kv heads
         value_projections.update(_value_projections(layer, f"{prefix}.{i}.", per_kv_head=False))
     with _attention("eager" if value_projections else None, model), \
-            _MomentCollector(_linears(layers, prefix + "."), None, value_projections, stop_when_done=True,
+            MomentCollector(_linears(layers, prefix + "."), None, value_projections, stop_when_done=True,
                              split=split) as collector:
         for batch in tqdm(batches, desc="calibrating (one-shot)", disable=not progress):
             batch = _to(batch, device)
             collector.start_batch(batch.get("attention_mask"), batch["input_ids"].shape[0])
-            with contextlib.suppress(_StopForward):  # the final norm and lm_head feed no statistic
+            with contextlib.suppress(StopForward):  # the final norm and lm_head feed no statistic
                 model(**batch, use_cache=False)
     return Calibration(collector.groups, collector.group_of, "one-shot", fingerprint=fingerprint,
                        value_group_of=collector.value_group_of)
-
-
-# ---- collecting statistics ------------------------------------------------------------------------------------
-
-
-class _MomentCollector:
-    """Forward hooks that accumulate, in fp64 from fp32 products and over real tokens only:
-
-    * ``sum x^T x`` of every linear input, once per distinct input tensor (q/k/v share one, as do gate/up);
-    * for each v_proj in ``values`` (name -> (attention module, v_proj, kv heads)), the attention-weighted moment
-      ``sum x~ x~^T`` per kv head (``attention_moments.mixed_value_moment``), from the attention probabilities the
-      (eager) attention module returns;
-    * with ``split``, also the plain sums of the even-numbered windows alone (``SecondMoment.half``), from which
-      EoRA's shrinkage is cross-validated.
-    """
-
-    def __init__(self, modules: Mapping[str, torch.nn.Linear], timer: Timer | None = None,
-                 values: Mapping[str, tuple[torch.nn.Module, torch.nn.Linear, int | None]] | None = None, *,
-                 stop_when_done: bool = False, split: bool = False):
-        self.modules = dict(modules)
-        self.split = split
-        self._first_window = 0  # index of the current batch's first window, over all batches
-        self._windows = 0
-        # With stop_when_done, the hook that completes a batch's statistics raises _StopForward: the rest of the
-        # forward (a layer's down_proj and residual, a model's lm_head) feeds no statistic.
-        self.stop_when_done = stop_when_done
-        self._pending: set[str] = set()
-        self.values = dict(values or {})
-        self.timer = timer or Timer()
-        self.groups: dict[str, SecondMoment] = {}
-        self.group_of: dict[str, str] = {}
-        self.value_group_of: dict[str, str] = {}
-        self.token_mask: torch.Tensor | None = None  # (batch, seq) bool of the batch being run
-        self._last_input: torch.Tensor | None = None
-        self._last_group: str | None = None
-        self._value_input: torch.Tensor | None = None
-        self._product: torch.Tensor | None = None
-        self._handles = []
-
-    def __enter__(self) -> "_MomentCollector":
-        for name, module in self.modules.items():
-            self._handles.append(module.register_forward_pre_hook(self._hook(name)))
-        for name, (attention, v_proj, n_kv) in self.values.items():
-            self._handles.append(v_proj.register_forward_pre_hook(self._keep_value_input))
-            self._handles.append(attention.register_forward_hook(self._value_hook(name, n_kv)))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self._last_input = self._value_input = self._product = None
-        for group, moment in self.groups.items():
-            if group not in self.value_group_of.values():
-                _mirror_lower_(moment.total)
-                if moment.half is not None:  # total summed the odd-numbered windows only until now
-                    _mirror_lower_(moment.half)
-                    moment.total += moment.half
-
-    def normalize_(self) -> None:
-        """Divide every sum by its count in place (no copy of a moment is made later)."""
-        for moment in self.groups.values():
-            moment.normalize_()
-
-    def start_batch(self, attention_mask: torch.Tensor | None, windows: int) -> None:
-        """Before each batch's forward: its padding mask (None: no padding) and its number of windows (rows)."""
-        self._first_window += self._windows
-        self._windows = windows
-        self.token_mask = None if attention_mask is None else attention_mask.bool()
-        self._last_input = None
-        self._pending = set(self.modules) | {name + VALUE_GROUP_SUFFIX for name in self.values}
-
-    def _done(self, key: str) -> None:
-        self._pending.discard(key)
-        if self.stop_when_done and not self._pending:
-            raise _StopForward
-
-    def _hook(self, name: str):
-        def hook(module, args):
-            x = args[0]
-            if x is self._last_input:  # same tensor as the previous module (q/k/v, gate/up): already counted
-                self.group_of.setdefault(name, self._last_group)
-            else:
-                group = self.group_of.setdefault(name, name)
-                self._last_input, self._last_group = x, group
-                with self.timer("moments"):
-                    self._accumulate(name, group, x)
-            self._done(name)
-
-        return hook
-
-    def _keep_value_input(self, module, args) -> None:
-        self._value_input = args[0]
-
-    def _value_hook(self, name: str, n_kv: int | None):
-        def hook(module, args, out):
-            probs = out[1] if isinstance(out, (tuple, list)) and len(out) > 1 else None
-            if probs is None or self._value_input is None:
-                raise RuntimeError(
-                    f"{name}: the attention module returned no attention probabilities; the attention-weighted "
-                    "v_proj moment needs eager attention: use value_moment='plain' for this model"
-                )
-            mask = self.token_mask
-            if mask is not None and mask.shape != self._value_input.shape[:2]:
-                mask = None
-            with self.timer("moments"):
-                total, count = mixed_value_moment(self._value_input, probs, mask, num_kv_heads=n_kv)
-            group = self.value_group_of.setdefault(name, f"{name}{VALUE_GROUP_SUFFIX}")
-            if group not in self.groups:
-                with _long_lived_allocations():
-                    self.groups[group] = SecondMoment(torch.zeros_like(total))
-            moment = self.groups[group]
-            moment.total += total
-            moment.n_tokens += count
-            self._value_input = None
-            self._done(name + VALUE_GROUP_SUFFIX)
-
-        return hook
-
-    def _accumulate(self, name: str, group: str, x: torch.Tensor) -> None:
-        flat = x.detach().reshape(-1, x.shape[-1])
-        keep = self.token_mask
-        keep = None if keep is None or keep.numel() != flat.shape[0] or bool(keep.all()) else keep.reshape(-1)
-        even = None  # which rows belong to even-numbered windows
-        if self.split and x.dim() == 3 and x.shape[0] == self._windows:
-            window = torch.arange(self._first_window, self._first_window + x.shape[0], device=flat.device)
-            even = (window % 2 == 0).repeat_interleave(x.shape[1])
-            even = even if keep is None else even[keep.to(flat.device)]
-        if keep is not None:  # a copy only if padded
-            flat = flat[keep.to(flat.device)]
-        flat = flat.float()
-        if not torch.isfinite(flat).all():
-            raise ValueError(
-                f"non-finite (NaN/inf) activations at the input of {name!r}: the model overflowed on the "
-                "calibration data. Run calibration in float32 (model.float()) or check the inputs."
-            )
-        n = flat.shape[1]
-        moment = self.groups.get(group)
-        if moment is None:
-            with _long_lived_allocations():
-                moment = self.groups[group] = SecondMoment(torch.zeros(n, n, dtype=torch.float64, device=flat.device))
-                if self.split:
-                    moment.half = torch.zeros(n, n, dtype=torch.float32, device=flat.device)
-        if even is None or moment.half is None:
-            self._add_products(moment.total, flat)
-        else:  # odd windows into total, even ones into half; __exit__ adds half to total
-            self._add_products(moment.total, flat[~even])
-            self._add_products(moment.half, flat[even])
-            moment.n_half += int(even.sum())
-        moment.n_tokens += flat.shape[0]
-
-    def _add_products(self, total: torch.Tensor, flat: torch.Tensor) -> None:
-        """``total += flat^T flat``, lower block triangle only (``_mirror_lower_`` at exit). fp32 products in column
-        blocks into one reused buffer: the temporaries stay small (a 7B down_proj's full product is 2 GiB) and
-        nothing is allocated per block; the fp64 running sum takes them without an fp64 temporary."""
-        n = flat.shape[1]
-        product = self._product_buffer(n, flat)
-        for start in range(0, n, _BLOCK):
-            block = flat[:, start:start + _BLOCK]
-            out = product.view(-1)[: (n - start) * block.shape[1]].view(n - start, block.shape[1])  # contiguous
-            torch.mm(flat[:, start:].T, block, out=out)
-            total[start:, start:start + _BLOCK].add_(out)
-
-    def _product_buffer(self, n: int, like: torch.Tensor) -> torch.Tensor:
-        """An fp32 (n, _BLOCK) buffer for one block of products, kept for the collector's life."""
-        buffer = self._product
-        if buffer is None or buffer.shape[0] < n or buffer.device != like.device:
-            with _long_lived_allocations():
-                buffer = self._product = torch.empty(n, _BLOCK, dtype=torch.float32, device=like.device)
-        return buffer
-
-
-def _mirror_lower_(total: torch.Tensor) -> None:
-    """Copy the lower block triangle that ``_accumulate`` computes onto the upper one, in place (block by block: no
-    temporary of the matrix's size)."""
-    for start in range(0, total.shape[0] - _BLOCK, _BLOCK):
-        end = start + _BLOCK
-        total[start:end, end:] = total[end:, start:end].T
 
 
 @contextlib.contextmanager
@@ -598,10 +469,6 @@ def _linears(module: torch.nn.Module, prefix: str) -> dict[str, torch.nn.Linear]
     return {prefix + n: m for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
-class _StopForward(Exception):
-    pass
-
-
 def _to(obj, device: torch.device, moved: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None):
     """Tensors (also inside dicts, tuples and lists) moved to ``device``; ``moved`` (id -> (original, copy)) moves
     a tensor referenced several times only once (the original is kept alive, so its id is not reused)."""
@@ -661,7 +528,7 @@ def _capture_layer_inputs(model, layers, batches, device: torch.device):
                 hidden.append(h.to(device))
             kwargs[i].append(_to(kw, device, moved))
             if i == len(layers) - 1:
-                raise _StopForward
+                raise StopForward
             return h
 
         return forward
@@ -674,7 +541,7 @@ def _capture_layer_inputs(model, layers, batches, device: torch.device):
         for batch in batches:
             try:
                 model(**_to(dict(batch), source), use_cache=False)
-            except _StopForward:
+            except StopForward:
                 pass
     finally:
         for layer, forward in zip(layers, own):
@@ -683,63 +550,6 @@ def _capture_layer_inputs(model, layers, batches, device: torch.device):
             else:
                 layer.forward = forward
     return hidden, kwargs
-
-
-# ---- where the C heap puts allocations (glibc; no-ops elsewhere) -------------------------------------------------
-#
-# A long job that keeps some tensors for many layers (moments, compressed weights, the hidden states) and makes many
-# short-lived ones (activations, solver temporaries) fragments glibc's heap when both come from it: the peak resident
-# size then grows from layer to layer. Allocations of 1 MiB or more are therefore mmapped (their pages go back to the
-# OS on free), except inside the forward passes, whose activations are all freed by the pass's end and would
-# otherwise each pay the page faults of a fresh mapping (SmolLM2's forward: 37% slower with every activation mapped).
-
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-_LONG_LIVED_BYTES = 1 << 20  # mmapped from this size on: freed pages go back to the OS at once
-_TRANSIENT_BYTES = 32 << 20  # glibc's largest threshold: activations below it come from (and return to) the heap
-_mmap_threshold = [None]
-
-
-def _set_mmap_threshold(nbytes: int) -> None:
-    """glibc serves allocations of ``nbytes`` or more by their own mmap from now on (this also stops glibc from
-    raising the threshold by itself as large blocks are freed)."""
-    if _mmap_threshold[0] == nbytes:
-        return
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, nbytes)
-    except (OSError, AttributeError):
-        return
-    _mmap_threshold[0] = nbytes
-
-
-@contextlib.contextmanager
-def _allocations(nbytes: int):
-    before = _mmap_threshold[0]
-    _set_mmap_threshold(nbytes)
-    try:
-        yield
-    finally:
-        if before is not None:
-            _set_mmap_threshold(before)
-
-
-def _transient_allocations():
-    """Inside: short-lived activations come from the heap (all freed when the block ends; ``_release_free_memory``
-    then hands them back)."""
-    return _allocations(_TRANSIENT_BYTES)
-
-
-def _long_lived_allocations():
-    """Inside: a tensor that outlives the forward pass (a moment) is mmapped, so it does not pin the heap."""
-    return _allocations(_LONG_LIVED_BYTES)
-
-
-def _release_free_memory() -> None:
-    """Hand the heap memory freed by the last layer back to the OS (glibc keeps it otherwise, and the peak resident
-    size of a long job grows with fragmentation); a no-op elsewhere."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _output(out):

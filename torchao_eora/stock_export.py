@@ -23,6 +23,7 @@ import torch
 from .config import EoRAConfig
 from .hf import untie_compressed_head
 from .io_utils import canonicalize_safetensors_header
+from .peft_experts import experts_base_only
 from .tensor import QuantWithLowRank
 
 __all__ = ["BASE_FORMATS", "BaseFormat", "stock_base", "stock_weight", "write_stock_base"]
@@ -104,6 +105,7 @@ def stock_base(
     model's ``EoRAConfig`` (only its symmetric / asymmetric mapping is recorded). Everything is restored on exit."""
     modules = {n: m for n, m in model.named_modules() if isinstance(m._parameters.get("weight"), QuantWithLowRank)}
     saved_weights = {m: m.weight for m in modules.values()}
+    experts = contextlib.ExitStack()
     hf_config = model.config
     had_quant = "quantization_config" in hf_config.__dict__
     saved_quant, saved_quantizer = getattr(hf_config, "quantization_config", None), getattr(model, "hf_quantizer", None)
@@ -117,6 +119,7 @@ def stock_base(
                          "as plain dense weights (first: %s)", len(dense), dense[0])
         for module in modules.values():
             module.weight = torch.nn.Parameter(stock_weight(module.weight, base_format), requires_grad=False)
+        experts.enter_context(experts_base_only(model, dense=True))  # no stock 3-D intx type: plain W_c
         if quant_config is None:
             hf_config.__dict__.pop("quantization_config", None)
             model.hf_quantizer = None
@@ -127,6 +130,7 @@ def stock_base(
             model.hf_quantizer = AutoHfQuantizer.from_config(quant_config)
         yield model
     finally:
+        experts.close()
         for module, w in saved_weights.items():
             module.weight = w
         if had_quant:

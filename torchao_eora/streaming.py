@@ -1,11 +1,12 @@
 """Compress a checkpoint larger than memory: one decoder layer's weights materialised at a time.
 
 :func:`quantize_checkpoint` builds the model on the meta device, reads each tensor lazily from the safetensors
-shards, runs the sequential pass (``sequential.py``) with a ``LayerIO`` that loads layer ``i`` onto the compute
+shards under its in-memory name (``checkpoint_names.py``: per-expert tensors fused, renamed heads), runs the sequential pass (``sequential.py``) with a ``LayerIO`` that loads layer ``i`` onto the compute
 device, and writes it out as a shard as soon as it is compressed, then frees it. The output directory is the
 checkpoint ``save_pretrained`` writes (safetensors shards with torchao metadata, an index, ``config.json`` with the
 ``TorchAoConfig``, the tokenizer files), swapped into place atomically once complete: ``from_pretrained`` and
-``load_pretrained`` load it. Peak memory is about one layer's weights, statistics and solver work, plus the
+``load_pretrained`` load it. Until then the shards are kept in ``.OUT.partial``, so a killed job resumes from its
+last written layer (``resume.py``). Peak memory is about one layer's weights, statistics and solver work, plus the
 calibration activations, not the model.
 """
 
@@ -22,9 +23,11 @@ from safetensors import safe_open
 
 from .calibration import Calibration
 from .checkpoint_checks import check_plain_checkpoint, checkpoint_headers
+from .checkpoint_names import CheckpointLayout
 from .config import EoRAConfig
 from .hf import attach_quantizer, check_safetensors_only
-from .io_utils import atomic_directory, save_safetensors
+from .io_utils import save_safetensors
+from .resume import PartialJob, job_identity
 from .sequential import compress_sequential, compute_device, find_decoder_layers
 from .timing import Timer
 
@@ -53,7 +56,7 @@ class ShardedWeights:
         return tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype)
 
 
-def _materialise(module: torch.nn.Module, prefix: str, weights: ShardedWeights, dtype, device) -> None:
+def _materialise(module: torch.nn.Module, prefix: str, weights: CheckpointLayout, dtype, device) -> None:
     """Give every parameter and persistent buffer of ``module`` its checkpoint value (``prefix`` + its name)."""
     from accelerate.utils import set_module_tensor_to_device
 
@@ -64,12 +67,12 @@ def _materialise(module: torch.nn.Module, prefix: str, weights: ShardedWeights, 
 class StreamingIO:
     """``LayerIO`` for :func:`compress_sequential`: load layer ``i`` from the shards, write it out when done, free it."""
 
-    def __init__(self, model: torch.nn.Module, weights: ShardedWeights, out: Path, layers_prefix: str, n_shards: int,
-                 dtype: torch.dtype, timer: Timer):
+    def __init__(self, model: torch.nn.Module, weights: CheckpointLayout, out: Path, layers_prefix: str,
+                 n_shards: int, dtype: torch.dtype, timer: Timer, job: PartialJob | None = None):
         self.model, self.weights, self.out, self.prefix = model, weights, out, layers_prefix
-        self.n_shards, self.dtype, self.timer = n_shards, dtype, timer
+        self.n_shards, self.dtype, self.timer, self.job = n_shards, dtype, timer, job
         # every shard names all tensors written, as save_pretrained's do (a tied lm_head is not written)
-        self.tensor_names = [k for k in model.state_dict() if k.startswith(layers_prefix + ".") or k in weights.file_of]
+        self.tensor_names = [k for k in model.state_dict() if k.startswith(layers_prefix + ".") or k in weights]
         self.weight_map: dict[str, str] = {}
         self.total_bytes = 0
 
@@ -79,15 +82,37 @@ class StreamingIO:
                 for name, param in self.model.named_parameters():
                     if not name.startswith(self.prefix + ".") and not param.is_meta:
                         _free(self.model, name)
-            _materialise(layer, f"{self.prefix}.{index}.", self.weights, self.dtype, device)
+            if self.written(index):  # a resumed job: the compressed layer, only to compute the next one's inputs
+                _load_compressed(layer, f"{self.prefix}.{index}.", self.out / self._shard_name(index + 1), device)
+            else:
+                _materialise(layer, f"{self.prefix}.{index}.", self.weights, self.dtype, device)
+
+    def written(self, index: int) -> bool:
+        """Whether layer ``index`` is on disk already (a resumed job)."""
+        return self.job is not None and self.job.written(index)
 
     def done(self, index: int, layer: torch.nn.Module) -> None:
         # outside inference mode: the compressed weights are normal tensors, and torchao's subclass detach cannot
         # make an inference tensor of one
         with self.timer("io"), torch.inference_mode(False):
-            state = {f"{self.prefix}.{index}.{k}": v.detach().to("cpu") for k, v in layer.state_dict().items()}
-            self.write(index + 1, state)
+            if self.written(index):
+                self._account(self._shard_name(index + 1))
+            else:
+                state = {f"{self.prefix}.{index}.{k}": v.detach().to("cpu") for k, v in layer.state_dict().items()}
+                self.write(index + 1, state)
+                if self.job is not None:
+                    self.job.layer_written(index)
             _to_meta(layer)  # free it: the next layer needs the memory
+
+    def _shard_name(self, shard: int) -> str:
+        return f"model-{shard:05d}-of-{self.n_shards:05d}.safetensors"
+
+    def _account(self, name: str) -> None:
+        """Count a shard written by the run this one resumes into the index."""
+        with safe_open(str(self.out / name), framework="pt") as f:
+            for key in f.keys():
+                self.weight_map[key] = name
+                self.total_bytes += f.get_tensor(key).nbytes
 
     def write(self, shard: int, state: Mapping[str, torch.Tensor]) -> None:
         """One shard, with the torchao metadata of its tensors and the names of all of the model's tensors."""
@@ -95,7 +120,7 @@ class StreamingIO:
 
         tensors, metadata = flatten_tensor_state_dict(dict(state))
         metadata = {**metadata, "tensor_names": json.dumps(self.tensor_names), "format": "pt"}
-        name = f"model-{shard:05d}-of-{self.n_shards:05d}.safetensors"
+        name = self._shard_name(shard)
         save_safetensors({k: v.contiguous() for k, v in tensors.items()}, self.out / name, metadata)
         self.weight_map.update({key: name for key in tensors})
         self.total_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
@@ -114,6 +139,8 @@ def quantize_checkpoint(
     overwrite: bool = False,
     timer: Timer | None = None,
     progress: bool = True,
+    allow_partial: bool = False,
+    resume: bool = False,
 ) -> Calibration:
     """Compress the checkpoint in ``model_dir`` into ``out_dir``, one decoder layer in memory at a time.
 
@@ -126,6 +153,10 @@ def quantize_checkpoint(
         device: where each layer is compressed (default: CUDA when present, else CPU).
         keep_statistics: keep every layer's second moments in the returned ``Calibration`` (to save them).
         timer: adds seconds to ``forward``, ``moments``, ``compress``, ``shrinkage``, ``solve`` and ``io``.
+        allow_partial: compress what is supported even if a large weight holder would stay uncompressed.
+        resume: continue the killed job that was writing ``out_dir`` (same source, config, dtype and calibration
+            tokens, else ValueError) from its last written layer; the result is the uninterrupted run's, bit for
+            bit. Without it, what a killed job left is discarded.
 
     Returns:
         The ``Calibration`` of the pass (its ``bytes_written`` attribute is the payload written).
@@ -135,14 +166,15 @@ def quantize_checkpoint(
 
     timer = timer or Timer()
     device = torch.device(device) if device is not None else compute_device()
-    weights = ShardedWeights(model_dir)
-    source = weights.directory
+    shards = ShardedWeights(model_dir)
+    source = shards.directory
     with timer("io"):
         model_config = AutoConfig.from_pretrained(source, local_files_only=True, trust_remote_code=False)
         with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary tables) real
             model = AutoModelForCausalLM.from_config(model_config, dtype=dtype).eval()
+    weights = CheckpointLayout(model, shards)  # in-memory names: per-expert tensors fused, heads renamed, ...
     prefix, layers = find_decoder_layers(model)
-    check_plain_checkpoint(model, weights.headers)  # names, shapes and dtypes, before anything is written
+    check_plain_checkpoint(model, weights.headers(shards.headers))  # names, shapes, dtypes: before anything is written
     state_keys = list(model.state_dict())  # tied weights appear once
     outside = [k for k in weights.keys() if not k.startswith(prefix + ".") and k in state_keys]
     head = model.get_output_embeddings()
@@ -152,21 +184,32 @@ def quantize_checkpoint(
         for key in needed:
             _materialise_key(model, key, weights, dtype)
 
-    with atomic_directory(out_dir, sources=[source], overwrite=overwrite) as tmp:
-        io = StreamingIO(model, weights, tmp, prefix, len(layers) + len(outside), dtype, timer)
+    batches = list(batches)
+    if resume and keep_statistics:
+        raise ValueError("a resumed job has no statistics of the layers written before: drop keep_statistics "
+                         "(--save-calibration) or start over without resume")
+    job = PartialJob(out_dir, job_identity(source, config, dtype, batches), resume=resume, sources=[source],
+                     overwrite=overwrite)
+    tmp = job.path  # kept if the job fails or is killed after its first layer: resume=True continues it
+    io = StreamingIO(model, weights, tmp, prefix, len(layers) + len(outside), dtype, timer, job)
+    try:
         calib = compress_sequential(model, batches, config, keep_statistics=keep_statistics, layer_io=io,
-                                    device=device, progress=progress, timer=timer)
-        with timer("io"):
-            for shard, key in enumerate(outside, start=len(layers) + 1):  # one tensor per shard: bounded memory
-                io.write(shard, {key: weights.get(key, dtype)})
-            (tmp / _INDEX).write_text(json.dumps(
-                {"metadata": {"total_size": io.total_bytes}, "weight_map": dict(sorted(io.weight_map.items()))},
-                indent=2) + "\n")
-            attach_quantizer(model, config)
-            model.config.save_pretrained(tmp)
-            for file in sorted(source.iterdir()):  # tokenizer, generation config, chat template, ...
-                if file.is_file() and file.suffix != ".safetensors" and file.name not in _NOT_COPIED:
-                    shutil.copy2(file, tmp / file.name)
+                                    device=device, progress=progress, timer=timer, allow_partial=allow_partial)
+    except BaseException:
+        job.discard_if_empty()  # bad settings fail before the first layer: nothing to resume, nothing left behind
+        raise
+    with timer("io"):
+        for shard, key in enumerate(outside, start=len(layers) + 1):  # one tensor per shard: bounded memory
+            io.write(shard, {key: weights.get(key, dtype)})
+        (tmp / _INDEX).write_text(json.dumps(
+            {"metadata": {"total_size": io.total_bytes}, "weight_map": dict(sorted(io.weight_map.items()))},
+            indent=2) + "\n")
+        attach_quantizer(model, config)
+        model.config.save_pretrained(tmp)
+        for file in sorted(source.iterdir()):  # tokenizer, generation config, chat template, ...
+            if file.is_file() and file.suffix != ".safetensors" and file.name not in _NOT_COPIED:
+                shutil.copy2(file, tmp / file.name)
+    job.finish()
     calib.bytes_written = io.total_bytes
     return calib
 
@@ -192,7 +235,28 @@ def _free(model: torch.nn.Module, key: str) -> None:
     set_module_tensor_to_device(model, key, "meta")
 
 
-def _materialise_key(model: torch.nn.Module, key: str, weights: ShardedWeights, dtype) -> None:
+def _materialise_key(model: torch.nn.Module, key: str, weights: CheckpointLayout, dtype) -> None:
     from accelerate.utils import set_module_tensor_to_device
 
     set_module_tensor_to_device(model, key, "cpu", value=weights.get(key, dtype))
+
+
+def _load_compressed(layer: torch.nn.Module, prefix: str, shard: Path, device) -> None:
+    """Give ``layer`` the compressed tensors a previous run wrote into ``shard`` (names start with ``prefix``)."""
+    from accelerate.utils import set_module_tensor_to_device
+    from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
+
+    with safe_open(str(shard), framework="pt") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    own = [n for n in json.loads(metadata["tensor_names"]) if n in metadata]  # the shard lists the model's tensors
+    state, _ = unflatten_tensor_state_dict(tensors, {**metadata, "tensor_names": json.dumps(own)})
+    for key, value in state.items():
+        name = key[len(prefix):]
+        if type(value) in (torch.Tensor, torch.nn.Parameter):
+            set_module_tensor_to_device(layer, name, device, value=value)
+        else:  # a compressed weight: a frozen parameter holding the tensor subclass
+            module_name, _, param = name.rpartition(".")
+            with torch.inference_mode(False):
+                layer.get_submodule(module_name)._parameters[param] = torch.nn.Parameter(value.to(device),
+                                                                                       requires_grad=False)

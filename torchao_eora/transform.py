@@ -196,6 +196,10 @@ def eora_module_transform(module: torch.nn.Module, config: EoRAConfig, **kwargs)
             return module  # not a calibrated layer (lm_head, vision tower, ...): leave it alone
         _check_all_once(calib, {n: m for m, n in list(calib._names.items())}, config)
         check_targets({name: module}, config, warn=False)
+        if call is not None:  # experts are not linears: quantize_ never visits them, so the first linear installs them
+            from .experts import install_calibrated_experts
+
+            install_calibrated_experts(call[1], calib.results)
         done = calib.results.get(name)
         if done is not None and calib.config == config:  # sequential calibration already compressed it: install
             install(module, done)
