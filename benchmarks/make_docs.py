@@ -308,9 +308,30 @@ def solver_accuracy(root: Path):
     return _table(header, out), sources
 
 
+def moe_study(root: Path):
+    """Routed EoRA on the experts of a random Qwen3-MoE layer against plain SVD, by calibration size."""
+    name = "moe_study.json"
+    out = []
+    for r in _load(root, name)["results"]:
+        tokens = r["tokens per expert"]
+        svd, plain, weighted = r["svd"], r["eora plain down"], r["eora weighted down"]
+        beats, worse, worst = (r[k] for k in ("eora beats svd (gate_up, down), experts",
+                                              "eora worse than svd by > 1% (gate_up, down), experts",
+                                              "worst eora / svd (gate_up, down)"))
+        out.append([str(r["windows"]), f"{min(tokens)}-{max(tokens)}",
+                    f"{svd['gate_up_proj']:.3f} / {svd['down_proj']:.3f} / {svd['block']:.3f}",
+                    f"{plain['block']:.4f}", f"{weighted['gate_up_proj']:.3f} / {weighted['down_proj']:.3f} / "
+                    f"{weighted['block']:.4f}", f"{beats[0]}/{len(tokens)}, {beats[1]}/{len(tokens)}",
+                    f"{worse[1]} (worst {worst[1]:.3f}x)"])
+    header = ["windows", "tokens per expert", "SVD: gate_up / down / block", "EoRA, plain down: block",
+              "EoRA, routing-weighted down (default): gate_up / down / block", "experts where EoRA beats SVD "
+              "(gate_up, down)", "down experts > 1% worse than SVD"]
+    return _table(header, out), [name]
+
+
 TABLES = {f.__name__.replace("_", "-"): f for f in (
     headline, quality_rtn, paper_suite, gptq_engine, residual_options, attention_residual, adapter_bits,
-    bits_adapters, decode_cpu, layers_cpu, layers_h200, scale, solve_scaling, solver_accuracy)}
+    bits_adapters, decode_cpu, layers_cpu, layers_h200, scale, solve_scaling, solver_accuracy, moe_study)}
 
 
 def render(name: str, root: Path, doc: Path) -> str:

@@ -91,8 +91,9 @@ def synthetic_moment(n: int, tokens: int, generator: torch.Generator, device) ->
         c = mix.T @ (z.T @ z) @ mix
         c.diagonal().add_(0.05 * (tokens // 2))
         halves.append(c.mul_(scales[:, None]).mul_(scales[None, :]))
-    moment = SecondMoment(halves[0].double() + halves[1], tokens, half=halves[0], n_half=tokens // 2)
-    return moment.normalize_()
+    total = halves[0].double()
+    total += halves.pop()  # in place: a 70B down_proj's fp64 moment is 6.6 GB
+    return SecondMoment(total, tokens, half=halves[0], n_half=tokens // 2).normalize_()
 
 
 def layer_linears(shape: dict) -> dict[str, tuple[int, int, str]]:
