@@ -257,21 +257,29 @@ def layers_h200(root: Path):
         ["speed_h200_llama3_layers.json"]
 
 
+def _ratio(row: dict) -> str:
+    if "ratio_to_two_bare_forwards" not in row:
+        return "-"
+    return (f"**{row['ratio_to_two_bare_forwards']:.2f}** ({row['calibration_and_compression_s']:,.0f} s / "
+            f"{2 * row['bare_forward_s']:,.0f} s)")
+
+
 def scale(root: Path):
     rows = _load(root, "scale_cpu.json")["rows"]
     big, small = rows["big"], rows["smollm2"]
-    ph = lambda r: " / ".join(f"{r['phases_s'][k]:,.0f}" if r['phases_s'][k] >= 10 else f"{r['phases_s'][k]:.1f}" for k in ("forward", "moments", "compress", "solve", "io"))  # noqa
+    phases = ("forward", "moments", "compress", "shrinkage", "solve", "io")
+    ph = lambda r: " / ".join("-" if k not in r["phases_s"] else f"{r['phases_s'][k]:,.0f}" if r["phases_s"][k] >= 10 else f"{r['phases_s'][k]:.1f}" for k in phases)  # noqa
     out = [["model", big["model"], small["model"]],
            ["calibration", big["calibration"], small["calibration"]],
            ["checkpoint", f"{big['checkpoint_gib']:.2f} GiB", "(GGUF, in memory)"],
            ["**peak RSS**", f"**{big['peak_rss_gib']:.2f} GiB = {100 * big['peak_rss_fraction_of_checkpoint']:.1f}% of "
                             f"the checkpoint**", f"{small['peak_rss_gib']:.2f} GiB"],
            ["wall", f"{big['wall_s']:,.0f} s", f"{small['wall_s']:,.0f} s"],
-           ["forward / moments / compress / solve / io (s)", ph(big), ph(small)],
+           ["forward / moments / compress / shrinkage / solve / io (s)", ph(big), ph(small)],
            ["written", f"{big['written_gib']:.2f} GiB", f"{small['written_gib']:.2f} GiB"],
-           ["calibration + compression / two bare forwards", "-",
-            f"**{small['ratio_to_two_bare_forwards']:.2f}** ({small['calibration_and_compression_s']:.0f} s / "
-            f"{2 * small['bare_forward_s']:.0f} s)"]]
+           ["calibration + compression / two bare forwards", _ratio(big), _ratio(small)]]
+    out.insert(2, ["compression", big.get("compression", "3-bit g128 RTN + EoRA r64"),
+                   small.get("compression", "3-bit g64 RTN + EoRA r64")])
     return _table(out[0], out[1:]), ["scale_cpu.json"]
 
 

@@ -108,6 +108,7 @@ def measure_big(args) -> dict:
     model = (f"random Llama {shape['num_hidden_layers']} x {shape['hidden_size']} / {shape['intermediate_size']}, "
              f"vocab {shape['vocab_size']}")
     row.update({"model": model, "calibration": f"{args.calib_samples} x 512, {args.calib_batch_size} per forward",
+                "compression": "3-bit g64 RTN + EoRA r192, int4 adapters, shrinkage auto (CLI defaults)",
                 "checkpoint_gib": round(checkpoint / 2**30, 3), "written_gib": round(directory_bytes(out) / 2**30, 3)})
     row["peak_rss_fraction_of_checkpoint"] = round(row["peak_rss_gib"] * 2**30 / checkpoint, 3)
     bare = bare_forward_seconds(args.calib_samples, str(source), args.calib_batch_size)
