@@ -85,15 +85,18 @@ def synthetic_moment(n: int, tokens: int, generator: torch.Generator, device) ->
     scales = torch.exp(0.5 * torch.randn(n, generator=generator))
     scales[: max(1, n // 512)] *= 20
     mix, scales = mix.to(device), scales.to(device)
-    halves = []
-    for _ in range(2):
-        z = torch.randn(tokens // 2, latent, generator=generator).to(device)
-        c = mix.T @ (z.T @ z) @ mix
-        c.diagonal().add_(0.05 * (tokens // 2))
-        halves.append(c.mul_(scales[:, None]).mul_(scales[None, :]))
-    total = halves[0].double()
-    total += halves.pop()  # in place: a 70B down_proj's fp64 moment is 6.6 GB
-    return SecondMoment(total, tokens, half=halves[0], n_half=tokens // 2).normalize_()
+    def half_sum(rows: slice, latent_moment: torch.Tensor) -> torch.Tensor:
+        c = mix.T[rows] @ latent_moment @ mix
+        c.diagonal(rows.start or 0).add_(0.05 * (tokens // 2))
+        return c.mul_(scales[rows, None]).mul_(scales[None, :])
+
+    moments = [(lambda z: z.T @ z)(torch.randn(tokens // 2, latent, generator=generator).to(device)) for _ in range(2)]
+    half = half_sum(slice(0, n), moments[0])
+    total = half.double()
+    for start in range(0, n, 4096):  # the other half in row blocks: a 70B down_proj's full fp32 sum is 3.3 GB
+        rows = slice(start, min(n, start + 4096))
+        total[rows] += half_sum(rows, moments[1])
+    return SecondMoment(total, tokens, half=half, n_half=tokens // 2).normalize_()
 
 
 def layer_linears(shape: dict) -> dict[str, tuple[int, int, str]]:
