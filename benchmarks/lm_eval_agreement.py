@@ -123,8 +123,9 @@ def main(argv=None) -> int:
     p.add_argument("--work-dir", default="lm_eval_work", help="checkpoint, adapter and lm-eval outputs")
     p.add_argument("--json", default=None, help="write the numbers here")
     args = p.parse_args(argv)
-    result = {"environment": environment(), "args": vars(args), **measure(Path(args.work_dir), args.limit,
-                                                                          args.calib_samples, checkpoint=args.checkpoint)}
+    measured = measure(Path(args.work_dir), args.limit, args.calib_samples, checkpoint=args.checkpoint)
+    settings = {k: v if v is None or isinstance(v, int) else str(v) for k, v in vars(args).items()}  # JSON-safe
+    result = {"environment": environment(), "args": settings, **measured}
     print(json.dumps(result["rows"], indent=1))
     if args.json:
         write_json(args.json, result)
