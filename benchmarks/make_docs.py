@@ -338,9 +338,20 @@ def moe_study(root: Path):
     return _table(header, out), [name]
 
 
+def lm_eval(root: Path):
+    """lm-evaluation-harness (both routes) against our own scoring, on the same documents."""
+    data = _load(root, "lm_eval_smollm2.json")
+    pair = lambda m: f"{m['acc']:.2f} / {m['acc_norm']:.2f}"  # noqa: E731
+    out = [[task, str(r["docs"]), pair(r["lm_eval_checkpoint"]), pair(r["lm_eval_peft"]),
+            pair(r["ours_same_requests"]), pair(r["ours_zero_shot"])] for task, r in data["rows"].items()]
+    header = ["task", "docs", "lm-eval, our checkpoint", "lm-eval, torchao base + PEFT",
+              "ours, lm-eval's requests", "ours, `torchao-eora eval`"]
+    return _table(header, out), ["lm_eval_smollm2.json"]
+
+
 TABLES = {f.__name__.replace("_", "-"): f for f in (
     headline, quality_rtn, paper_suite, gptq_engine, residual_options, attention_residual, adapter_bits,
-    bits_adapters, decode_cpu, layers_cpu, layers_h200, scale, solve_scaling, solver_accuracy, moe_study)}
+    bits_adapters, decode_cpu, layers_cpu, layers_h200, scale, solve_scaling, solver_accuracy, moe_study, lm_eval)}
 
 
 def render(name: str, root: Path, doc: Path) -> str:

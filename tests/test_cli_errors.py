@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from torchao_eora import cli
 
@@ -149,3 +150,17 @@ def test_help_prints_nothing_but_help():
     assert result.stderr == ""
     assert "Failed to load" not in result.stdout and "register_constant" not in result.stdout
     assert "--overwrite" in result.stdout and "--calib-samples" in result.stdout
+
+
+def test_the_demo_rank_fits_every_smollm2_layer_without_a_warning(caplog):
+    """SmolLM2's k_proj/v_proj are 192 x 576: the demo's rank must need no clamping there (no warning)."""
+    from torchao_eora import EoRAConfig, RTNConfig
+    from torchao_eora.targets import check_targets, module_rank
+
+    config = EoRAConfig(rank=cli.DEMO_RANK, base=RTNConfig(bits=3, group_size=64), adapter_bits=cli.DEFAULT_ADAPTER_BITS)
+    shapes = {"q_proj": (576, 576), "k_proj": (192, 576), "v_proj": (192, 576), "o_proj": (576, 576),
+              "gate_proj": (1536, 576), "up_proj": (1536, 576), "down_proj": (576, 1536)}
+    assert all(module_rank(config, *shape) == cli.DEMO_RANK for shape in shapes.values())
+    with caplog.at_level("WARNING"):
+        check_targets({n: torch.nn.Linear(i, o, bias=False) for n, (o, i) in shapes.items()}, config)
+    assert not caplog.records
