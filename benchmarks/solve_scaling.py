@@ -69,7 +69,10 @@ def default_config(base: str, rank: int | None, form: str):
     from torchao_eora.cli import DEFAULT_ADAPTER_BITS, DEFAULT_RANK
 
     compressor = GPTQConfig(bits=3, group_size=64) if base == "gptq" else RTNConfig(bits=3, group_size=64)
-    return EoRAConfig(rank=rank or DEFAULT_RANK, base=compressor, adapter_bits=DEFAULT_ADAPTER_BITS, form=form)
+    rank = rank or DEFAULT_RANK
+    group = next(g for g in (32, 16, 8, 4, 2, 1) if rank % g == 0)  # as the CLI picks it
+    return EoRAConfig(rank=rank, base=compressor, adapter_bits=DEFAULT_ADAPTER_BITS, adapter_group_size=group,
+                      form=form)
 
 
 def synthetic_moment(n: int, tokens: int, generator: torch.Generator, device) -> "SecondMoment":  # noqa: F821
@@ -183,7 +186,7 @@ def run_shape(name: str, args: argparse.Namespace) -> dict:
     return {"shape": name, **shape, "device": str(device), "base": args.base, "rank": config.rank,
             "adapter_bits": config.adapter_bits, "form": args.form, "compress_s": round(sum(m["compress"] for m in modules), 1),
             "shrinkage_s": round(sum(m["shrinkage"] for m in modules), 1), "solve_s": round(solve, 1),
-            "forward_s": round(forward_s, 1), "forward_windows_timed": args.forward_windows,
+            "forward_s": round(forward_s, 3), "forward_windows_timed": args.forward_windows,
             "calib_windows": args.calib_windows, "solve_over_forward": round(solve / forward_s, 3),
             "peak_rss_gib": round(peak_memory_gib(), 2), "modules": modules}
 

@@ -90,3 +90,13 @@ def test_moe_study(tmp_path, monkeypatch):
     assert _main("moe_study.py", monkeypatch)(["--windows", "4", "--json", str(out)]) == 0
     row = json.loads(out.read_text())["results"][0]
     assert sum(row["tokens per expert"]) == 4 * 64 * 2 and row["eora weighted down"]["block"] < 1
+
+
+def test_solve_scaling(tmp_path):
+    out = tmp_path / "solve.json"
+    subprocess.run([sys.executable, str(BENCHMARKS / "solve_scaling.py"), "--shapes", "tiny", "--rank", "16",
+                    "--calib-windows", "2", "--forward-windows", "1", "--exact", "--json", str(out)],
+                   check=True, capture_output=True, timeout=600)
+    row = _rows(out)[0]
+    assert row["shape"] == "tiny" and row["solve_s"] > 0 and row["forward_s"] > 0 and row["peak_rss_gib"] > 0
+    assert len(row["modules"]) == 7 and all(abs(m["objective_rel_diff"]) < 1e-4 for m in row["modules"])
