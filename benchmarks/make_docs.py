@@ -288,7 +288,8 @@ def solve_scaling(root: Path):
     name = "solve_scaling_cpu.json"
     out = []
     for r in _load(root, name)["rows"]:
-        shapes = f"{r['hidden_size']} / {r['intermediate_size']}, kv {r['hidden_size'] // r['num_attention_heads'] * r['num_key_value_heads']}"
+        kv = r["hidden_size"] // r["num_attention_heads"] * r["num_key_value_heads"]
+        shapes = f"{r['hidden_size']} / {r['intermediate_size']}, kv {kv}"
         out.append([r["shape"], shapes, r["base"].upper(), f"{r['compress_s']:,.1f}", f"{r['shrinkage_s']:,.1f}",
                     f"{r['solve_s']:,.1f}", f"{r['forward_s']:,.0f}", f"**{r['solve_over_forward']:.2f}**",
                     f"{r['peak_rss_gib']:.1f}"])

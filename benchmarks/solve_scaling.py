@@ -162,8 +162,8 @@ def run_shape(name: str, args: argparse.Namespace) -> dict:
         # one-element cache, as calibration shares an input's eigendecomposition (only the exact forms use it)
         stats = ModuleStats(moment, lambda m=moment: _eigen(m))
         q = eora_quantize_tensor(weight, config, stats, timer=timer)
-        row = {"module": module, "shape": [out_features, in_features],
-               **{k: round(timer.seconds.get(k, 0.0) - before.get(k, 0.0), 2) for k in ("compress", "shrinkage", "solve")}}
+        spent = {k: round(timer.seconds.get(k, 0.0) - before.get(k, 0.0), 2) for k in ("compress", "shrinkage", "solve")}
+        row = {"module": module, "shape": [out_features, in_features], **spent}
         if args.exact:
             delta = weight - q.dequantize_base(torch.float32)
             amount = _chosen_amount(delta, config, stats, q.rank)
@@ -184,7 +184,8 @@ def run_shape(name: str, args: argparse.Namespace) -> dict:
     forward_s = 2 * per_window * args.calib_windows
     solve = sum(m["solve"] + m["shrinkage"] for m in modules)
     return {"shape": name, **shape, "device": str(device), "base": args.base, "rank": config.rank,
-            "adapter_bits": config.adapter_bits, "form": args.form, "compress_s": round(sum(m["compress"] for m in modules), 1),
+            "adapter_bits": config.adapter_bits, "form": args.form,
+            "compress_s": round(sum(m["compress"] for m in modules), 1),
             "shrinkage_s": round(sum(m["shrinkage"] for m in modules), 1), "solve_s": round(solve, 1),
             "forward_s": round(forward_s, 3), "forward_windows_timed": args.forward_windows,
             "calib_windows": args.calib_windows, "solve_over_forward": round(solve / forward_s, 3),

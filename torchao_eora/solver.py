@@ -464,7 +464,8 @@ def resolve_B(
 def weighted_error(
     delta: torch.Tensor, factors: LowRankFactors | None, second_moment: torch.Tensor, *, shrinkage: float = 0.0
 ) -> float:
-    """``||(delta - B A) X^T||_F`` computed from ``C = X^T X`` alone (shrunk by ``shrinkage``): ``sqrt(tr(E C E^T))``."""
+    """``||(delta - B A) X^T||_F`` computed from ``C = X^T X`` alone (shrunk by ``shrinkage``):
+    ``sqrt(tr(E C E^T))``."""
     e = delta.to(torch.float64)
     if factors is not None:
         e = e - factors.B.double() @ factors.A.double()

@@ -55,7 +55,8 @@ def eora_quantize_tensor(
     with timer("solve"):
         # One reduced frame of the error serves the shrinkage folds (data-free compressors share the error) and
         # the solve: its QR and Gram matrices are computed once.
-        problem = ReducedError(delta) if weighted is not None and config.form in ("auto", "randomized") else None
+        reduced = config.form in ("auto", "randomized") and config.compensation == "eora" and rank
+        problem = ReducedError(delta) if reduced and weighted is not None else None
     with timer("shrinkage"):
         amount = _shrinkage(folds, config, rank, problem, delta)
     with timer("solve"):
