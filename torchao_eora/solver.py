@@ -9,7 +9,10 @@ which only depends on the second moment ``C = X^T X`` (a global scale of ``C`` d
 Writing ``C = Q Q^T`` turns this into a plain Eckart-Young problem on ``dW Q``: the optimum keeps the top-r
 singular triplets of ``dW Q`` (arXiv 2410.21271).
 
-Two forms reach the same optimum:
+The default form (``"auto"``, :class:`ReducedError`) writes ``dW = F m`` with ``n = min(out, in)`` rows, so the
+residual's directions are the top eigenvectors of the ``n x n`` matrix ``m C m^T``: exact up to ``EXACT_SIZE``,
+randomized subspace iteration with a tolerance on the objective above (:func:`top_eigenpairs`; docs/solver.md). Two
+exact reference forms reach the same optimum:
 
 * ``"eigen"`` (the paper's): eigendecompose ``C = U diag(l) U^T``, ``Q = U diag(sqrt l)`` and truncate the SVD
   of ``dW Q`` to ``U_r S_r V_r^T``. Costs an ``in x in`` eigendecomposition, which every module reading the same
@@ -32,7 +35,8 @@ Shrinkage (:func:`shrink`, :func:`choose_shrinkage`): with few calibration token
 exact optimum for it fits the noise (EoRA then loses to plain SVD). ``C_a = (1 - a) C + a mean(diag C) I`` keeps the
 eigenvectors and lifts the small eigenvalues; ``a = 1`` is plain SVD exactly. ``a`` is chosen per module by 2-fold
 cross-validation on the calibration windows: fit on one half's moment, score the residual on the other's.
-Everything runs in fp64: ``dW`` is tiny relative to ``W`` and ``C`` can be badly conditioned.
+The small factorisations run in fp64 (``dW`` is tiny relative to ``W`` and ``C`` can be badly conditioned); the
+reduced form's large products run in the error's own precision (fp32 from the compressors) with fp64 sums.
 """
 
 from __future__ import annotations
