@@ -401,7 +401,7 @@ def shrink(second_moment: torch.Tensor, amount: float) -> torch.Tensor:
     if amount == 0:
         return c
     out = (1.0 - amount) * c
-    out.diagonal().add_(amount * float(c.diagonal().mean()))
+    out.diagonal().add_(amount * mean_eigenvalue(c))
     return out
 
 
@@ -481,5 +481,4 @@ def _shrunk_product(second_moment: torch.Tensor, x: torch.Tensor, shrinkage: flo
     product = second_moment.to(torch.float64) @ x
     if not shrinkage:
         return product
-    mean = float(second_moment.diagonal().double().mean())
-    return (1.0 - shrinkage) * product + (shrinkage * mean) * x
+    return (1.0 - shrinkage) * product + (shrinkage * mean_eigenvalue(second_moment)) * x
