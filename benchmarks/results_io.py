@@ -33,3 +33,17 @@ def write_json(path: str, payload: dict) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump(payload, f, indent=1)
     os.replace(tmp, path)
+
+
+def run_cli(argv: list[str], report: Path) -> tuple[dict, float]:
+    """One ``torchao-eora`` process with ``--json report`` appended: its summary (``cli --json``) and wall seconds."""
+    import subprocess
+    import sys
+    import time
+
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "torchao_eora.cli", *argv, "--json", str(report)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"torchao-eora {' '.join(argv)} failed:\n{result.stderr[-3000:]}")
+    return json.loads(report.read_text()), time.perf_counter() - start

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import json
 import multiprocessing
 import sys
 import time
@@ -60,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--real", default=None, choices=["smollm2", "gemma"],
                    help="instead: the randomized-vs-exact check on every module of a real model")
     p.add_argument("--calib-samples", type=int, default=32, help="with --real: calibration windows (default 32)")
+    p.add_argument("--continue", dest="resume", action="store_true",
+                   help="with --real and --json: keep the modules the JSON already holds and check the rest (the "
+                        "JSON is rewritten after every module, so an interrupted check is completed this way)")
     p.add_argument("--json", default=None, help="write the rows (machine and versions included) to this file")
     return p
 
@@ -213,8 +217,9 @@ def _chosen_amount(delta, config, stats, rank: int) -> float:
     return _shrinkage(folds, config, rank, ReducedError(delta), delta) if folds else 0.0
 
 
-def run_real(args: argparse.Namespace) -> list[dict]:
-    """Every module of a real model: randomized against exact solver, same statistics and errors."""
+def run_real(args: argparse.Namespace, rows: list[dict], save) -> list[dict]:
+    """Every module of a real model not yet in ``rows``: randomized against exact solver, same statistics and errors;
+    ``save(rows)`` after each."""
     from torchao_eora import EoRAConfig, RTNConfig, calibrate
     from torchao_eora.cli import DEFAULT_RANK
     from torchao_eora.data import calibration_batches, load_model, wikipedia_split
@@ -228,11 +233,13 @@ def run_real(args: argparse.Namespace) -> list[dict]:
         path = str(gemma.assemble())
     model, tokenizer = load_model(path)
     batches = calibration_batches(tokenizer, wikipedia_split()[0], args.calib_samples, 512)
-    base, rows = RTNConfig(bits=3, group_size=64), []
+    base, done = RTNConfig(bits=3, group_size=64), {r["module"] for r in rows}
     config = EoRAConfig(rank=args.rank or DEFAULT_RANK, base=base)
     calib = calibrate(model, batches, config, mode="one-shot", progress=True)  # RTN: no attention-weighted moment
     linears = {n: m for n, m in model.named_modules() if n in calib.group_of}
     for name, module in linears.items():
+        if name in done:
+            continue
         w = module.weight.detach().float()
         delta = w - base.compress(w).dequantize(torch.float32)
         moment = calib.second_moment(name)
@@ -256,6 +263,7 @@ def run_real(args: argparse.Namespace) -> list[dict]:
                "shrinkage_s_exact": round(exact_s, 2)}
         print(row, flush=True)
         rows.append(row)
+        save(rows)
     worst = max(abs(r["objective_rel_diff"]) for r in rows)
     same = sum(r["amount_randomized"] == r["amount_exact"] for r in rows)
     print(f"{args.real}: {len(rows)} modules, worst objective difference {worst:.2e}, same amount on {same}")
@@ -265,8 +273,21 @@ def run_real(args: argparse.Namespace) -> list[dict]:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.real:
-        rows = run_real(args)
-        payload = {"real_model": args.real, "calib_samples": args.calib_samples, "rows": rows}
+        def payload_of(rows):
+            return {"real_model": args.real, "calib_samples": args.calib_samples, "rows": rows}
+
+        def save(rows):
+            if args.json:
+                write_json(args.json, {**payload_of(rows), "environment": environment(), "command": " ".join(sys.argv)})
+
+        rows = []
+        if args.resume and args.json and Path(args.json).exists():
+            previous = json.loads(Path(args.json).read_text())
+            if (previous.get("real_model"), previous.get("calib_samples")) != (args.real, args.calib_samples):
+                raise SystemExit(f"{args.json} holds another check ({previous.get('real_model')}, "
+                                 f"{previous.get('calib_samples')} windows): give another --json")
+            rows = previous["rows"]
+        payload = payload_of(run_real(args, rows, save))
     else:
         shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
         unknown = [s for s in shapes if s not in SHAPES]

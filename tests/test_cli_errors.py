@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -164,3 +165,14 @@ def test_the_demo_rank_fits_every_smollm2_layer_without_a_warning(caplog):
     with caplog.at_level("WARNING"):
         check_targets({n: torch.nn.Linear(i, o, bias=False) for n, (o, i) in shapes.items()}, config)
     assert not caplog.records
+
+
+def test_json_summary_holds_what_the_table_printed(tiny_dir, tmp_path, capsys):
+    report = tmp_path / "eval.json"
+    assert cli.main(["eval", "--model", str(tiny_dir), "--tasks", "", "--seq-len", "64", "--eval-tokens", "900",
+                     "--json", str(report)]) == 0
+    assert json.loads(report.read_text())["rows"][0]["ppl"] == pytest.approx(_ppl(capsys.readouterr().out), rel=1e-3)
+    report = tmp_path / "quantize.json"
+    assert cli.main(_quantize(tiny_dir, "--out", str(tmp_path / "out"), "--json", str(report))) == 0
+    summary = json.loads(report.read_text())
+    assert summary["compressed_share"] > 0.5 and summary["peak_rss_gib"] > 0 and "compress" in summary["phases_s"]

