@@ -339,6 +339,27 @@ def moe_study(root: Path):
     return _table(header, out), [name]
 
 
+def qwen_coder(root: Path):
+    """Qwen2.5-Coder-1.5B through the streaming CLI: RTN / GPTQ at 3 bits, with and without EoRA."""
+    name = "qwen_coder.json"
+    data = _load(root, name)
+    tasks = [t for t in data["args"]["tasks"].split(",") if t]
+    out = []
+    for r in data["rows"]:
+        phases = r.get("phases_s", {})
+        calib = phases.get("forward", 0) + phases.get("moments", 0)
+        solve = phases.get("shrinkage", 0) + phases.get("solve", 0)
+        out.append([r["run"], _ppl(r["ppl"]), f"{100 * r['gap_closed']:.1f}%" if "gap_closed" in r else "-",
+                    *(f"{r[t]:.2f} ± {r[t + '_stderr']:.2f}" for t in tasks),
+                    f"{r['wall_s']:,.0f}" if phases else "-",
+                    f"{calib:,.0f} / {phases.get('compress', 0):,.0f} / {solve:,.0f}" if phases else "-",
+                    f"{r['peak_rss_gib']:.2f}" if "peak_rss_gib" in r else "-",
+                    f"{r['written_gib']:.2f}" if "written_gib" in r else "-"])
+    header = ["model", "perplexity", "gap closed", *tasks, "wall s", "calibration / compress / solve s",
+              "peak RSS GiB", "written GiB"]
+    return _table(header, out), [name]
+
+
 def lm_eval(root: Path):
     """lm-evaluation-harness (both routes) against our own scoring, on the same documents."""
     data = _load(root, "lm_eval_smollm2.json")
@@ -352,7 +373,7 @@ def lm_eval(root: Path):
 
 TABLES = {f.__name__.replace("_", "-"): f for f in (
     headline, quality_rtn, paper_suite, gptq_engine, residual_options, attention_residual, adapter_bits,
-    bits_adapters, decode_cpu, layers_cpu, layers_h200, scale, solve_scaling, solver_accuracy, moe_study, lm_eval)}
+    bits_adapters, decode_cpu, layers_cpu, layers_h200, scale, solve_scaling, solver_accuracy, moe_study, qwen_coder, lm_eval)}
 
 
 def render(name: str, root: Path, doc: Path) -> str:

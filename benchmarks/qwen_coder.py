@@ -10,7 +10,7 @@ checkpoint has. Each row is one ``torchao-eora`` process: ``eval`` of the origin
 OUT`` (the streaming path: one decoder layer in memory) with the CLI's defaults (3-bit g64, EoRA rank 192 with int4
 adapters, shrinkage auto) and ``--quantizer rtn|gptq``, ``--compensation eora|none``. Each reports wall time, its
 phase split, its peak RSS, held-out Wikipedia perplexity and zero-shot accuracy; results are written after every row,
-so a killed run keeps the rows it finished.
+so a killed run keeps the rows it finished, and ``--runs`` adds or replaces rows in an existing ``--json``.
 """
 
 from __future__ import annotations
@@ -55,6 +55,9 @@ def fp32_checkpoint(cache_dir: Path) -> Path:
 
     model, tokenizer = load_model(str(qwen_coder_gguf_path(cache_dir)))
     partial = directory.with_name(directory.name + ".partial")
+    # transformers marks a GGUF-loaded model as quantized and refuses to save it; its weights are plain fp32 now.
+    model.hf_quantizer = None
+    model.config.__dict__.pop("quantization_config", None)
     model.save_pretrained(partial, max_shard_size="2GB")
     tokenizer.save_pretrained(partial)
     os.replace(partial, directory)
@@ -99,10 +102,14 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown runs {unknown}: choose from {', '.join(RUNS)}")
     source = fp32_checkpoint(Path(args.cache_dir))
-    rows = []
+    kept = []  # rows of other runs already in --json (their own flags are in their "command")
+    if args.json and Path(args.json).exists():
+        kept = [r for r in json.loads(Path(args.json).read_text())["rows"] if r["run"] not in names]
+    done = []
     for name in names:
-        rows.append(run(name, source, args))
-        print(json.dumps(rows[-1]), flush=True)
+        done.append(run(name, source, args))
+        print(json.dumps(done[-1]), flush=True)
+        rows = sorted(kept + done, key=lambda r: list(RUNS).index(r["run"]))
         if args.json:
             write_json(args.json, {"environment": environment(), "args": vars(args),
                                    "model": "Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF dequantized to fp32)",

@@ -100,3 +100,14 @@ def test_solve_scaling(tmp_path):
     row = _rows(out)[0]
     assert row["shape"] == "tiny" and row["solve_s"] > 0 and row["forward_s"] > 0 and row["peak_rss_gib"] > 0
     assert len(row["modules"]) == 7 and all(abs(m["objective_rel_diff"]) < 1e-4 for m in row["modules"])
+
+
+def test_kernel_bench_dry_run(tmp_path):
+    """The GPU script's kernel part on the CPU (interpreter, tiny shapes): every path runs and matches fp64."""
+    out = tmp_path / "kernels.jsonl"
+    subprocess.run([sys.executable, str(BENCHMARKS / "kernel_bench.py"), "--dry-run", "--json", str(out)],
+                   check=True, capture_output=True, timeout=900)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    products = [r for r in rows if "M" in r]
+    assert {r["kernel"] for r in products} == {"bf16", "ours"} and {r["bits"] for r in products} == {16, 4, 3}
+    assert all(r["max_rel_err"] < 1e-5 and "us" not in r for r in products)  # fp32 on CPU; no timings on a dry run

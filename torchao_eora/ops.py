@@ -73,12 +73,23 @@ def kernel_qdata(qdata: Tensor, in_features: int, group_size: int) -> Tensor:
     return qdata
 
 
+def cuda_quant_linear(x, qdata, scale, zero_point, group_size, bias=None, A=None, B=None) -> Tensor:
+    """The CUDA dispatch by batch size: decode (``M <= gemv.MAX_M``) of bit-packed int2/3/4 reads the packed words
+    as they lie (``kernels/gemv.py``); everything else goes to the tiled dequantizing GEMM (``dequant_gemm``)."""
+    from .kernels.dequant_gemm import quant_linear_triton
+    from .kernels.gemv import gemv_supported, packed_gemv
+
+    if qdata.dtype == torch.uint8:
+        bits = packed_bits(qdata.shape[1], x.shape[1])
+        if gemv_supported(x, qdata, bits, group_size):
+            return packed_gemv(x, qdata, bits, scale, zero_point, group_size, bias, A, B)
+    qdata = kernel_qdata(qdata, x.shape[1], group_size)
+    return quant_linear_triton(x, qdata, scale, zero_point, group_size, bias, A, B)
+
+
 @quant_linear.register_kernel("cuda")
 def _(x, qdata, scale, zero_point, group_size, bias=None):
-    from .kernels.dequant_gemm import quant_linear_triton
-
-    qdata = kernel_qdata(qdata, x.shape[1], group_size)
-    return quant_linear_triton(x, qdata, scale, zero_point, group_size, bias)
+    return cuda_quant_linear(x, qdata, scale, zero_point, group_size, bias)
 
 
 def _quant_linear_setup(ctx, inputs, output):
@@ -126,10 +137,7 @@ def _(x, qdata, scale, zero_point, group_size, A, B, bias=None):
 
 @eora_linear.register_kernel("cuda")
 def _(x, qdata, scale, zero_point, group_size, A, B, bias=None):
-    from .kernels.dequant_gemm import quant_linear_triton
-
-    qdata = kernel_qdata(qdata, x.shape[1], group_size)
-    return quant_linear_triton(x, qdata, scale, zero_point, group_size, bias, A, B)
+    return cuda_quant_linear(x, qdata, scale, zero_point, group_size, bias, A, B)
 
 
 def _eora_linear_setup(ctx, inputs, output):
