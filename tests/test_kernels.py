@@ -389,19 +389,21 @@ def test_packed_gemv_matches_fp64_reference(M, N, K, group_size, bits, R, bias, 
     check(y, ref, dtype)
 
 
-@pytest.mark.parametrize("M,expect_gemv", [(2, True), (5, False)])
-def test_cuda_dispatch_sends_decode_of_packed_weights_to_the_gemv(M, expect_gemv, monkeypatch):
+@pytest.mark.parametrize("M,path", [(2, "gemv"), (5, "tiled"), (130, "prefill")])
+def test_cuda_dispatch_by_batch_size(M, path, monkeypatch):
+    """Decode of packed weights -> the GEMV, middle sizes -> the tiled kernel, prefill -> dequantize + cuBLAS."""
     from torchao_eora import ops
     from torchao_eora.packing import pack_intx
 
     args, ref, raw = make_case(M, 40, 256, 64, 3, False, 16, True, bf16)
     calls = []
-    real = gv.packed_gemv
-    monkeypatch.setattr(gv, "packed_gemv", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for module, name, label in ((gv, "packed_gemv", "gemv"), (dg, "quant_linear_triton", "tiled")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _r=real, _l=label, **k: calls.append(_l) or _r(*a, **k))
     y = ops.cuda_quant_linear(args["x"], pack_intx(raw["q"], 3).to(DEVICE), args["scale"], args["zero_point"], 64,
                               args["bias"], args["A"], args["B"])
     check(y, ref, bf16)
-    assert bool(calls) == expect_gemv
+    assert calls == ([] if path == "prefill" else [path])
 
 
 def _compiled_module(module):
