@@ -220,3 +220,27 @@ def test_mismatched_factors_are_rejected():
             qdata=q.qdata, A=q.A[:, :32], B=q.B, target_dtype=q.target_dtype, group_size=q.group_size, dtype=q.dtype,
             scale=q.scale, zero_point=q.zero_point,
         )
+
+
+def test_evaluation_reuses_each_dequantized_weight_with_identical_outputs(monkeypatch):
+    """``ops.reuse_dequantized`` (what evaluation runs under): one dequantize per weight over many forwards, and the
+    logits are bit-identical to dequantizing on every call."""
+    from torchao.quantization import quantize_
+
+    from helpers import tiny_llama
+    from torchao_eora import EoRAConfig, ops
+
+    model = tiny_llama()
+    quantize_(model, EoRAConfig(rank=4, base=RTNConfig(bits=3, group_size=32), compensation="svd"))
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    calls = []
+    real = ops.dequantize_intx
+    monkeypatch.setattr(ops, "dequantize_intx", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.inference_mode():
+        every_call = [model(ids).logits for _ in range(2)]
+        per_forward = len(calls) // 2
+        calls.clear()
+        with ops.reuse_dequantized():
+            reused = [model(ids).logits for _ in range(2)]
+    assert per_forward == 14 and len(calls) == 14  # 7 linears x 2 layers: once each, not once per forward
+    assert all(torch.equal(a, b) for a, b in zip(every_call, reused))

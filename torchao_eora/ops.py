@@ -15,7 +15,8 @@ Both ops are differentiable in ``x`` (and ``eora_linear`` in ``A`` and ``B``); t
 
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -46,6 +47,33 @@ def _check(x: Tensor, qdata: Tensor, scale: Tensor, group_size: int) -> None:
         )
 
 
+# ---- dequantized weights reused across calls (evaluation) -------------------------------------------------------
+
+_REUSED: Optional[dict] = None  # id(qdata), dtype -> (qdata, weight), while reuse_dequantized() is active
+
+
+@contextlib.contextmanager
+def reuse_dequantized() -> Iterator[None]:
+    """Inside, the reference paths dequantize each compressed weight once and reuse it on later calls: the same
+    arithmetic on the same values, so the same outputs, for the memory of a dense copy of every weight used.
+    Evaluation loops (many forwards of fixed weights) use it; training and compiled graphs never see it."""
+    global _REUSED
+    previous, _REUSED = _REUSED, {}
+    try:
+        yield
+    finally:
+        _REUSED = previous
+
+
+def _dequantized(qdata: Tensor, scale: Tensor, zero_point: Tensor, group_size: int, dtype: torch.dtype) -> Tensor:
+    if _REUSED is None or torch.compiler.is_compiling() or torch.is_grad_enabled():
+        return dequantize_intx(qdata, scale, zero_point, group_size, dtype)
+    key = (id(qdata), dtype)
+    if key not in _REUSED:  # qdata is held with its weight, so its id stays its own
+        _REUSED[key] = (qdata, dequantize_intx(qdata, scale, zero_point, group_size, dtype))
+    return _REUSED[key][1]
+
+
 # ---- base quantized linear --------------------------------------------------------------------------------------
 
 
@@ -55,7 +83,7 @@ def quant_linear(
 ) -> Tensor:
     """``x @ W_c^T + bias`` (reference implementation: dequantize, then one matmul)."""
     _check(x, qdata, scale, group_size)
-    w = dequantize_intx(qdata, scale, zero_point, group_size, x.dtype)
+    w = _dequantized(qdata, scale, zero_point, group_size, x.dtype)
     return torch.nn.functional.linear(x, w, bias)
 
 
@@ -139,7 +167,7 @@ def eora_linear(
 ) -> Tensor:
     """``x @ W_c^T + (x @ A^T) @ B^T + bias`` (reference implementation; CUDA fuses it into one kernel)."""
     _check(x, qdata, scale, group_size)
-    w = dequantize_intx(qdata, scale, zero_point, group_size, x.dtype)
+    w = _dequantized(qdata, scale, zero_point, group_size, x.dtype)
     y = torch.addmm(bias, x, w.t()) if bias is not None else x @ w.t()
     return torch.addmm(y, x @ A.t(), B.t())
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import replace
 from typing import Sequence
@@ -97,6 +98,21 @@ def compress_model(
     return calibration
 
 
+def _dense_copy_fits(model: torch.nn.Module) -> bool:
+    """Whether a dense copy of every compressed weight fits in half the memory available now: evaluation then
+    dequantizes each weight once (``ops.reuse_dequantized``: same outputs) instead of on every forward, which on a
+    CPU costs more than the matmuls (a 3-bit Qwen2.5-1.5B: minutes per task)."""
+    from .tensor import QuantWithLowRank
+
+    need = sum(p.numel() * p.dtype.itemsize for p in model.parameters() if isinstance(p, QuantWithLowRank))
+    try:
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return False
+    return 0 < need <= available // 2
+
+
 def evaluate(
     model: torch.nn.Module,
     tokenizer,
@@ -112,9 +128,12 @@ def evaluate(
 ) -> dict[str, float]:
     """Perplexity on ``texts`` (default: the held-out Wikipedia articles calibration never sees) plus zero-shot
     accuracies and their standard errors. Windows start with BOS when the tokenizer adds one (Gemma)."""
+    from .ops import reuse_dequantized
+
     timer = timer or Timer()
     metrics: dict[str, float] = {}
-    with timer("evaluate"):
+    reuse = reuse_dequantized() if _dense_copy_fits(model) else contextlib.nullcontext()
+    with timer("evaluate"), reuse:
         if eval_tokens != 0:  # 0: zero-shot tasks only
             tokens = token_stream(tokenizer, list(texts) if texts is not None else wikipedia_split()[1])
             metrics["ppl"] = perplexity(model, tokens, seq_len=seq_len, max_tokens=eval_tokens, progress=progress,
