@@ -361,3 +361,13 @@ def test_cli_export_peft_help_covers_every_flag():
     flags = [a for a in sub._actions if a.option_strings and a.dest != "help"]
     assert {a.dest for a in flags} == {"model", "out", "base_model_name_or_path", "no_base", "overwrite", "base_format"}
     assert all(a.help for a in flags)
+
+
+def test_vllm_note_offers_the_vllm_friendly_choice():
+    from torchao_eora.cli import _vllm_note
+
+    alloc = {"max_rank": 192, "max_lora_rank": 256, "vllm_bf16_bytes": 2e8, "our_bytes": 4e7}
+    note = _vllm_note({**alloc, "quantized_adapters": True})
+    assert "--max-lora-rank 256" in note and "--rank 256" in note and "--adapter-bits none" in note
+    note = _vllm_note({**alloc, "max_rank": 256, "quantized_adapters": False})
+    assert "re-quantize" not in note  # already what vLLM serves best: nothing to advise

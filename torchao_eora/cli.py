@@ -508,10 +508,20 @@ def _vllm_note(alloc: dict) -> str:
     if alloc["max_lora_rank"] is None:
         return (f"vLLM: the largest adapter rank, {alloc['max_rank']}, is above vLLM's largest --max-lora-rank "
                 f"(512): vLLM cannot serve this adapter; re-quantize with --rank 512 or less")
-    return (f"vLLM: serve with --enable-lora --max-lora-rank {alloc['max_lora_rank']} (largest adapter rank "
+    note = (f"vLLM: serve with --enable-lora --max-lora-rank {alloc['max_lora_rank']} (largest adapter rank "
             f"{alloc['max_rank']}).\n"
             f"  vLLM holds LoRA weights in bf16/fp16 at that rank: {mb(alloc['vllm_bf16_bytes'])} per adapter, "
             f"against {mb(alloc['our_bytes'])} in our own format (torchao_eora.load_pretrained).")
+    # the vLLM-friendly choice: a rank that fills the slot it pays for, adapters at the precision it serves them
+    advice = []
+    if alloc["max_rank"] < alloc["max_lora_rank"]:
+        advice.append(f"--rank {alloc['max_lora_rank']} fills the slot vLLM allocates anyway")
+    if alloc.get("quantized_adapters"):
+        advice.append("--adapter-bits none keeps the adapters' full precision: vLLM serves int adapters dequantized "
+                      "to bf16, so their saving does not reach it")
+    if advice:
+        note += "\n  For vLLM, re-quantize with " + "; ".join(advice) + "."
+    return note
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -193,7 +193,7 @@ def vllm_lora_allocation(model: torch.nn.Module) -> dict:
     which must be one of :data:`VLLM_MAX_LORA_RANKS`. Returns ``{"max_rank", "max_lora_rank" (None when no
     allowed value fits), "vllm_bf16_bytes" (every adapted module at that rank, 2 bytes a value, one adapter
     slot), "our_bytes" (the adapters as our checkpoint holds them: bit-packed values with their scales and zero
-    points)}``.
+    points), "quantized_adapters" (any int adapter: vLLM serves it dequantized)}``.
     """
     from .size import _inner_tensors
 
@@ -205,7 +205,9 @@ def vllm_lora_allocation(model: torch.nn.Module) -> dict:
     ours = sum(t.numel() * t.element_size() for w in modules
                for f, t in _inner_tensors(w).items() if w.fields[f.split(".")[0]].part == "adapters")
     vllm = None if slot is None else sum(slot * (w.shape[0] + w.shape[1]) * 2 for w in modules)
-    return {"max_rank": max_rank, "max_lora_rank": slot, "vllm_bf16_bytes": vllm, "our_bytes": ours}
+    quantized = any(w.adapter_bits is not None for w in modules)
+    return {"max_rank": max_rank, "max_lora_rank": slot, "vllm_bf16_bytes": vllm, "our_bytes": ours,
+            "quantized_adapters": quantized}
 
 
 def _pattern_value(pattern: dict | None, name: str, default):
