@@ -1,4 +1,4 @@
-"""Quantized adapters (issue 6): intx A and B in QuantWithLowRank, the quantization-aware re-solve of B, config
+"""Quantized adapters: intx A and B in QuantWithLowRank, the quantization-aware re-solve of B, config
 validation, bit-exact reloads, eager == compiled, tensor-parallel slices, and exact model size accounting."""
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything comes from local file
 
 DEFAULT_TASKS = "piqa,arc_easy,hellaswag"
 # The default residual: rank 192 in 4-bit adapters (g32) takes no more bytes than rank 64 in bf16 and recovers more
-# (SmolLM2-135M 3-bit g64 RTN: 93.2% of the perplexity gap closed against 82.6% for rank 64; README, issue 11).
+# (SmolLM2-135M 3-bit g64 RTN: 93.2% of the perplexity gap closed against 82.6% for rank 64; README).
 DEFAULT_RANK = 192
 DEFAULT_ADAPTER_BITS = 4
 # The demo is sized for minutes on a 2-core CPU: rank 128 fits every SmolLM2 layer (k_proj/v_proj are 192 wide, so
