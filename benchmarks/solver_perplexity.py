@@ -5,12 +5,14 @@
 SmolLM2-135M and Gemma-3-270M are narrow enough (reduced size 576 and 640) that ``--form auto`` eigendecomposes every
 module exactly; ``--form randomized`` runs the subspace iteration the wide models of 8B-70B get, on the same job
 (3-bit g64 RTN + EoRA r192, int4 adapters, shrinkage auto, sequential calibration). Each row is one ``torchao-eora
-quantize`` process; the check is the relative perplexity difference per model.
+quantize`` process; the check is the relative perplexity difference per model. With ``--json``, rows of models not
+run this time are kept from the file.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -38,9 +40,12 @@ def model_flags(name: str) -> list[str]:
 
 def main() -> None:
     args = build_parser().parse_args()
-    rows = []
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    rows = []  # rows of other models already in --json are kept, so the models can be run one at a time
+    if args.json and Path(args.json).exists():
+        rows = [r for r in json.loads(Path(args.json).read_text())["rows"] if r["model"] not in models]
     with tempfile.TemporaryDirectory() as tmp:
-        for model in [m.strip() for m in args.models.split(",") if m.strip()]:
+        for model in models:
             ppl = {}
             for form in ("auto", "randomized"):
                 argv = ["quantize", *model_flags(model), "--form", form, "--calib-samples", str(args.calib_samples),
