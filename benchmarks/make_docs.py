@@ -318,6 +318,23 @@ def solver_accuracy(root: Path):
     return _table(header, out), sources
 
 
+def solver_perplexity(root: Path):
+    """Perplexity of the CLI's default job with the default solver and with the randomized one forced."""
+    name = "solver_perplexity.json"
+    data = _load(root, name)
+    labels = {"smollm2": "SmolLM2-135M", "gemma": "Gemma-3-270M"}
+    ppl = {(r["model"], r["form"]): r["ppl"] for r in data["rows"]}
+    out = []
+    for model in dict.fromkeys(r["model"] for r in data["rows"]):
+        auto, randomized = ppl.get((model, "auto")), ppl.get((model, "randomized"))
+        diff = f"{100 * (randomized / auto - 1):+.2f}%" if None not in (auto, randomized) else "-"
+        out.append([labels.get(model, model), f"{data['args']['calib_samples']} x 512",
+                    f"{data['args']['eval_tokens']:,}", *(_ppl(x) if x else "-" for x in (auto, randomized)), diff])
+    header = ["model", "calibration (sequential)", "held-out tokens", "perplexity, `--form auto` (default)",
+              "perplexity, `--form randomized`", "difference"]
+    return _table(header, out), [name]
+
+
 def moe_study(root: Path):
     """Routed EoRA on the experts of a random Qwen3-MoE layer against plain SVD, by calibration size."""
     name = "moe_study.json"
@@ -373,7 +390,7 @@ def lm_eval(root: Path):
 
 TABLES = {f.__name__.replace("_", "-"): f for f in (
     headline, quality_rtn, paper_suite, gptq_engine, residual_options, attention_residual, adapter_bits,
-    bits_adapters, decode_cpu, layers_cpu, layers_h200, scale, solve_scaling, solver_accuracy, moe_study, qwen_coder, lm_eval)}
+    bits_adapters, decode_cpu, layers_cpu, layers_h200, scale, solve_scaling, solver_accuracy, solver_perplexity, moe_study, qwen_coder, lm_eval)}
 
 
 def render(name: str, root: Path, doc: Path) -> str:
