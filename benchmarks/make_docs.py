@@ -323,13 +323,15 @@ def solver_perplexity(root: Path):
     name = "solver_perplexity.json"
     data = _load(root, name)
     labels = {"smollm2": "SmolLM2-135M", "gemma": "Gemma-3-270M"}
-    ppl = {(r["model"], r["form"]): r["ppl"] for r in data["rows"]}
+    rows = {(r["model"], r["form"]): r for r in data["rows"]}
     out = []
     for model in dict.fromkeys(r["model"] for r in data["rows"]):
-        auto, randomized = ppl.get((model, "auto")), ppl.get((model, "randomized"))
-        diff = f"{100 * (randomized / auto - 1):+.2f}%" if None not in (auto, randomized) else "-"
+        auto, randomized = rows.get((model, "auto")), rows.get((model, "randomized"))
+        # solver_perplexity.py puts the relative difference on a model's second (randomized) row
+        diff = f"{100 * randomized['ppl_rel_diff']:+.2f}%" if randomized and "ppl_rel_diff" in randomized else "-"
         out.append([labels.get(model, model), f"{data['args']['calib_samples']} x 512",
-                    f"{data['args']['eval_tokens']:,}", *(_ppl(x) if x else "-" for x in (auto, randomized)), diff])
+                    f"{data['args']['eval_tokens']:,}", *(_ppl(r["ppl"]) if r else "-" for r in (auto, randomized)),
+                    diff])
     header = ["model", "calibration (sequential)", "held-out tokens", "perplexity, `--form auto` (default)",
               "perplexity, `--form randomized`", "difference"]
     return _table(header, out), [name]
@@ -390,7 +392,8 @@ def lm_eval(root: Path):
 
 TABLES = {f.__name__.replace("_", "-"): f for f in (
     headline, quality_rtn, paper_suite, gptq_engine, residual_options, attention_residual, adapter_bits,
-    bits_adapters, decode_cpu, layers_cpu, layers_h200, scale, solve_scaling, solver_accuracy, solver_perplexity, moe_study, qwen_coder, lm_eval)}
+    bits_adapters, decode_cpu, layers_cpu, layers_h200, scale, solve_scaling, solver_accuracy, solver_perplexity,
+    moe_study, qwen_coder, lm_eval)}
 
 
 def render(name: str, root: Path, doc: Path) -> str:
