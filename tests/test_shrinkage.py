@@ -172,14 +172,15 @@ def test_calibrated_compressors_are_cross_validated_on_a_compression_of_the_fitt
     first, second = moment.halves()
     gptq = EoRAConfig(rank=4, base=GPTQConfig(bits=3, group_size=32))
     delta = w - gptq.base.compress(w, moment.mean()).dequantize(torch.float32)
-    folds = _cross_validation_folds(w, delta, gptq, 4, stats, attention=False)
+    folds = _cross_validation_folds(w, w, delta, gptq, 4, stats, attention=False)
     for (error, fit, score), (expect_fit, expect_score) in zip(folds, [(first, second), (second, first)]):
         assert torch.equal(fit, expect_fit) and torch.equal(score, expect_score)
         torch.testing.assert_close(error, w - gptq.base.compress(w, fit).dequantize(torch.float32))
         assert not torch.allclose(error, delta)
     rtn = EoRAConfig(rank=4, base=RTNConfig(bits=3, group_size=32))
-    assert all(error is delta for error, _, _ in _cross_validation_folds(w, delta, rtn, 4, stats, attention=False))
-    assert _cross_validation_folds(w, delta, EoRAConfig(rank=4, base=rtn.base, shrinkage=0.1), 4, stats, False) is None
+    assert all(error is delta for error, _, _ in _cross_validation_folds(w, w, delta, rtn, 4, stats, attention=False))
+    fixed = EoRAConfig(rank=4, base=rtn.base, shrinkage=0.1)
+    assert _cross_validation_folds(w, w, delta, fixed, 4, stats, False) is None
 
 
 @pytest.mark.parametrize("normalized", [False, True])

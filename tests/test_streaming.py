@@ -25,14 +25,15 @@ def _sharded_model(path, tie: bool):
     return path
 
 
+@pytest.mark.parametrize("target", ["layer", "anchored"])
 @pytest.mark.parametrize("tie", [False, True])
 @pytest.mark.parametrize(
     "base",  # GPTQ streams the same way, slower: only in the full run
     [RTNConfig(bits=3, group_size=32), pytest.param(GPTQConfig(bits=3, group_size=32), marks=pytest.mark.slow)],
 )
-def test_streamed_checkpoint_equals_the_in_memory_pass(tmp_path, tie, base):
+def test_streamed_checkpoint_equals_the_in_memory_pass(tmp_path, tie, base, target):
     source = _sharded_model(tmp_path / "src", tie)
-    config = EoRAConfig(rank=4, base=base, adapter_bits=4, adapter_group_size=4)
+    config = EoRAConfig(rank=4, base=base, adapter_bits=4, adapter_group_size=4, target=target)
     batches = token_batches(2, 4, 16, seed=2, pad_first=3)
     timer = Timer()
     calib = quantize_checkpoint(source, tmp_path / "out", config, batches, device="cpu", timer=timer, progress=False)

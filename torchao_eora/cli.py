@@ -151,6 +151,11 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
                    help="pull EoRA's calibration second moment toward the identity by A in [0, 1] before solving (0: "
                         "the paper's EoRA, 1: plain SVD); auto (default): chosen per layer by cross-validation "
                         "over the calibration windows, so little calibration data cannot make EoRA worse than SVD")
+    g.add_argument("--target", default="layer", choices=["layer", "anchored"],
+                   help="what EoRA's residual fits: layer (default, the paper's): the layer's own weight error on "
+                        "the inputs the compressed layers before it produce; anchored: the original model's outputs "
+                        "from those inputs, which also corrects error made upstream (sequential calibration; runs "
+                        "each layer a second time on the original activations: docs/beyond-eora.md)")
     g.add_argument("--form", default="auto", choices=["auto", "randomized", "eigen", "inverse_free"],
                    help="how the residual is solved (same optimum): auto (default) reduces each layer's error to "
                         "min(out, in) dimensions and takes its top directions exactly up to 1024 and by randomized "
@@ -336,7 +341,8 @@ def _config_from_args(args) -> "EoRAConfig":
     return EoRAConfig(rank=args.rank, base=base, compensation=args.compensation, adapter_bits=args.adapter_bits,
                       adapter_group_size=group, adapter_resolve=not args.no_adapter_resolve,
                       value_moment=args.value_moment, rank_budget=args.rank_budget,
-                      refine_rounds=args.refine_rounds, shrinkage=args.shrinkage, form=args.form)
+                      refine_rounds=args.refine_rounds, shrinkage=args.shrinkage, form=args.form,
+                      target=args.target)
 
 
 def cmd_quantize(args) -> int:

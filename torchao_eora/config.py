@@ -21,6 +21,7 @@ Compensation = Literal["eora", "svd", "none"]
 COMPENSATIONS = ("eora", "svd", "none")
 VALUE_MOMENTS = ("auto", "attention", "plain")
 RANK_BUDGETS = ("uniform", "global")
+TARGETS = ("layer", "anchored")
 
 
 @dataclass
@@ -74,6 +75,11 @@ class EoRAConfig(AOBaseConfig):
             against odd); with little calibration data the exact fit to the sample overfits, and this keeps EoRA
             from losing to plain SVD. Needs statistics collected with the split (sequential calibration with this
             config, or one-shot); without it ``"auto"`` means 0. A float in [0, 1] fixes the amount.
+        target: what EoRA's residual fits. ``"layer"`` (default, the paper's): the module's own weight error
+            ``W - W_c`` on the inputs the compressed prefix produces. ``"anchored"``: the original model's output
+            ``W X_fp`` from those inputs ``X_q``, which also corrects the error the compressed layers before it
+            left in its inputs (``anchor.py``). Sequential calibration only: the pass then runs each layer a
+            second time on the original model's activations, carried beside the compressed ones.
     """
 
     rank: int = 64
@@ -88,6 +94,7 @@ class EoRAConfig(AOBaseConfig):
     rank_budget: str = "uniform"
     refine_rounds: int = 0
     shrinkage: Union[str, float] = "auto"
+    target: str = "layer"
 
     def __post_init__(self) -> None:
         check_choice("compensation", self.compensation, COMPENSATIONS)
@@ -106,6 +113,10 @@ class EoRAConfig(AOBaseConfig):
         check_choice("form", self.form, FORMS)
         check_choice("value_moment", self.value_moment, VALUE_MOMENTS)
         check_choice("rank_budget", self.rank_budget, RANK_BUDGETS)
+        check_choice("target", self.target, TARGETS)
+        if self.target == "anchored" and self.compensation != "eora":
+            raise ValueError("target='anchored' fits EoRA's residual to the original outputs: it needs "
+                             f"compensation='eora', got {self.compensation!r}")
         check_int("refine_rounds", self.refine_rounds, 0, 10)
         if self.shrinkage != "auto" and (isinstance(self.shrinkage, bool) or not isinstance(self.shrinkage, (int, float))
                                          or not 0 <= self.shrinkage <= 1):
@@ -143,6 +154,8 @@ class EoRAConfig(AOBaseConfig):
             residual += " (global budget)"
         if self.compensation == "eora" and self.shrinkage != "auto":
             residual += f" (shrinkage {self.shrinkage:g})"
+        if self.compensation == "eora" and self.target == "anchored":
+            residual += " (anchored)"
         if self.compensation != "none" and self.refine_rounds:
             residual += f" (refined x{self.refine_rounds})"
         if self.compensation != "none" and self.adapter_bits is not None:

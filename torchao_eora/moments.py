@@ -6,7 +6,8 @@ fp64, over real tokens only. ``sequential.py`` runs the forwards; this module on
 
 from __future__ import annotations
 
-from typing import Mapping
+import contextlib
+from typing import Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +66,21 @@ class MomentCollector:
         self._handles = []
 
     def __enter__(self) -> "MomentCollector":
+        self._register()
+        return self
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Inside, forwards feed no statistic (the anchored target's runs on the original activations)."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        try:
+            yield
+        finally:
+            self._register()
+
+    def _register(self) -> None:
         for name, module in self.modules.items():
             self._handles.append(module.register_forward_pre_hook(self._hook(name)))
         for name, (attention, v_proj, n_kv) in self.values.items():
@@ -72,7 +88,6 @@ class MomentCollector:
             self._handles.append(attention.register_forward_hook(self._value_hook(name, n_kv)))
         for name, module in self.experts.items():
             self._handles.append(module.register_forward_pre_hook(self._experts_hook(name), with_kwargs=True))
-        return self
 
     def __exit__(self, *exc) -> None:
         for h in self._handles:

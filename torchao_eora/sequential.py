@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .allocator import LONG_LIVED_BYTES, release_free_memory, set_mmap_threshold, transient_allocations
+from .anchor import AnchorCollector
 from .calibration import Calibration, model_fingerprint
 from .config import EoRAConfig
 from .coverage import check_coverage
@@ -173,12 +174,18 @@ def compress_sequential(
     # probabilities (eager attention)
     value_moments = needs_data and (config.attention_value_moment or config.attention_value_residual)
     split = config.compensation == "eora" and config.shrinkage == "auto"  # halves to cross-validate the shrinkage
+    anchored = needs_data and config.target == "anchored"
+    written = getattr(layer_io, "written", None)
+    if anchored and written is not None and any(written(i) for i in range(len(layers))):
+        raise ValueError("a resumed job cannot continue target='anchored' (the written layers no longer have the "
+                         "original weights it runs): start it again without --resume")
     with _attention("eager" if value_moments else None, model):
         with timer("forward"):
             hidden, layer_kwargs = _capture_layer_inputs(model, layers, batches, device)
+            # the anchored target's original activations, beside the compressed prefix's (as much memory again)
+            original = [h.clone() for h in hidden] if anchored else None
         masks = [b.get("attention_mask") for b in batches]
         bar = tqdm(range(len(layers)), desc=f"compressing ({config.describe()})", disable=not progress)
-        written = getattr(layer_io, "written", None)
         for i in bar:
             layer, kwargs = layers[i], layer_kwargs[i]
             layer_io.load(i, layer, device)
@@ -195,11 +202,16 @@ def compress_sequential(
             # per kv head for the compressor; EoRA's residual alone reads the sum (1/H_kv of the memory)
             values = _value_projections(layer, f"{prefix}.{i}.", config.attention_value_moment) if value_moments else {}
             layer_experts = find_experts(layer, f"{prefix}.{i}.") if needs_data else {}
-            with MomentCollector(linears, timer, values, stop_when_done=True, split=split, experts=layer_experts,
-                                 weighted_down=WEIGHTED_DOWN) as collector, \
+            anchor = AnchorCollector(linears, timer) if anchored else None
+            with anchor or contextlib.nullcontext(), \
+                    MomentCollector(linears, timer, values, stop_when_done=True, split=split, experts=layer_experts,
+                                    weighted_down=WEIGHTED_DOWN) as collector, \
                     timer("forward"), \
                     transient_allocations():
-                for h, kw, mask in zip(hidden, kwargs, masks):
+                for b, (h, kw, mask) in enumerate(zip(hidden, kwargs, masks)):
+                    if anchor is not None:  # the original layer on the original activations, then the next ones
+                        with collector.paused(), anchor.recording(mask):
+                            original[b].copy_(_output(layer(original[b], **kw)))
                     collector.start_batch(mask, h.shape[0])
                     with contextlib.suppress(StopForward):  # the rest of the layer feeds no statistic
                         layer(h, **kw)
@@ -209,10 +221,17 @@ def compress_sequential(
             stats = Calibration(collector.groups, collector.group_of, "sequential",
                                 value_group_of=collector.value_group_of)
             del collector  # stats holds the moments alone now: each is freed once its last reader is compressed
+            shifts = {}
+            if anchor is not None:
+                with timer("solve"):
+                    shifts = {name: anchor.shift(name, m.weight, stats.stats_of(name).moment.mean())
+                              for name, m in linears.items()}
+                del anchor
             target = layer if in_place else copy.deepcopy(layer)
             results = _compress_layer(_linears(target, f"{prefix}.{i}."), config, stats if needs_data else None,
                                       free_statistics=not keep_statistics, timer=timer, ranks=ranks or {},
-                                      spectra=spectra)
+                                      spectra=spectra, shifts=shifts)
+            del shifts
             results.update(_compress_layer_experts(target, f"{prefix}.{i}.", config, stats if needs_data else None,
                                                    calib, timer))
             if not in_place:
@@ -236,17 +255,20 @@ def compress_sequential(
 def _compress_layer(
     targets: Mapping[str, torch.nn.Linear], config: EoRAConfig, stats: Calibration | None, *,
     free_statistics: bool, timer: Timer, ranks: Mapping[str, int], spectra: dict[str, torch.Tensor] | None,
+    shifts: Mapping[str, torch.Tensor | None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Compress and solve each linear of one layer once, in place; returns the new weights by name. With
     ``free_statistics``, a moment is dropped from ``stats`` as soon as its last reader is done (q/k/v: v_proj).
-    ``spectra``, when given, receives each module's error spectrum."""
+    ``spectra``, when given, receives each module's error spectrum; ``shifts`` are the anchored target's
+    (``anchor.py``), by name."""
     last_reader = {} if stats is None else {stats.group_of[n]: n for n in targets if n in stats.group_of}
     if stats is not None:
         last_reader.update({g: n for n, g in stats.value_group_of.items()})
     results = {}
     for name, module in targets.items():
         with torch.inference_mode(False), torch.no_grad():  # normal tensors: the model may be fine-tuned later
-            results[name] = _compress_module(name, module, config, stats, ranks, spectra, timer)
+            results[name] = _compress_module(name, module, config, stats, ranks, spectra, timer,
+                                             (shifts or {}).get(name))
         if free_statistics and stats is not None:
             for group in (stats.group_of.get(name), stats.value_group_of.get(name)):
                 if group is not None and last_reader.get(group) == name:
@@ -272,14 +294,16 @@ def _compress_layer_experts(
 
 def _compress_module(
     name: str, module: torch.nn.Linear, config: EoRAConfig, stats: Calibration | None, ranks: Mapping[str, int],
-    spectra: dict[str, torch.Tensor] | None, timer: Timer,
+    spectra: dict[str, torch.Tensor] | None, timer: Timer, shift: torch.Tensor | None = None,
 ) -> QuantWithLowRank:
     """One module's compressed weight, installed; its error spectrum into ``spectra`` when given."""
     module_stats = None if stats is None else stats.stats_of(name)
-    weight = eora_quantize_tensor(module.weight, config, module_stats, rank=ranks.get(name), timer=timer)
+    weight = eora_quantize_tensor(module.weight, config, module_stats, rank=ranks.get(name), timer=timer,
+                                  target_shift=shift)
     if spectra is not None:
         with timer("solve"):
             delta = module.weight.detach().float() - weight.dequantize_base(torch.float32)
+            delta = delta if shift is None else delta + shift
             weighted = residual_stats(module_stats, config)
             moment = weighted.moment.mean() if weighted is not None and config.compensation == "eora" else None
             spectra[name] = error_spectrum(delta, moment)
@@ -347,6 +371,8 @@ def calibrate(
         calib = compress_sequential(model, batches, config, in_place=False, progress=progress,
                                     device=next(model.parameters()).device, allow_partial=allow_partial)
     elif mode == "one-shot":
+        if config is not None and config.target == "anchored":
+            raise ValueError("target='anchored' needs the compressed prefix's inputs: use mode='sequential'")
         split = config is None or config.shrinkage == "auto"  # a later config may still want it: None keeps them
         values = config is None or config.attention_value_residual
         calib = _calibrate_one_shot(model, batches, progress, split, values)

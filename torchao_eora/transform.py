@@ -26,7 +26,7 @@ __all__ = ["eora_module_transform", "eora_quantize_tensor", "residual_stats"]
 
 def eora_quantize_tensor(
     weight: torch.Tensor, config: EoRAConfig, stats: ModuleStats | None = None, *, rank: int | None = None,
-    timer: Timer | None = None,
+    timer: Timer | None = None, target_shift: torch.Tensor | None = None,
 ) -> QuantWithLowRank:
     """Compress one (out x in) weight with ``config`` and add its rank-r residual.
 
@@ -38,9 +38,12 @@ def eora_quantize_tensor(
         rank: this module's residual rank when a rank budget chose it (default: ``config.rank``, clamped to fit).
         timer: adds the seconds spent in ``"compress"``, ``"shrinkage"`` (choosing the amount) and ``"solve"``
             (benchmarks report them apart).
+        target_shift: the anchored target's ``S`` (``anchor.py``): the residual fits ``W + S - W_c`` instead of
+            ``W - W_c``; the base still compresses ``W``.
     """
     timer = timer or Timer()
     w32 = weight.detach().float()
+    target = w32 if target_shift is None else w32 + target_shift.to(w32.device, torch.float32)
     if getattr(config.base, "needs_calibration", False) and stats is None:
         raise ValueError(f"{config.base.describe()} needs calibration statistics: run calibrate() first")
     attention = _compressor_fitted_to_attention(stats, config)
@@ -50,8 +53,8 @@ def eora_quantize_tensor(
     rank = module_rank(config, *w32.shape) if rank is None else rank
     with timer("compress"):
         compressed = config.base.compress(w32, compressor_moment)
-        delta = w32 - compressed.dequantize(torch.float32)  # in fp32: the error underflows in fp16/bf16
-        folds = _cross_validation_folds(w32, delta, config, rank, weighted, attention)
+        delta = target - compressed.dequantize(torch.float32)  # in fp32: the error underflows in fp16/bf16
+        folds = _cross_validation_folds(w32, target, delta, config, rank, weighted, attention)
     with timer("solve"):
         # One reduced frame of the error serves the shrinkage folds (data-free compressors share the error) and
         # the solve: its QR and Gram matrices are computed once.
@@ -66,7 +69,7 @@ def eora_quantize_tensor(
         # error the residual minimises (the compressor's own rounding is not aware of that norm).
         with timer("compress"):
             again = config.base.compress(w32 - factors.B @ factors.A, compressor_moment)
-            delta_again = w32 - again.dequantize(torch.float32)
+            delta_again = target - again.dequantize(torch.float32)
         with timer("solve"):
             factors_again = _solve(delta_again, config, rank, weighted, moment, amount)
             if (_residual_error(delta_again, factors_again, moment, amount)
@@ -98,11 +101,12 @@ def _compressor_fitted_to_attention(stats: ModuleStats | None, config: EoRAConfi
 
 
 def _cross_validation_folds(
-    w32: torch.Tensor, delta: torch.Tensor, config: EoRAConfig, rank: int, stats: ModuleStats | None,
-    attention: bool,
+    w32: torch.Tensor, target: torch.Tensor, delta: torch.Tensor, config: EoRAConfig, rank: int,
+    stats: ModuleStats | None, attention: bool,
 ) -> list[tuple[torch.Tensor, Moment, Moment]] | None:
     """The ``(error, fit moment, score moment)`` folds that ``shrinkage="auto"`` is chosen on, or None when there is
-    nothing to choose (a fixed amount, no EoRA, rank 0, or statistics that were not split in halves).
+    nothing to choose (a fixed amount, no EoRA, rank 0, or statistics that were not split in halves). ``target``
+    is what the residual fits the compressed ``w32`` to (``w32`` itself unless anchored).
 
     A calibrated compressor (GPTQ, SparseGPT, Wanda) fitted ``W_c`` to both halves, so its error is already small
     where the scoring half looks and that half is not held out: each fold's error comes from compressing ``W``
@@ -115,7 +119,7 @@ def _cross_validation_folds(
     halves = stats.moment.halves()  # the compressor needs each half as a matrix
     if halves is None:
         return None
-    return [(w32 - config.base.compress(w32, fit).dequantize(torch.float32), fit, score)
+    return [(target - config.base.compress(w32, fit).dequantize(torch.float32), fit, score)
             for fit, score in (halves, halves[::-1])]
 
 
@@ -224,6 +228,9 @@ def eora_module_transform(module: torch.nn.Module, config: EoRAConfig, **kwargs)
         if config.compensation == "eora":
             warn_once(config, "EoRAConfig(compensation='eora') without calibration statistics: falling back to "
                       "data-free SVD")
+    if config.target == "anchored":  # its cross moments exist only inside the sequential pass
+        raise ValueError("target='anchored' is solved during sequential calibration: run calibrate(model, batches, "
+                         "config) with this config, then quantize_(model, eora_config(calib))")
     stats = None if calib is None else calib.stats_of(name)
     rank = None if calib is None else calib.ranks.get(name)
     install(module, eora_quantize_tensor(module.weight, config, stats, rank=rank))
