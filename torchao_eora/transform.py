@@ -39,16 +39,19 @@ def eora_quantize_tensor(
         timer: adds the seconds spent in ``"compress"``, ``"shrinkage"`` (choosing the amount) and ``"solve"``
             (benchmarks report them apart).
         target_shift: the anchored target's ``S`` (``anchor.py``): the residual fits ``W + S - W_c`` instead of
-            ``W - W_c``; the base still compresses ``W``.
+            ``W - W_c``; the base still compresses ``W``. Not applied to a v_proj residual weighted by the
+            attention moment (the shift is the plain-moment least-squares one).
     """
     timer = timer or Timer()
     w32 = weight.detach().float()
-    target = w32 if target_shift is None else w32 + target_shift.to(w32.device, torch.float32)
     if getattr(config.base, "needs_calibration", False) and stats is None:
         raise ValueError(f"{config.base.describe()} needs calibration statistics: run calibrate() first")
     attention = _compressor_fitted_to_attention(stats, config)
     compressor_moment = None if stats is None else (stats.compressor_moment if attention else stats.moment).mean()
     weighted = None if config.compensation == "svd" else residual_stats(stats, config)
+    if weighted is not stats:  # an attention-weighted v_proj residual: the shift was fitted under the plain moment
+        target_shift = None
+    target = w32 if target_shift is None else w32 + target_shift.to(w32.device, torch.float32)
     moment = None if weighted is None else weighted.moment.mean()  # EoRA's, before shrinkage
     rank = module_rank(config, *w32.shape) if rank is None else rank
     with timer("compress"):
