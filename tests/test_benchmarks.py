@@ -92,6 +92,29 @@ def test_moe_study(tmp_path, monkeypatch):
     assert sum(row["tokens per expert"]) == 4 * 64 * 2 and row["eora weighted down"]["block"] < 1
 
 
+def test_screen_rows_are_replaced_by_name(tiny_dir, tmp_path, monkeypatch):
+    out = tmp_path / "screen.json"
+    main = _main("screen.py", monkeypatch)
+    tiny = "--seq-len 32 --group-size 32 --rank 8 --adapter-group-size 8"
+    main(["--model", str(tiny_dir), "--rows", f"default={tiny}", f"anchored={tiny} --target anchored",
+          "--calib-samples", "2", "--eval-tokens", "256", "--json", str(out)])
+    first = _rows(out)
+    assert [r["name"] for r in first] == ["default", "anchored"] and first[0]["ppl"] != first[1]["ppl"]
+    main(["--model", str(tiny_dir), "--rows", f"default={tiny}", "--calib-samples", "2", "--eval-tokens", "256",
+          "--json", str(out)])
+    assert [r["name"] for r in _rows(out)] == ["anchored", "default"]
+
+
+def test_served_bytes(tiny_dir, tmp_path, monkeypatch):
+    out = tmp_path / "served.json"
+    _main("served_bytes.py", monkeypatch)(["--models", str(tiny_dir), "--ranks", "8", "--default", "16:4",
+                                           "--calib-samples", "2", "--eval-tokens", "256", "--json", str(out)])
+    full, int4 = _rows(out)
+    assert (full["max_lora_rank"], int4["max_lora_rank"]) == (8, 16)  # vLLM's slots
+    assert int4["vllm_bf16_mb"] == 2 * full["vllm_bf16_mb"] and int4["our_adapter_mb"] < int4["vllm_bf16_mb"]
+    assert full["bf16_modules"] == 14 and abs(full["ppl_bf16_adapters"] / full["ppl"] - 1) < 0.01
+
+
 def test_solve_scaling(tmp_path):
     out = tmp_path / "solve.json"
     subprocess.run([sys.executable, str(BENCHMARKS / "solve_scaling.py"), "--shapes", "tiny", "--rank", "16",
