@@ -403,7 +403,7 @@ def served_bytes(root: Path):
                     str(r["max_lora_rank"]), f"{r['vllm_bf16_mb']:.1f}", f"{r['our_adapter_mb']:.1f}"])
     header = ["model", "calibration", "held-out tokens", "rank", "adapters", "perplexity",
               "perplexity, adapters rounded to bf16",
-              "vLLM `--max-lora-rank`", "vLLM bf16 adapter MB", "our adapter MB"]
+              "vLLM `--max-lora-rank`", "vLLM bf16 adapter MB", "our adapter MB (as run: fp32 or int4)"]
     return _table(header, out), [name]
 
 

@@ -526,7 +526,8 @@ def _vllm_note(alloc: dict) -> str:
         advice.append("--adapter-bits none keeps the adapters' full precision: vLLM serves int adapters dequantized "
                       "to bf16, so their saving does not reach it")
     if advice:
-        note += "\n  For vLLM, re-quantize with " + "; ".join(advice) + "."
+        note += ("\n  For vLLM, re-quantize with " + "; ".join(advice) + " (quality per served byte: "
+                 "docs/adapters-and-bytes.md).")
     return note
 
 
