@@ -35,6 +35,14 @@ def write_json(path: str, payload: dict) -> None:
     os.replace(tmp, path)
 
 
+def rows_of_other_models(path: str | None, models: list[str]) -> list[dict]:
+    """The rows already in ``path`` (a benchmark's ``--json``) whose model is not in ``models``: a script run one model
+    at a time keeps the other models' rows."""
+    if not path or not Path(path).exists():
+        return []
+    return [r for r in json.loads(Path(path).read_text())["rows"] if r["model"] not in models]
+
+
 def run_cli(argv: list[str], report: Path) -> tuple[dict, float]:
     """One ``torchao-eora`` process with ``--json report`` appended: its summary (``cli --json``) and wall seconds."""
     import subprocess

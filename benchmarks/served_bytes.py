@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from results_io import environment, run_cli, write_json  # noqa: E402
+from results_io import environment, rows_of_other_models, run_cli, write_json  # noqa: E402
 from solver_perplexity import model_flags  # noqa: E402
 
 
@@ -76,9 +76,7 @@ def served_row(out: Path, eval_tokens: int, full_precision: bool) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    rows = []  # rows of other models already in --json are kept, so the models can be run one at a time
-    if args.json and Path(args.json).exists():
-        rows = [r for r in json.loads(Path(args.json).read_text())["rows"] if r["model"] not in models]
+    rows = rows_of_other_models(args.json, models)
     with tempfile.TemporaryDirectory() as tmp:
         for model in models:
             rank, bits = map(int, args.default.split(":"))

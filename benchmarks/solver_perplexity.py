@@ -12,13 +12,12 @@ run this time are kept from the file.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from results_io import environment, run_cli, write_json  # noqa: E402
+from results_io import environment, rows_of_other_models, run_cli, write_json  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,9 +43,7 @@ def model_flags(name: str) -> list[str]:
 def main() -> None:
     args = build_parser().parse_args()
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    rows = []  # rows of other models already in --json are kept, so the models can be run one at a time
-    if args.json and Path(args.json).exists():
-        rows = [r for r in json.loads(Path(args.json).read_text())["rows"] if r["model"] not in models]
+    rows = rows_of_other_models(args.json, models)
     with tempfile.TemporaryDirectory() as tmp:
         for model in models:
             ppl = {}
