@@ -155,7 +155,8 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
                    help="what EoRA's residual fits: layer (default, the paper's): the layer's own weight error on "
                         "the inputs the compressed layers before it produce; anchored: the original model's outputs "
                         "from those inputs, which also corrects error made upstream (sequential calibration; runs "
-                        "each layer a second time on the original activations: docs/beyond-eora.md)")
+                        "each layer a second time on the original activations; measured a tie on SmolLM2 at 3 bits "
+                        "and a loss at 2 bits: docs/beyond-eora.md)")
     g.add_argument("--form", default="auto", choices=["auto", "randomized", "eigen", "inverse_free"],
                    help="how the residual is solved (same optimum): auto (default) reduces each layer's error to "
                         "min(out, in) dimensions and takes its top directions exactly up to 1024 and by randomized "
