@@ -11,6 +11,7 @@ from torchao.quantization import quantize_
 from helpers import tiny_llama, token_batches
 from torchao_eora import EoRAConfig, RTNConfig, calibrate, compress_sequential, eora_config
 from torchao_eora.anchor import AnchorCollector, is_anchored
+from torchao_eora.calibration import SecondMoment
 
 
 def _effective(model: torch.nn.Module, layer: int) -> dict[str, torch.Tensor]:
@@ -62,7 +63,7 @@ def test_shift_is_the_least_squares_correction():
         linear(x_q)
     fp, q = x_fp.reshape(-1, 16).double(), x_q.reshape(-1, 16).double()
     gram = q.T @ q / q.shape[0]
-    shift = collector.shift("layers.0.q_proj", linear.weight, gram)
+    shift = collector.shift("layers.0.q_proj", linear.weight, SecondMoment(q.T @ q, q.shape[0]))
     # undamped, W + S would be the least-squares map from x_q to W x_fp; damping moves it by about 1%
     exact = torch.linalg.lstsq(q, fp @ linear.weight.double().T).solution.T
     assert torch.linalg.norm(linear.weight.double() + shift.double() - exact) < 0.05 * torch.linalg.norm(exact)

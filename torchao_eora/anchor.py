@@ -26,6 +26,7 @@ from typing import Iterator, Mapping
 import torch
 
 from .allocator import long_lived_allocations
+from .calibration import SecondMoment
 from .timing import Timer
 
 __all__ = ["AnchorCollector", "DAMPING", "OUTPUT_PROJECTIONS", "is_anchored"]
@@ -130,16 +131,17 @@ class AnchorCollector:
             total[:, start:start + _BLOCK] += (fp.T @ q[:, start:start + _BLOCK]).double()
         self.n_tokens[group] = self.n_tokens.get(group, 0) + fp.shape[0]
 
-    def shift(self, name: str, weight: torch.Tensor, moment: torch.Tensor) -> torch.Tensor | None:
-        """The target shift ``S = W (C - G) (G + lambda I)^-1`` of module ``name`` (fp32, like ``weight``), given its
-        mean second moment ``G`` (``SecondMoment.mean()``); None for a module that is not anchored."""
+    def shift(self, name: str, weight: torch.Tensor, moment: SecondMoment) -> torch.Tensor | None:
+        """The target shift ``S = W (C - G) (G + lambda I)^-1`` of module ``name`` (fp32, like ``weight``), given the
+        second moment ``G`` of its input; None for a module whose input saw no tokens. ``G``'s mean is read once per
+        shared input (q/k/v, gate/up), when the group's mix is first computed."""
         group = self.group_of.get(name)
-        if group is None or (group not in self.cross and group not in self._mix):
-            return None
         mix = self._mix.get(group)
         if mix is None:
+            if group not in self.cross:
+                return None
             cross = self.cross.pop(group) / self.n_tokens[group]
-            gram = moment.to(torch.float64)
+            gram = moment.mean().to(torch.float64)
             damped = gram + DAMPING * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype,
                                                                         device=gram.device)
             # (C - G) (G + lambda I)^-1 = solve(G + lambda I, (C - G)^T)^T, G symmetric

@@ -224,8 +224,8 @@ def compress_sequential(
             shifts = {}
             if anchor is not None:
                 with timer("solve"):
-                    shifts = {name: anchor.shift(name, m.weight, stats.stats_of(name).moment.mean())
-                              for name, m in linears.items()}
+                    shifts = {name: anchor.shift(name, m.weight, stats.stats_of(name).moment)
+                              for name, m in anchor.modules.items()}
                 del anchor
             target = layer if in_place else copy.deepcopy(layer)
             results = _compress_layer(_linears(target, f"{prefix}.{i}."), config, stats if needs_data else None,
