@@ -24,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = "benchmarks/results"
 PLOT = f"{RESULTS}/ppl_vs_bytes.png"
+MODEL_LABELS = {"smollm2": "SmolLM2-135M", "gemma": "Gemma-3-270M"}  # benchmarks' model names in the tables
 BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
 
 
@@ -322,14 +323,13 @@ def solver_perplexity(root: Path):
     """Perplexity of the CLI's default job with the default solver and with the randomized one forced."""
     name = "solver_perplexity.json"
     data = _load(root, name)
-    labels = {"smollm2": "SmolLM2-135M", "gemma": "Gemma-3-270M"}
     rows = {(r["model"], r["form"]): r for r in data["rows"]}
     out = []
     for model in dict.fromkeys(r["model"] for r in data["rows"]):
         auto, randomized = rows.get((model, "auto")), rows.get((model, "randomized"))
         # solver_perplexity.py puts the relative difference on a model's second (randomized) row
         diff = f"{100 * randomized['ppl_rel_diff']:+.2f}%" if randomized and "ppl_rel_diff" in randomized else "-"
-        out.append([labels.get(model, model), f"{data['args']['calib_samples']} x 512",
+        out.append([MODEL_LABELS.get(model, model), f"{data['args']['calib_samples']} x 512",
                     f"{data['args']['eval_tokens']:,}", *(_ppl(r["ppl"]) if r else "-" for r in (auto, randomized)),
                     diff])
     header = ["model", "calibration (sequential)", "held-out tokens", "perplexity, `--form auto` (default)",
@@ -393,12 +393,11 @@ def lm_eval(root: Path):
 def served_bytes(root: Path):
     """Quality per adapter byte as vLLM serves it (bf16 at its rank slot) and as our runtime holds it."""
     name = "served_bytes.json"
-    labels = {"smollm2": "SmolLM2-135M", "gemma": "Gemma-3-270M"}
     out = []
     for r in _load(root, name)["rows"]:
         adapters = f"int{r['adapter_bits']}" if r["adapter_bits"] else "full precision"
         bf16 = _ppl(r["ppl_bf16_adapters"]) if "ppl_bf16_adapters" in r else "-"
-        out.append([labels.get(r["model"], r["model"]), f"{r['calib_samples']} x 512", f"{r['eval_tokens']:,}",
+        out.append([MODEL_LABELS.get(r["model"], r["model"]), f"{r['calib_samples']} x 512", f"{r['eval_tokens']:,}",
                     str(r["rank"]), adapters, _ppl(r["ppl"]), bf16,
                     str(r["max_lora_rank"]), f"{r['vllm_bf16_mb']:.1f}", f"{r['our_adapter_mb']:.1f}"])
     header = ["model", "calibration", "held-out tokens", "rank", "adapters", "perplexity",
@@ -412,7 +411,6 @@ def screen_anchored(root: Path):
     calibration size and bit width."""
     name = "screen_anchored.json"
     data = _load(root, name)
-    labels = {"smollm2": "SmolLM2-135M", "gemma": "Gemma-3-270M"}
 
     def key(r: dict) -> tuple:
         flags = r["flags"].split()
@@ -426,7 +424,7 @@ def screen_anchored(root: Path):
         diff = f"{100 * (r['ppl'] / base['ppl'] - 1):+.2f}%" if r is not base else "-"
         phases = r["phases_s"]
         windows, tokens = (r.get(k, data["args"][k]) for k in ("calib_samples", "eval_tokens"))
-        out.append([labels.get(r["model"], r["model"]), f"{windows} x 512", f"{tokens:,}",
+        out.append([MODEL_LABELS.get(r["model"], r["model"]), f"{windows} x 512", f"{tokens:,}",
                     f"`{r['flags']}`" if r["flags"] else "(default)", _ppl(r["ppl"]), diff,
                     f"{phases.get('forward', 0) + phases.get('moments', 0):,.0f}", f"{r['peak_rss_gib']:.2f}"])
     header = ["model", "calibration", "held-out tokens", "flags", "perplexity", "vs the first row of its bits",

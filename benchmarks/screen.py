@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     rows_to_run = [parse_row(r) for r in args.rows]
     names = {name for name, _ in rows_to_run}
+    tasks = [t for t in args.tasks.split(",") if t]
     rows = []
     if args.json and Path(args.json).exists():
         kept = json.loads(Path(args.json).read_text())
@@ -63,7 +64,6 @@ def main(argv: list[str] | None = None) -> int:
             if args.tasks:
                 argv += ["--tasks", args.tasks, "--task-limit", str(args.task_limit)]
             summary, wall = run_cli(argv, Path(tmp) / "summary.json")
-            tasks = [t for t in args.tasks.split(",") if t]
             metrics = {k: v for k, v in summary["rows"][-1].items() if k == "ppl" or k.split("_")[0] in tasks}
             rows.append({"model": args.model, "name": name, "flags": " ".join(flags),
                          "calib_samples": args.calib_samples, "eval_tokens": args.eval_tokens, **metrics,

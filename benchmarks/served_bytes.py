@@ -26,7 +26,6 @@ from results_io import environment, rows_of_other_models, run_cli, write_json  #
 from solver_perplexity import model_flags  # noqa: E402
 
 
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="smollm2,gemma",
@@ -76,11 +75,11 @@ def served_row(out: Path, eval_tokens: int, full_precision: bool) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
+    default_rank, default_bits = map(int, args.default.split(":"))
+    configs = [(int(r), None) for r in args.ranks.split(",")] + [(default_rank, default_bits)]
     rows = rows_of_other_models(args.json, models)
     with tempfile.TemporaryDirectory() as tmp:
         for model in models:
-            rank, bits = map(int, args.default.split(":"))
-            configs = [(int(r), None) for r in args.ranks.split(",")] + [(rank, bits)]
             for rank, bits in configs:
                 out = Path(tmp) / f"{model}-r{rank}-{bits or 'fp'}"
                 argv = ["quantize", *model_flags(model), "--rank", str(rank), "--adapter-bits",
