@@ -170,7 +170,7 @@ def run_shape(name: str, args: argparse.Namespace) -> dict:
         row = {"module": module, "shape": [out_features, in_features], **spent}
         if args.exact:
             delta = weight - q.dequantize_base(torch.float32)
-            amount = _chosen_amount(delta, config, stats, q.rank)
+            amount = _chosen_amount(weight, delta, config, stats, q.rank)
             problem = ReducedError(delta)
             fast = eora_factors(delta, moment.mean(), q.rank, form=args.form, shrinkage=amount, problem=problem)
             exact = eora_factors(delta, moment.mean(), q.rank, form="inverse_free" if out_features <= in_features
@@ -208,12 +208,12 @@ def _eigen(moment):
     return _EIGEN[id(moment)]
 
 
-def _chosen_amount(delta, config, stats, rank: int) -> float:
+def _chosen_amount(weight, delta, config, stats, rank: int) -> float:
     """The shrinkage amount the default path chooses for this module (what eora_quantize_tensor used)."""
     from torchao_eora.solver import ReducedError
     from torchao_eora.transform import _cross_validation_folds, _shrinkage
 
-    folds = _cross_validation_folds(delta, delta, config, rank, stats, False)
+    folds = _cross_validation_folds(weight, weight, delta, config, rank, stats, attention=False)
     return _shrinkage(folds, config, rank, ReducedError(delta), delta) if folds else 0.0
 
 
