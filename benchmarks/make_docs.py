@@ -406,36 +406,48 @@ def served_bytes(root: Path):
     return _table(header, out), [name]
 
 
-def screen_anchored(root: Path):
-    """Options screened against the default job (``screen.py``): each row against the first row of the same model,
-    calibration size and bit width."""
-    name = "screen_anchored.json"
+def screen(root: Path):
+    """Options screened against the default job (``screen.py``), grouped by model, calibration size, bit width and
+    quantizer: each row against the group's first EoRA row, and the share of the compression's perplexity gap it
+    closes where the group has a ``--compensation none`` row and the model an ``original`` one."""
+    name = "screen.json"
     data = _load(root, name)
 
-    def key(r: dict) -> tuple:
+    def flag(r: dict, option: str, default: str) -> str:
         flags = r["flags"].split()
-        bits = flags[flags.index("--bits") + 1] if "--bits" in flags else "3"
-        return r["model"], r.get("calib_samples", data["args"]["calib_samples"]), bits
+        return flags[flags.index(option) + 1] if option in flags else default
 
+    def key(r: dict) -> tuple:
+        calib = r.get("calib_samples", data["args"]["calib_samples"])
+        return r["model"], calib, flag(r, "--bits", "3"), flag(r, "--quantizer", "rtn")
+
+    original = {(r["model"], r["eval_tokens"]): r["ppl"] for r in data["rows"] if r["name"] == "original"}
+    bases = {key(r): r["ppl"] for r in data["rows"] if flag(r, "--compensation", "eora") == "none"}
     first: dict[tuple, dict] = {}
     out = []
     for r in data["rows"]:
-        base = first.setdefault(key(r), r)
-        diff = f"{100 * (r['ppl'] / base['ppl'] - 1):+.2f}%" if r is not base else "-"
+        if r["name"] == "original" or flag(r, "--compensation", "eora") == "none":
+            continue
+        group = first.setdefault(key(r), r)
+        diff = f"{100 * (r['ppl'] / group['ppl'] - 1):+.2f}%" if r is not group else "-"
+        fp, base = original.get((r["model"], r["eval_tokens"])), bases.get(key(r))
+        gap = _gap(fp, base, r["ppl"]) if fp and base else "-"
         phases = r["phases_s"]
         windows, tokens = (r.get(k, data["args"][k]) for k in ("calib_samples", "eval_tokens"))
         out.append([MODEL_LABELS.get(r["model"], r["model"]), f"{windows} x 512", f"{tokens:,}",
-                    f"`{r['flags']}`" if r["flags"] else "(default)", _ppl(r["ppl"]), diff,
-                    f"{phases.get('forward', 0) + phases.get('moments', 0):,.0f}", f"{r['peak_rss_gib']:.2f}"])
-    header = ["model", "calibration", "held-out tokens", "flags", "perplexity", "vs the first row of its bits",
-              "calibration s", "peak RSS GiB"]
-    return _table(header, out), [name]
+                    f"`{r['flags']}`" if r["flags"] else "(default)", _ppl(r["ppl"]), gap, diff,
+                    f"{phases.get('forward', 0) + phases.get('moments', 0):,.0f}", f"{r['wall_s']:,.0f}"])
+    header = ["model", "calibration", "held-out tokens", "flags", "perplexity", "gap closed",
+              "vs the group's first row", "calibration s", "job s"]
+    refs = [f"{MODEL_LABELS.get(m, m)} original {_ppl(p)} ({t:,} tokens)" for (m, t), p in original.items()]
+    refs += [f"{MODEL_LABELS.get(k[0], k[0])} {k[2]}-bit {k[3].upper()} alone {_ppl(p)}" for k, p in bases.items()]
+    return _table(header, out) + ("\n\nReferences: " + "; ".join(refs) + "." if refs else ""), [name]
 
 
 TABLES = {f.__name__.replace("_", "-"): f for f in (
     headline, quality_rtn, paper_suite, gptq_engine, residual_options, attention_residual, adapter_bits,
     bits_adapters, decode_cpu, layers_cpu, layers_h200, scale, solve_scaling, solver_accuracy, solver_perplexity,
-    moe_study, qwen_coder, lm_eval, served_bytes, screen_anchored)}
+    moe_study, qwen_coder, lm_eval, served_bytes, screen)}
 
 
 def render(name: str, root: Path, doc: Path) -> str:

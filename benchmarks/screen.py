@@ -1,13 +1,15 @@
 """Screen quality options against the CLI default on the same job: one ``torchao-eora quantize`` process per row.
 
-    python benchmarks/screen.py --rows "default=" "anchored=--target anchored" \\
-        --json benchmarks/results/screen_anchored.json                   # SmolLM2, 32 windows, 4,096 tokens
+    python benchmarks/screen.py --rows "original=" "RTN=--compensation none" "default=" \\
+        "anchored=--target anchored" --json benchmarks/results/screen.json   # SmolLM2, 32 windows, 4,096 tokens
     python benchmarks/screen.py --model gemma --calib-samples 128 --eval-tokens 8192 --tasks lambada \\
-        --rows "default=" "anchored=--target anchored" --json benchmarks/results/confirm_anchored_gemma.json
+        --rows "default=" "anchored=--target anchored" --json benchmarks/results/confirm_gemma.json
 
 Every row runs the CLI's default job (3-bit g64 RTN + EoRA rank 192, int4 adapters, shrinkage auto, sequential
 calibration) with the row's extra flags, e.g. ``--target anchored`` or ``--quantizer gptq``; ``NAME=`` alone is the
-default. Each row records perplexity on the held-out Wikipedia tokens (and the tasks' accuracy), wall time, the phase
+default; the row named ``original`` evaluates the uncompressed model instead (``torchao-eora eval``), so that with
+a ``--compensation none`` row the docs can say which share of the compression's gap each option closes. Each row
+records perplexity on the held-out Wikipedia tokens (and the tasks' accuracy), wall time, the phase
 split and peak RSS from the CLI's ``--json`` summary. With ``--json``, rows of the same model, name and calibration
 size are replaced and all others kept, so a screen can be extended one row at a time and confirmed at another size.
 """
@@ -61,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, flags in rows_to_run:
             argv = ["quantize", *model_flags(args.model), *flags, "--calib-samples", str(args.calib_samples),
                     "--eval-tokens", str(args.eval_tokens)]
+            if name == "original":
+                argv = ["eval", *model_flags(args.model), *flags, "--eval-tokens", str(args.eval_tokens)]
             if args.tasks:
                 argv += ["--tasks", args.tasks, "--task-limit", str(args.task_limit)]
             summary, wall = run_cli(argv, Path(tmp) / "summary.json")
@@ -68,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"model": args.model, "name": name, "flags": " ".join(flags),
                          "calib_samples": args.calib_samples, "eval_tokens": args.eval_tokens, **metrics,
                          "wall_s": round(wall, 1),
-                         "phases_s": {k: round(v, 1) for k, v in summary["phases_s"].items()},
+                         "phases_s": {k: round(v, 1) for k, v in summary.get("phases_s", {}).items()},
                          "peak_rss_gib": summary.get("peak_rss_gib"),
                          "command": "torchao-eora " + " ".join(argv)})
             print(json.dumps(rows[-1]), flush=True)

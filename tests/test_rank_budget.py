@@ -15,7 +15,7 @@ from torchao_eora import (
     weighted_error,
 )
 from torchao_eora.rank_budget import allocate_ranks
-from torchao_eora.solver import eigen_of, error_spectrum, svd_factors
+from torchao_eora.solver import eigen_of, error_spectrum, output_energy, svd_factors
 
 CONFIG = EoRAConfig(rank=8, base=RTNConfig(bits=2, group_size=32), rank_budget="global")
 
@@ -94,6 +94,41 @@ def test_global_budget_end_to_end(tmp_path):
     out = export_peft(fresh, tmp_path / "adapter", config=CONFIG, save_base=False)
     pattern = json.loads((out / "adapter_config.json").read_text())["rank_pattern"]
     assert pattern and all(ranks[n] == r for n, r in pattern.items())
+
+
+def _v_scaled(scale: float):
+    """The same function with every v_proj scaled by ``scale`` and o_proj by its inverse (attention is linear in v)."""
+    model = tiny_llama()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.v_proj.weight.mul_(scale)
+            layer.self_attn.o_proj.weight.div_(scale)
+    return model
+
+
+def _budgeted_ranks(model, budget: str) -> dict[str, int]:
+    config = EoRAConfig(rank=8, base=CONFIG.base, rank_budget=budget)
+    return calibrate(model, token_batches(n_batches=2), config, progress=False).ranks
+
+
+def test_relative_budget_is_scale_free():
+    """Scaling v_proj by 8 and o_proj by 1/8 changes nothing the model computes (and, at a power of two, nothing RTN
+    rounds): the relative budget gives the same ranks, the absolute one moves ranks to the louder v_proj."""
+    before, after = _budgeted_ranks(_v_scaled(1.0), "relative"), _budgeted_ranks(_v_scaled(8.0), "relative")
+    assert after == before and len(set(before.values())) > 1
+    loud = _budgeted_ranks(_v_scaled(8.0), "global")
+    quiet = _budgeted_ranks(_v_scaled(1.0), "global")
+
+    def v_ranks(ranks):
+        return sum(r for n, r in ranks.items() if n.endswith("v_proj"))
+    assert v_ranks(loud) > v_ranks(quiet)
+
+
+def test_output_energy_is_the_mean_squared_output():
+    torch.manual_seed(0)
+    w, x = torch.randn(24, 32, dtype=torch.float64), torch.randn(500, 32, dtype=torch.float64)
+    assert output_energy(w, x.T @ x / len(x)) == pytest.approx(float((x @ w.T).square().sum() / len(x)), rel=1e-12)
+    assert output_energy(w) == pytest.approx(float(w.square().sum()), rel=1e-12)
 
 
 def test_global_budget_refuses_streaming():

@@ -78,6 +78,11 @@ def adapter_bits_arg(text: str) -> int | None:
     return int(text)
 
 
+def _preserve_arg(text: str) -> str | int:
+    """An argparse type: 'auto' or an integer >= 0 (EoRAConfig checks it against the rank)."""
+    return text if text == "auto" else _count(0)(text)
+
+
 def shrinkage_arg(text: str) -> str | float:
     """An argparse type: 'auto' or a number in [0, 1]."""
     try:
@@ -140,10 +145,11 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
                    help=f"rank of the residual B @ A (default {DEFAULT_RANK}: with the default 4-bit adapters it "
                         "costs the bytes of rank 64 in bf16, and closed 93%% of SmolLM2's 3-bit gap against 83%% "
                         "for rank 64, README)")
-    g.add_argument("--rank-budget", default="uniform", choices=["uniform", "global"],
+    g.add_argument("--rank-budget", default="uniform", choices=["uniform", "global", "relative"],
                    help="uniform: every layer gets --rank (default); global: the same total adapter parameters, "
-                        "spent where they remove the most activation-weighted error (two calibration passes; "
-                        "in memory only; measured worse than uniform on SmolLM2, see README)")
+                        "spent where they remove the most activation-weighted error; relative: the same, the error "
+                        "measured relative to each layer's output energy (both: two calibration passes, in memory "
+                        "only; global measured worse than uniform on SmolLM2, docs/beyond-eora.md)")
     g.add_argument("--refine-rounds", type=_count(0), default=0,
                    help="alternating rounds after the first solve: compress W - B A again and re-solve, each kept only "
                         "if it lowers the residual's error (default 0; 2 took SmolLM2 3-bit from 27.59 to 26.39 ppl)")
@@ -157,6 +163,11 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
                         "from those inputs, which also corrects error made upstream (sequential calibration; runs "
                         "each layer a second time on the original activations; measured a tie on SmolLM2 at 3 bits "
                         "and a loss at 2 bits: docs/beyond-eora.md)")
+    g.add_argument("--preserve", type=_preserve_arg, default=0, metavar="auto|K",
+                   help="preserve-then-quantize: K of the --rank ranks hold the top of each weight (in the "
+                        "activation-weighted norm), kept out of the compressor, the rest fit what compressing the "
+                        "remainder leaves; auto chooses K per layer among 0, rank/4 and rank/2 (one compression "
+                        "and solve each); 0 (default) is plain EoRA. docs/beyond-eora.md has the measurements")
     g.add_argument("--form", default="auto", choices=["auto", "randomized", "eigen", "inverse_free"],
                    help="how the residual is solved (same optimum): auto (default) reduces each layer's error to "
                         "min(out, in) dimensions and takes its top directions exactly up to 1024 and by randomized "
@@ -343,7 +354,7 @@ def _config_from_args(args) -> "EoRAConfig":
                       adapter_group_size=group, adapter_resolve=not args.no_adapter_resolve,
                       value_moment=args.value_moment, rank_budget=args.rank_budget,
                       refine_rounds=args.refine_rounds, shrinkage=args.shrinkage, form=args.form,
-                      target=args.target)
+                      preserve=args.preserve, target=args.target)
 
 
 def cmd_quantize(args) -> int:

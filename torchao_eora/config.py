@@ -20,7 +20,7 @@ __all__ = ["EoRAConfig", "config_from_json", "eora_config"]
 Compensation = Literal["eora", "svd", "none"]
 COMPENSATIONS = ("eora", "svd", "none")
 VALUE_MOMENTS = ("auto", "attention", "plain")
-RANK_BUDGETS = ("uniform", "global")
+RANK_BUDGETS = ("uniform", "global", "relative")
 TARGETS = ("layer", "anchored")
 
 
@@ -65,7 +65,9 @@ class EoRAConfig(AOBaseConfig):
         rank_budget: ``"uniform"`` (default): every module gets ``rank``; ``"global"``: the same total adapter
             parameters, spent where they remove the most activation-weighted error (``rank_budget.py``; ranks of at
             most ``4 * rank`` per module, chosen from a first sequential pass, so calibration takes about twice as
-            long; the chosen ranks are kept in the ``Calibration`` and in the saved weights).
+            long; the chosen ranks are kept in the ``Calibration`` and in the saved weights); ``"relative"``: the
+            same, each module's error measured relative to its own output energy ``tr(W C W^T)`` (scale-free: a
+            layer with large activations does not take the budget for that alone).
         refine_rounds: alternating rounds after the first solve (default 0): compress ``W - B A`` again and
             re-solve ``B A`` for the new error; a round is kept only if it lowers the residual's own error
             (activation-weighted for EoRA). Each round costs one more compression and solve per module.
@@ -81,6 +83,13 @@ class EoRAConfig(AOBaseConfig):
             left in its inputs (``anchor.py``). Sequential calibration only: the pass then runs each layer a
             second time on the original model's activations, carried beside the compressed ones. Measured on
             SmolLM2: a tie at 3 bits, a loss at 2 bits (docs/beyond-eora.md).
+        preserve: preserve-then-quantize (``preserve.py``): ``k`` of the ``rank`` residual ranks hold the top of
+            the weight itself in the activation-weighted norm, ``P W`` (``P`` projects on the top-k output
+            directions of ``W C W^T``), kept out of the compressor, which then sees only ``W - P W``; the other
+            ``rank - k`` ranks fit what compressing that leaves. 0 (default) is plain EoRA; an integer fixes ``k``
+            for every module (a multiple of ``adapter_group_size`` with quantized adapters); ``"auto"`` chooses it
+            per module among 0, ``rank/4`` and ``rank/2`` by the residual's own error (a compression and a solve
+            per candidate).
     """
 
     rank: int = 64
@@ -96,6 +105,7 @@ class EoRAConfig(AOBaseConfig):
     refine_rounds: int = 0
     shrinkage: Union[str, float] = "auto"
     target: str = "layer"
+    preserve: Union[int, str] = 0
 
     def __post_init__(self) -> None:
         check_choice("compensation", self.compensation, COMPENSATIONS)
@@ -119,6 +129,7 @@ class EoRAConfig(AOBaseConfig):
             raise ValueError("target='anchored' fits EoRA's residual to the original outputs: it needs "
                              f"compensation='eora', got {self.compensation!r}")
         check_int("refine_rounds", self.refine_rounds, 0, 10)
+        self._check_preserve()
         if self.shrinkage != "auto" and (isinstance(self.shrinkage, bool) or not isinstance(self.shrinkage, (int, float))
                                          or not 0 <= self.shrinkage <= 1):
             raise ValueError(f"shrinkage must be 'auto' or a number in [0, 1] (0: plain EoRA, 1: plain SVD), got "
@@ -133,6 +144,20 @@ class EoRAConfig(AOBaseConfig):
                 )
             if self.compensation != "none":
                 check_adapter_group_size(self.adapter_group_size, self.rank)  # in_features: checked per layer
+
+    def _check_preserve(self) -> None:
+        if self.preserve == "auto":
+            return
+        if isinstance(self.preserve, bool) or not isinstance(self.preserve, int) or not 0 <= self.preserve < max(
+                self.rank, 1):
+            raise ValueError(f"preserve must be 'auto' or an integer 0 <= k < rank ({self.rank}): the ranks that "
+                             f"hold the top of the weight, got {self.preserve!r}")
+        if self.preserve and self.compensation == "none":
+            raise ValueError("preserve keeps ranks of the residual: it needs compensation='eora' or 'svd'")
+        if self.preserve and self.adapter_bits is not None and self.preserve % self.adapter_group_size:
+            raise ValueError(f"preserve={self.preserve} must be a multiple of adapter_group_size "
+                             f"({self.adapter_group_size}): an adapter group must not mix preserved and residual "
+                             "ranks")
 
     @property
     def attention_value_moment(self) -> bool:
@@ -151,12 +176,14 @@ class EoRAConfig(AOBaseConfig):
 
     def describe(self) -> str:
         residual = "no residual" if self.compensation == "none" else f"{self.compensation} r{self.rank}"
-        if self.compensation != "none" and self.rank_budget == "global":
-            residual += " (global budget)"
+        if self.compensation != "none" and self.rank_budget != "uniform":
+            residual += f" ({self.rank_budget} budget)"
         if self.compensation == "eora" and self.shrinkage != "auto":
             residual += f" (shrinkage {self.shrinkage:g})"
         if self.compensation == "eora" and self.target == "anchored":
             residual += " (anchored)"
+        if self.compensation != "none" and self.preserve:
+            residual += f" (preserve {self.preserve})"
         if self.compensation != "none" and self.refine_rounds:
             residual += f" (refined x{self.refine_rounds})"
         if self.compensation != "none" and self.adapter_bits is not None:

@@ -30,7 +30,7 @@ from .experts import (WEIGHTED_DOWN, check_experts, compress_experts, expert_tok
                       find_experts, use_eager_experts)
 from .moments import MomentCollector, StopForward
 from .rank_budget import allocate_ranks
-from .solver import error_spectrum
+from .solver import error_spectrum, output_energy
 from .targets import check_targets, module_rank
 from .tensor import QuantWithLowRank
 from .timing import Timer
@@ -114,7 +114,7 @@ def compress_sequential(
     progress: bool = True,
     timer: Timer | None = None,
     ranks: Mapping[str, int] | None = None,
-    spectra: dict[str, torch.Tensor] | None = None,
+    spectra: dict[str, tuple[torch.Tensor, float]] | None = None,
     allow_partial: bool = False,
 ) -> Calibration:
     """Compress every linear of every decoder layer with ``config``, layer by layer, each exactly once.
@@ -133,9 +133,10 @@ def compress_sequential(
         device: where to run each layer (default: CUDA when present, else CPU).
         timer: adds seconds to ``forward``, ``moments``, ``compress``, ``solve`` (and whatever ``layer_io`` adds).
         ranks: per-module residual ranks (module name -> rank) instead of ``config.rank``. With
-            ``config.rank_budget == "global"`` and no ``ranks``, a first pass (on layer copies) measures every
+            a budgeted ``config.rank_budget`` and no ``ranks``, a first pass (on layer copies) measures every
             module's error spectrum and ``rank_budget.allocate_ranks`` chooses them.
-        spectra: filled with every module's error spectrum (``solver.error_spectrum``), when given.
+        spectra: filled with every module's error spectrum (``solver.error_spectrum``) and output energy
+            (``solver.output_energy``), when given.
         allow_partial: compress what is supported even when a large weight holder of the decoder layers (an
             unknown expert layout, a Conv1D) would stay uncompressed; by default that is a ValueError naming it.
 
@@ -149,10 +150,10 @@ def compress_sequential(
     set_mmap_threshold(LONG_LIVED_BYTES)
     config = replace(config, calibration=None)
     batches = list(batches)
-    if ranks is None and config.rank_budget == "global" and config.compensation != "none":
+    if ranks is None and config.rank_budget != "uniform" and config.compensation != "none":
         if not isinstance(layer_io, InMemory):
-            raise ValueError("rank_budget='global' runs two passes over the layers: compress the model in memory, "
-                             "or use rank_budget='uniform' when streaming it from disk")
+            raise ValueError(f"rank_budget={config.rank_budget!r} runs two passes over the layers: compress the "
+                             "model in memory, or use rank_budget='uniform' when streaming it from disk")
         ranks = _global_ranks(model, batches, config, device=device, progress=progress, timer=timer)
     # Statistics are collected when the config needs them or batches are given; a data-free config with no batches
     # (streaming RTN + SVD) runs no forward pass at all.
@@ -254,12 +255,13 @@ def compress_sequential(
 
 def _compress_layer(
     targets: Mapping[str, torch.nn.Linear], config: EoRAConfig, stats: Calibration | None, *,
-    free_statistics: bool, timer: Timer, ranks: Mapping[str, int], spectra: dict[str, torch.Tensor] | None,
+    free_statistics: bool, timer: Timer, ranks: Mapping[str, int],
+    spectra: dict[str, tuple[torch.Tensor, float]] | None,
     shifts: Mapping[str, torch.Tensor | None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Compress and solve each linear of one layer once, in place; returns the new weights by name. With
     ``free_statistics``, a moment is dropped from ``stats`` as soon as its last reader is done (q/k/v: v_proj).
-    ``spectra``, when given, receives each module's error spectrum; ``shifts`` are the anchored target's
+    ``spectra``, when given, receives each module's error spectrum and output energy; ``shifts`` are the anchored target's
     (``anchor.py``), by name."""
     last_reader = {} if stats is None else {stats.group_of[n]: n for n in targets if n in stats.group_of}
     if stats is not None:
@@ -294,9 +296,10 @@ def _compress_layer_experts(
 
 def _compress_module(
     name: str, module: torch.nn.Linear, config: EoRAConfig, stats: Calibration | None, ranks: Mapping[str, int],
-    spectra: dict[str, torch.Tensor] | None, timer: Timer, shift: torch.Tensor | None = None,
+    spectra: dict[str, tuple[torch.Tensor, float]] | None, timer: Timer, shift: torch.Tensor | None = None,
 ) -> QuantWithLowRank:
-    """One module's compressed weight, installed; its error spectrum into ``spectra`` when given."""
+    """One module's compressed weight, installed; its error spectrum and output energy into ``spectra`` when
+    given."""
     module_stats = None if stats is None else stats.stats_of(name)
     weight = eora_quantize_tensor(module.weight, config, module_stats, rank=ranks.get(name), timer=timer,
                                   target_shift=shift)
@@ -306,18 +309,21 @@ def _compress_module(
             delta = delta if shift is None else delta + shift
             weighted = residual_stats(module_stats, config)
             moment = weighted.moment.mean() if weighted is not None and config.compensation == "eora" else None
-            spectra[name] = error_spectrum(delta, moment)
+            spectra[name] = (error_spectrum(delta, moment), output_energy(module.weight.detach(), moment))
     install(module, weight)
     return weight
 
 
 def _global_ranks(model, batches, config: EoRAConfig, *, device, progress: bool, timer: Timer) -> dict[str, int]:
-    """The per-module ranks of ``config.rank_budget == "global"``: a sequential pass with uniform ranks on layer copies
+    """The per-module ranks of a budgeted ``config.rank_budget``: a sequential pass with uniform ranks on layer copies
     (the model is untouched) measures every module's error spectrum, then the same adapter parameters as uniform
-    ranks are spent greedily (``rank_budget.allocate_ranks``)."""
-    spectra: dict[str, torch.Tensor] = {}
+    ranks are spent greedily (``rank_budget.allocate_ranks``): on the absolute activation-weighted error
+    (``"global"``), or on each module's error relative to its own output energy (``"relative"``)."""
+    measured: dict[str, tuple[torch.Tensor, float]] = {}
     compress_sequential(model, batches, replace(config, rank_budget="uniform"), in_place=False, keep_statistics=False,
-                        device=device, progress=progress, timer=timer, spectra=spectra)
+                        device=device, progress=progress, timer=timer, spectra=measured)
+    relative = config.rank_budget == "relative"
+    spectra = {name: spectrum / energy if relative else spectrum for name, (spectrum, energy) in measured.items()}
     prefix, layers = find_decoder_layers(model)
     shapes = {name: tuple(m.weight.shape) for name, m in _linears(layers, prefix + ".").items()}
     step = config.adapter_group_size if config.adapter_bits is not None else 1
@@ -325,7 +331,8 @@ def _global_ranks(model, batches, config: EoRAConfig, *, device, progress: bool,
     largest = replace(config, rank=4 * config.rank)
     max_ranks = {name: module_rank(largest, *shape) for name, shape in shapes.items()}
     ranks = allocate_ranks(spectra, shapes, budget, max_ranks, step)
-    log.info("global rank budget: ranks %d..%d (uniform %d)", min(ranks.values()), max(ranks.values()), config.rank)
+    log.info("%s rank budget: ranks %d..%d (uniform %d)", config.rank_budget, min(ranks.values()),
+             max(ranks.values()), config.rank)
     return ranks
 
 

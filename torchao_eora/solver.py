@@ -64,6 +64,7 @@ __all__ = [
     "top_eigenpairs",
     "reduced_factors",
     "error_spectrum",
+    "output_energy",
     "mean_eigenvalue",
 ]
 
@@ -388,6 +389,15 @@ def error_spectrum(delta: torch.Tensor, second_moment: torch.Tensor | None = Non
     with one_cpu_thread(gram.device):
         values = torch.linalg.eigvalsh(gram)
     return values.flip(0).clamp_min(0.0)
+
+
+def output_energy(weight: torch.Tensor, second_moment: torch.Tensor | None = None) -> float:
+    """``tr(W C W^T)``, the mean squared norm of the layer's output ``W x`` (``||W||_F^2`` without a moment): the
+    scale a relative rank budget measures a module's error spectrum in."""
+    w = weight.detach().to(torch.float64)
+    if second_moment is None:
+        return float(w.square().sum())
+    return float((w @ second_moment.to(w.device, torch.float64) * w).sum())
 
 
 # Shrinkage amounts tried by choose_shrinkage: 0 (plain EoRA) to 1 (plain SVD), roughly geometric in between.

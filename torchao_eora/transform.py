@@ -16,6 +16,7 @@ import torch
 from .adapter_quant import QuantizedFactors, quantize_factors
 from .calibration import ModuleStats
 from .config import EoRAConfig
+from .preserve import joined, preserve_candidates, preserved_factors
 from .solver import LowRankFactors, Moment, ReducedError, choose_shrinkage, eora_factors, svd_factors, weighted_error
 from .targets import check_targets, module_rank, quantize_call_targets, warn_once
 from .tensor import QuantWithLowRank
@@ -54,19 +55,29 @@ def eora_quantize_tensor(
     target = w32 if target_shift is None else w32 + target_shift.to(w32.device, torch.float32)
     moment = None if weighted is None else weighted.moment.mean()  # EoRA's, before shrinkage
     rank = module_rank(config, *w32.shape) if rank is None else rank
+    kept = None  # preserve-then-quantize: ranks that hold the top of W, kept out of the compressor
+    if config.preserve and rank and config.compensation != "none":
+        with timer("compress"):
+            kept = _preserved(w32, target, config, rank, weighted, compressor_moment, moment)
+    rest_rank, base_weight, rest_target = rank, w32, target
+    if kept is not None:
+        kept_product = kept.B @ kept.A
+        rest_rank, base_weight, rest_target = rank - kept.rank, w32 - kept_product, target - kept_product
     with timer("compress"):
-        compressed = config.base.compress(w32, compressor_moment)
-        delta = target - compressed.dequantize(torch.float32)  # in fp32: the error underflows in fp16/bf16
-        folds = _cross_validation_folds(w32, target, delta, config, rank, weighted, attention)
+        compressed = config.base.compress(base_weight, compressor_moment)
+        delta = rest_target - compressed.dequantize(torch.float32)  # in fp32: the error underflows in fp16/bf16
+        folds = _cross_validation_folds(base_weight, rest_target, delta, config, rest_rank, weighted, attention)
     with timer("solve"):
         # One reduced frame of the error serves the shrinkage folds (data-free compressors share the error) and
         # the solve: its QR and Gram matrices are computed once.
-        reduced = config.form in ("auto", "randomized") and config.compensation == "eora" and rank
+        reduced = config.form in ("auto", "randomized") and config.compensation == "eora" and rest_rank
         problem = ReducedError(delta) if reduced and weighted is not None else None
     with timer("shrinkage"):
-        amount = _shrinkage(folds, config, rank, problem, delta)
+        amount = _shrinkage(folds, config, rest_rank, problem, delta)
     with timer("solve"):
-        factors = _solve(delta, config, rank, weighted, moment, amount, problem)
+        factors = _solve(delta, config, rest_rank, weighted, moment, amount, problem)
+    if kept is not None:  # from here on, one residual of the whole rank for the whole error
+        factors, delta = joined(kept, factors), delta + kept_product
     for _ in range(config.refine_rounds if rank else 0):
         # Alternate: compress what the residual leaves (W - B A), re-solve; keep a round only if it lowers the
         # error the residual minimises (the compressor's own rounding is not aware of that norm).
@@ -82,6 +93,30 @@ def eora_quantize_tensor(
     with timer("solve"):
         factors = _quantize_adapters(delta, factors, config, moment, amount, weight.dtype)
     return QuantWithLowRank.from_parts(compressed, factors, dtype=weight.dtype)
+
+
+def _preserved(
+    w32: torch.Tensor, target: torch.Tensor, config: EoRAConfig, rank: int, stats: ModuleStats | None,
+    compressor_moment: torch.Tensor | None, moment: torch.Tensor | None,
+) -> LowRankFactors | None:
+    """The preserved ranks (``preserve.py``), None for k = 0. With several candidates, each is scored by the error
+    the whole residual leaves, ``||(target - W_c(W - L_k) - L_k - B A) X^T||`` with ``B A`` the unshrunk rank
+    ``rank - k`` solve for what compressing ``W - L_k`` leaves (in-sample, the same for every candidate)."""
+    step = config.adapter_group_size if config.adapter_bits is not None else 1
+    candidates = preserve_candidates(config.preserve, rank, step)
+    if max(candidates) == 0:
+        return None
+    top = preserved_factors(w32, moment, max(candidates))
+    best, best_error = None, float("inf")
+    for k in candidates if len(candidates) > 1 else ():
+        part = LowRankFactors(top.A[:k], top.B[:, :k])
+        product = part.B @ part.A
+        rest = target - product - config.base.compress(w32 - product, compressor_moment).dequantize(torch.float32)
+        error = _residual_error(rest, _solve(rest, config, rank - k, stats, moment, 0.0), moment, 0.0)
+        if error < best_error:
+            best, best_error = part, error
+    chosen = top if len(candidates) == 1 else best
+    return chosen if chosen.rank else None
 
 
 def residual_stats(stats: ModuleStats | None, config: EoRAConfig) -> ModuleStats | None:
