@@ -65,8 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                     "--eval-tokens", str(args.eval_tokens)]
             if name == "original":
                 argv = ["eval", *model_flags(args.model), *flags, "--eval-tokens", str(args.eval_tokens)]
-            if args.tasks:
-                argv += ["--tasks", args.tasks, "--task-limit", str(args.task_limit)]
+            argv += ["--tasks", args.tasks, "--task-limit", str(args.task_limit)]  # eval's default tasks: off
             summary, wall = run_cli(argv, Path(tmp) / "summary.json")
             metrics = {k: v for k, v in summary["rows"][-1].items() if k == "ppl" or k.split("_")[0] in tasks}
             rows.append({"model": args.model, "name": name, "flags": " ".join(flags),
@@ -74,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                          "wall_s": round(wall, 1),
                          "phases_s": {k: round(v, 1) for k, v in summary.get("phases_s", {}).items()},
                          "peak_rss_gib": summary.get("peak_rss_gib"),
-                         "command": "torchao-eora " + " ".join(argv)})
+                         "command": "torchao-eora " + shlex.join(argv)})
             print(json.dumps(rows[-1]), flush=True)
             if args.json:
                 write_json(args.json, {"environment": environment(), "args": vars(args), "rows": rows})

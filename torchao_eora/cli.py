@@ -168,6 +168,10 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
                         "activation-weighted norm), kept out of the compressor, the rest fit what compressing the "
                         "remainder leaves; auto chooses K per layer among 0, rank/4 and rank/2 (one compression "
                         "and solve each); 0 (default) is plain EoRA. docs/beyond-eora.md has the measurements")
+    g.add_argument("--output-weighting", default="none", choices=["none", "gradient"],
+                   help="none (default): every output channel's error counts alike; gradient: weighted by the loss "
+                        "gradient's second moment at each layer's output (one forward and backward of the original "
+                        "model over the calibration windows first; in memory only). docs/beyond-eora.md")
     g.add_argument("--form", default="auto", choices=["auto", "randomized", "eigen", "inverse_free"],
                    help="how the residual is solved (same optimum): auto (default) reduces each layer's error to "
                         "min(out, in) dimensions and takes its top directions exactly up to 1024 and by randomized "
@@ -354,7 +358,7 @@ def _config_from_args(args) -> "EoRAConfig":
                       adapter_group_size=group, adapter_resolve=not args.no_adapter_resolve,
                       value_moment=args.value_moment, rank_budget=args.rank_budget,
                       refine_rounds=args.refine_rounds, shrinkage=args.shrinkage, form=args.form,
-                      preserve=args.preserve, target=args.target)
+                      preserve=args.preserve, target=args.target, output_weighting=args.output_weighting)
 
 
 def cmd_quantize(args) -> int:

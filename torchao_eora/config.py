@@ -22,6 +22,7 @@ COMPENSATIONS = ("eora", "svd", "none")
 VALUE_MOMENTS = ("auto", "attention", "plain")
 RANK_BUDGETS = ("uniform", "global", "relative")
 TARGETS = ("layer", "anchored")
+OUTPUT_WEIGHTINGS = ("none", "gradient")
 
 
 @dataclass
@@ -90,6 +91,10 @@ class EoRAConfig(AOBaseConfig):
             for every module (a multiple of ``adapter_group_size`` with quantized adapters); ``"auto"`` chooses it
             per module among 0, ``rank/4`` and ``rank/2`` by the residual's own error (a compression and a solve
             per candidate).
+        output_weighting: ``"none"`` (default, the paper's): every output channel's error counts alike;
+            ``"gradient"``: weighted by the diagonal of the loss gradient's second moment at the layer's output
+            (``output_weights.py``; one forward and backward of the original model over the calibration windows
+            first, so the model must be in memory; sequential calibration only).
     """
 
     rank: int = 64
@@ -106,6 +111,7 @@ class EoRAConfig(AOBaseConfig):
     shrinkage: Union[str, float] = "auto"
     target: str = "layer"
     preserve: Union[int, str] = 0
+    output_weighting: str = "none"
 
     def __post_init__(self) -> None:
         check_choice("compensation", self.compensation, COMPENSATIONS)
@@ -125,6 +131,10 @@ class EoRAConfig(AOBaseConfig):
         check_choice("value_moment", self.value_moment, VALUE_MOMENTS)
         check_choice("rank_budget", self.rank_budget, RANK_BUDGETS)
         check_choice("target", self.target, TARGETS)
+        check_choice("output_weighting", self.output_weighting, OUTPUT_WEIGHTINGS)
+        if self.output_weighting != "none" and self.compensation != "eora":
+            raise ValueError("output_weighting weights EoRA's residual: it needs compensation='eora', got "
+                             f"{self.compensation!r}")
         if self.target == "anchored" and self.compensation != "eora":
             raise ValueError("target='anchored' fits EoRA's residual to the original outputs: it needs "
                              f"compensation='eora', got {self.compensation!r}")
@@ -160,6 +170,15 @@ class EoRAConfig(AOBaseConfig):
                              "ranks")
 
     @property
+    def sequential_only(self) -> Optional[str]:
+        """The option that exists only inside the sequential pass (its statistics are made there), or None."""
+        if self.target == "anchored":
+            return "target='anchored'"
+        if self.compensation == "eora" and self.output_weighting != "none":
+            return f"output_weighting={self.output_weighting!r}"
+        return None
+
+    @property
     def attention_value_moment(self) -> bool:
         """Whether v_proj's base compressor minimises the attention-output error (see ``value_moment``)."""
         if not getattr(self.base, "needs_calibration", False) or self.value_moment == "plain":
@@ -182,6 +201,8 @@ class EoRAConfig(AOBaseConfig):
             residual += f" (shrinkage {self.shrinkage:g})"
         if self.compensation == "eora" and self.target == "anchored":
             residual += " (anchored)"
+        if self.compensation == "eora" and self.output_weighting != "none":
+            residual += f" ({self.output_weighting}-weighted outputs)"
         if self.compensation != "none" and self.preserve:
             residual += f" (preserve {self.preserve})"
         if self.compensation != "none" and self.refine_rounds:

@@ -30,6 +30,7 @@ from .experts import (WEIGHTED_DOWN, check_experts, compress_experts, expert_tok
                       find_experts, use_eager_experts)
 from .moments import MomentCollector, StopForward
 from .rank_budget import allocate_ranks
+from .output_weights import output_gradient_moments
 from .solver import error_spectrum, output_energy
 from .targets import check_targets, module_rank
 from .tensor import QuantWithLowRank
@@ -155,6 +156,14 @@ def compress_sequential(
             raise ValueError(f"rank_budget={config.rank_budget!r} runs two passes over the layers: compress the "
                              "model in memory, or use rank_budget='uniform' when streaming it from disk")
         ranks = _global_ranks(model, batches, config, device=device, progress=progress, timer=timer)
+    output_weights = {}
+    if config.output_weighting != "none" and config.compensation == "eora":
+        if not isinstance(layer_io, InMemory):
+            raise ValueError("output_weighting='gradient' backpropagates through the whole model: compress it in "
+                             "memory, or use output_weighting='none' when streaming it from disk")
+        prefix, layers = find_decoder_layers(model)
+        with timer("forward"):
+            output_weights = output_gradient_moments(model, _check_batches(batches), _linears(layers, prefix + "."))
     # Statistics are collected when the config needs them or batches are given; a data-free config with no batches
     # (streaming RTN + SVD) runs no forward pass at all.
     needs_data = bool(batches) or config.compensation == "eora" or bool(getattr(config.base, "needs_calibration", False))
@@ -231,7 +240,7 @@ def compress_sequential(
             target = layer if in_place else copy.deepcopy(layer)
             results = _compress_layer(_linears(target, f"{prefix}.{i}."), config, stats if needs_data else None,
                                       free_statistics=not keep_statistics, timer=timer, ranks=ranks or {},
-                                      spectra=spectra, shifts=shifts)
+                                      spectra=spectra, shifts=shifts, output_weights=output_weights)
             del shifts
             results.update(_compress_layer_experts(target, f"{prefix}.{i}.", config, stats if needs_data else None,
                                                    calib, timer))
@@ -258,11 +267,12 @@ def _compress_layer(
     free_statistics: bool, timer: Timer, ranks: Mapping[str, int],
     spectra: dict[str, tuple[torch.Tensor, float]] | None,
     shifts: Mapping[str, torch.Tensor | None] | None = None,
+    output_weights: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Compress and solve each linear of one layer once, in place; returns the new weights by name. With
     ``free_statistics``, a moment is dropped from ``stats`` as soon as its last reader is done (q/k/v: v_proj).
-    ``spectra``, when given, receives each module's error spectrum and output energy; ``shifts`` are the anchored target's
-    (``anchor.py``), by name."""
+    ``spectra``, when given, receives each module's error spectrum and output energy; ``shifts`` are the anchored
+    target's (``anchor.py``) and ``output_weights`` the output-side weights (``output_weights.py``), by name."""
     last_reader = {} if stats is None else {stats.group_of[n]: n for n in targets if n in stats.group_of}
     if stats is not None:
         last_reader.update({g: n for n, g in stats.value_group_of.items()})
@@ -270,7 +280,7 @@ def _compress_layer(
     for name, module in targets.items():
         with torch.inference_mode(False), torch.no_grad():  # normal tensors: the model may be fine-tuned later
             results[name] = _compress_module(name, module, config, stats, ranks, spectra, timer,
-                                             (shifts or {}).get(name))
+                                             (shifts or {}).get(name), (output_weights or {}).get(name))
         if free_statistics and stats is not None:
             for group in (stats.group_of.get(name), stats.value_group_of.get(name)):
                 if group is not None and last_reader.get(group) == name:
@@ -297,12 +307,13 @@ def _compress_layer_experts(
 def _compress_module(
     name: str, module: torch.nn.Linear, config: EoRAConfig, stats: Calibration | None, ranks: Mapping[str, int],
     spectra: dict[str, tuple[torch.Tensor, float]] | None, timer: Timer, shift: torch.Tensor | None = None,
+    output_weight: torch.Tensor | None = None,
 ) -> QuantWithLowRank:
     """One module's compressed weight, installed; its error spectrum and output energy into ``spectra`` when
     given."""
     module_stats = None if stats is None else stats.stats_of(name)
     weight = eora_quantize_tensor(module.weight, config, module_stats, rank=ranks.get(name), timer=timer,
-                                  target_shift=shift)
+                                  target_shift=shift, output_weight=output_weight)
     if spectra is not None:
         with timer("solve"):
             delta = module.weight.detach().float() - weight.dequantize_base(torch.float32)
@@ -378,8 +389,8 @@ def calibrate(
         calib = compress_sequential(model, batches, config, in_place=False, progress=progress,
                                     device=next(model.parameters()).device, allow_partial=allow_partial)
     elif mode == "one-shot":
-        if config is not None and config.target == "anchored":
-            raise ValueError("target='anchored' needs the compressed prefix's inputs: use mode='sequential'")
+        if config is not None and config.sequential_only:
+            raise ValueError(f"{config.sequential_only} is computed in the sequential pass: use mode='sequential'")
         split = config is None or config.shrinkage == "auto"  # a later config may still want it: None keeps them
         values = config is None or config.attention_value_residual
         calib = _calibrate_one_shot(model, batches, progress, split, values)

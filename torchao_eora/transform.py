@@ -27,7 +27,7 @@ __all__ = ["eora_module_transform", "eora_quantize_tensor", "residual_stats"]
 
 def eora_quantize_tensor(
     weight: torch.Tensor, config: EoRAConfig, stats: ModuleStats | None = None, *, rank: int | None = None,
-    timer: Timer | None = None, target_shift: torch.Tensor | None = None,
+    timer: Timer | None = None, target_shift: torch.Tensor | None = None, output_weight: torch.Tensor | None = None,
 ) -> QuantWithLowRank:
     """Compress one (out x in) weight with ``config`` and add its rank-r residual.
 
@@ -42,6 +42,10 @@ def eora_quantize_tensor(
         target_shift: the anchored target's ``S`` (``anchor.py``): the residual fits ``W + S - W_c`` instead of
             ``W - W_c``; the base still compresses ``W``. Not applied to a v_proj residual weighted by the
             attention moment (the shift is the plain-moment least-squares one).
+        output_weight: the output-side weights ``d`` (out_features,) of ``output_weights.py``: EoRA's residual and
+            its shrinkage folds minimise ``||diag(d)^1/2 (dW - B A) X^T||`` (rows scaled by ``sqrt(d)``, ``B``
+            scaled back). Only with ``compensation="eora"`` and statistics; refinement rounds compare errors
+            without it.
     """
     timer = timer or Timer()
     w32 = weight.detach().float()
@@ -67,15 +71,24 @@ def eora_quantize_tensor(
         compressed = config.base.compress(base_weight, compressor_moment)
         delta = rest_target - compressed.dequantize(torch.float32)  # in fp32: the error underflows in fp16/bf16
         folds = _cross_validation_folds(base_weight, rest_target, delta, config, rest_rank, weighted, attention)
+    rows = None  # sqrt(d): the output-side weighting scales the rows of every error the residual fits
+    if output_weight is not None and weighted is not None and config.compensation == "eora" and rest_rank:
+        rows = output_weight.to(delta.device, torch.float32).sqrt()[:, None]
+    fitted = delta if rows is None else rows * delta
+    if rows is not None and folds is not None:  # the fold that shares delta keeps sharing it (one reduced frame)
+        folds = [(fitted if error is delta else rows * error, fit, score) for error, fit, score in folds]
     with timer("solve"):
         # One reduced frame of the error serves the shrinkage folds (data-free compressors share the error) and
         # the solve: its QR and Gram matrices are computed once.
         reduced = config.form in ("auto", "randomized") and config.compensation == "eora" and rest_rank
-        problem = ReducedError(delta) if reduced and weighted is not None else None
+        problem = ReducedError(fitted) if reduced and weighted is not None else None
     with timer("shrinkage"):
-        amount = _shrinkage(folds, config, rest_rank, problem, delta)
+        amount = _shrinkage(folds, config, rest_rank, problem, fitted)
     with timer("solve"):
-        factors = _solve(delta, config, rest_rank, weighted, moment, amount, problem)
+        factors = _solve(fitted, config, rest_rank, weighted, moment, amount, problem)
+        if rows is not None:
+            factors = LowRankFactors(factors.A, factors.B / rows)
+        del fitted
     if kept is not None:  # from here on, one residual of the whole rank for the whole error
         factors, delta = joined(kept, factors), delta + kept_product
     for _ in range(config.refine_rounds if rank else 0):
@@ -266,9 +279,9 @@ def eora_module_transform(module: torch.nn.Module, config: EoRAConfig, **kwargs)
         if config.compensation == "eora":
             warn_once(config, "EoRAConfig(compensation='eora') without calibration statistics: falling back to "
                       "data-free SVD")
-    if config.target == "anchored":  # its cross moments exist only inside the sequential pass
-        raise ValueError("target='anchored' is solved during sequential calibration: run calibrate(model, batches, "
-                         "config) with this config, then quantize_(model, eora_config(calib))")
+    if config.sequential_only:  # its statistics (cross moments, output gradients) exist only inside the pass
+        raise ValueError(f"{config.sequential_only} is solved during sequential calibration: run calibrate(model, "
+                         "batches, config) with this config, then quantize_(model, eora_config(calib))")
     stats = None if calib is None else calib.stats_of(name)
     rank = None if calib is None else calib.ranks.get(name)
     install(module, eora_quantize_tensor(module.weight, config, stats, rank=rank))

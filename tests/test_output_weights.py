@@ -1,0 +1,88 @@
+"""Output-side weighting: the residual's error weighted by the loss gradient's second moment at the layer's output."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchao.quantization import quantize_
+
+from helpers import anisotropic_moment, tiny_llama, token_batches
+from torchao_eora import EoRAConfig, RTNConfig, calibrate, compress_sequential
+from torchao_eora.calibration import ModuleStats, SecondMoment
+from torchao_eora.output_weights import FLOOR, output_gradient_moments
+from torchao_eora.sequential import _linears, find_decoder_layers
+from torchao_eora.solver import eigen_of
+from torchao_eora.transform import eora_quantize_tensor
+
+BASE = RTNConfig(bits=2, group_size=32)
+
+
+def test_the_diagonal_is_the_squared_loss_gradient_at_the_output():
+    model = tiny_llama()
+    batches = token_batches(n_batches=2, pad_first=5)
+    prefix, layers = find_decoder_layers(model)
+    linears = _linears(layers, prefix + ".")
+    d = output_gradient_moments(model, batches, linears)
+    assert set(d) == set(linears) and all(v.shape == (linears[n].out_features,) for n, v in d.items())
+    assert all(v.min() >= FLOOR and abs(float(v.mean()) - 1) < 1e-5 for v in d.values())
+    assert all(p.grad is None for p in model.parameters())  # only the activations carried a gradient
+
+    # the same for one module by hand: retain its output's gradient
+    name = f"{prefix}.1.self_attn.v_proj"
+    outputs = []
+    handle = linears[name].register_forward_hook(lambda m, a, out: outputs.append(out) or out.retain_grad())
+    total = 0
+    for b in batches:
+        mask = b["attention_mask"]
+        model(input_ids=b["input_ids"], attention_mask=mask,
+              labels=b["input_ids"].masked_fill(mask == 0, -100)).loss.backward()
+        total = total + outputs[-1].grad.square().sum((0, 1))
+    handle.remove()
+    expected = (1 - FLOOR) * total / total.mean() + FLOOR
+    torch.testing.assert_close(d[name], expected, rtol=1e-4, atol=1e-6)
+
+
+def _output_weighted_error(w, q, c, d) -> float:
+    e = (w - q.dequantize_base(torch.float32) - q.B @ q.A).double()
+    return float(torch.trace(d.double()[:, None] * e @ c @ e.T))
+
+
+def test_the_weighted_residual_minimises_the_weighted_error():
+    torch.manual_seed(0)
+    c = anisotropic_moment(128)
+    stats = ModuleStats(SecondMoment(c.float(), 1), lambda: eigen_of(c))
+    w = torch.randn(96, 128)
+    d = torch.rand(96) ** 4 * 10 + 0.01  # a few output channels matter far more than the rest
+    config = EoRAConfig(rank=16, base=BASE, shrinkage=0.0)
+    plain = eora_quantize_tensor(w, config, stats)
+    weighted = eora_quantize_tensor(w, config, stats, output_weight=d)
+    assert _output_weighted_error(w, weighted, c, d) < 0.9 * _output_weighted_error(w, plain, c, d)
+    # a uniform weight changes nothing
+    same = eora_quantize_tensor(w, config, stats, output_weight=torch.full((96,), 3.0))
+    torch.testing.assert_close(same.B @ same.A, plain.B @ plain.A, rtol=1e-4, atol=1e-5)
+
+
+def test_sequential_pass_and_refusals():
+    config = EoRAConfig(rank=8, base=BASE, output_weighting="gradient", adapter_bits=4, adapter_group_size=8)
+    model = tiny_llama()
+    compress_sequential(model, token_batches(), config, progress=False)
+    assert torch.isfinite(model(token_batches()[0]["input_ids"]).logits).all()
+    assert "gradient-weighted outputs" in config.describe()
+
+    with pytest.raises(ValueError, match="needs compensation='eora'"):
+        EoRAConfig(rank=8, compensation="svd", output_weighting="gradient")
+    with pytest.raises(ValueError, match="use mode='sequential'"):
+        calibrate(tiny_llama(), token_batches(), config, mode="one-shot", progress=False)
+    one_shot = calibrate(tiny_llama(), token_batches(), mode="one-shot", progress=False)
+    with pytest.raises(ValueError, match="solved during sequential calibration"):
+        quantize_(tiny_llama(), EoRAConfig(rank=8, base=BASE, output_weighting="gradient", calibration=one_shot))
+
+    class FromDisk:  # any LayerIO other than the in-memory one
+        def load(self, index, layer, device):
+            pass
+
+        def done(self, index, layer):
+            pass
+
+    with pytest.raises(ValueError, match="in memory"):
+        compress_sequential(tiny_llama(), token_batches(), config, layer_io=FromDisk(), progress=False)
