@@ -8,7 +8,7 @@ at the layer's output. With ``D``'s diagonal ``d`` the optimum stays closed form
 
 ``d`` comes from one forward and backward pass of the original model over the calibration windows (the language
 model's own next-token loss), before the sequential pass: about three forwards of compute and the activations of one
-batch through the whole model, so the model must be in memory (not streamed). Each ``d`` is divided by its mean
+window through the whole model, so the model must be in memory (not streamed). Each ``d`` is divided by its mean
 (only its shape matters to a module's solve) and pulled toward 1 by ``FLOOR``, so an output channel whose
 gradient vanished on the calibration windows still gets its error fitted.
 """
@@ -29,7 +29,8 @@ def output_gradient_moments(
     model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], linears: Mapping[str, torch.nn.Linear],
 ) -> dict[str, torch.Tensor]:
     """Per linear (by name), the normalised diagonal ``d`` of the loss gradient's second moment at its output,
-    (out_features,) fp32, from the model's next-token loss on ``batches`` (padded positions excluded).
+    (out_features,) fp32, from the gradient of each predicted token's own loss (the summed next-token loss) on
+    ``batches`` (padded positions excluded).
     Runs where the model is; no weight gets a gradient (only the activations carry one)."""
     sums = {name: None for name in linears}
     handles = []
@@ -53,11 +54,14 @@ def output_gradient_moments(
     try:
         with torch.inference_mode(False), torch.enable_grad():
             for batch in batches:
-                ids = batch["input_ids"].to(device)
                 mask = batch.get("attention_mask")
-                mask = torch.ones_like(ids) if mask is None else mask.to(device)
-                labels = ids.masked_fill(mask == 0, -100)
-                model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+                mask = torch.ones_like(batch["input_ids"]) if mask is None else mask
+                for row in range(len(mask)):  # one window at a time: the backward keeps every activation
+                    ids, row_mask = batch["input_ids"][row:row + 1].to(device), mask[row:row + 1].to(device)
+                    labels = ids.masked_fill(row_mask == 0, -100)
+                    predicted = int((labels[:, 1:] != -100).sum())  # the loss is their mean: make it the sum
+                    if predicted:
+                        (model(input_ids=ids, attention_mask=row_mask, labels=labels).loss * predicted).backward()
     finally:
         for handle in handles:
             handle.remove()
