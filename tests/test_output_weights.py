@@ -9,7 +9,7 @@ from torchao.quantization import quantize_
 from helpers import anisotropic_moment, tiny_llama, token_batches
 from torchao_eora import EoRAConfig, RTNConfig, calibrate, compress_sequential
 from torchao_eora.calibration import ModuleStats, SecondMoment
-from torchao_eora.output_weights import FLOOR, output_gradient_moments
+from torchao_eora.output_weights import FLOOR, output_gradient_moments, output_weighting
 from torchao_eora.sequential import _linears, find_decoder_layers
 from torchao_eora.solver import eigen_of
 from torchao_eora.transform import eora_quantize_tensor
@@ -24,23 +24,24 @@ def test_the_diagonal_is_the_squared_loss_gradient_at_the_output():
     linears = _linears(layers, prefix + ".")
     d = output_gradient_moments(model, batches, linears)
     assert set(d) == set(linears) and all(v.shape == (linears[n].out_features,) for n, v in d.items())
-    assert all(v.min() >= FLOOR and abs(float(v.mean()) - 1) < 1e-5 for v in d.values())
+    weights = {n: output_weighting(v) for n, v in d.items()}
+    assert all(w.min() >= FLOOR and abs(float(w.mean()) - 1) < 1e-5 for w in weights.values())
     assert all(p.grad is None for p in model.parameters())  # only the activations carried a gradient
 
     # the same for one module by hand: retain its output's gradient
     name = f"{prefix}.1.self_attn.v_proj"
     outputs = []
     handle = linears[name].register_forward_hook(lambda m, a, out: outputs.append(out) or out.retain_grad())
-    total = 0
+    total, tokens = 0, 0
     for b in batches:
         mask = b["attention_mask"]
         labels = b["input_ids"].masked_fill(mask == 0, -100)
         loss = model(input_ids=b["input_ids"], attention_mask=mask, labels=labels).loss
-        (loss * (labels[:, 1:] != -100).sum()).backward()  # each predicted token's loss counts once
-        total = total + outputs[-1].grad.square().sum((0, 1))
+        predicted = (labels[:, 1:] != -100).sum()
+        (loss * predicted).backward()  # each predicted token's loss counts once
+        total, tokens = total + outputs[-1].grad.square().sum((0, 1)), tokens + int(predicted)
     handle.remove()
-    expected = (1 - FLOOR) * total / total.mean() + FLOOR
-    torch.testing.assert_close(d[name], expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(d[name], total / tokens, rtol=1e-4, atol=1e-10)
 
 
 def _output_weighted_error(w, q, c, d) -> float:
@@ -87,3 +88,18 @@ def test_sequential_pass_and_refusals():
 
     with pytest.raises(ValueError, match="in memory"):
         compress_sequential(tiny_llama(), token_batches(), config, layer_io=FromDisk(), progress=False)
+
+
+def test_the_loss_aware_budget_computes_the_gradients_once(monkeypatch):
+    """``rank_budget="global"`` under output weighting spends ranks by the loss-weighted error: other ranks than the
+    activation-weighted budget's, and the gradient pass is shared by the budget's first pass."""
+    from torchao_eora import sequential
+
+    calls = []
+    real = sequential.output_gradient_moments
+    monkeypatch.setattr(sequential, "output_gradient_moments", lambda *a: calls.append(1) or real(*a))
+    config = EoRAConfig(rank=8, base=BASE, rank_budget="global")
+    plain = calibrate(tiny_llama(), token_batches(), config, progress=False).ranks
+    loss = calibrate(tiny_llama(), token_batches(), EoRAConfig(rank=8, base=BASE, rank_budget="global",
+                                                              output_weighting="gradient"), progress=False).ranks
+    assert len(calls) == 1 and loss != plain and set(loss) == set(plain)

@@ -149,7 +149,8 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
                    help="uniform: every layer gets --rank (default); global: the same total adapter parameters, "
                         "spent where they remove the most activation-weighted error; relative: the same, the error "
                         "measured relative to each layer's output energy (both: two calibration passes, in memory "
-                        "only; global measured worse than uniform on SmolLM2, docs/beyond-eora.md)")
+                        "only; with --output-weighting gradient, global spends by the loss; measured against "
+                        "uniform in docs/beyond-eora.md)")
     g.add_argument("--refine-rounds", type=_count(0), default=0,
                    help="alternating rounds after the first solve: compress W - B A again and re-solve, each kept only "
                         "if it lowers the residual's error (default 0; 2 took SmolLM2 3-bit from 27.59 to 26.39 ppl)")

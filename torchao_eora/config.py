@@ -68,7 +68,9 @@ class EoRAConfig(AOBaseConfig):
             most ``4 * rank`` per module, chosen from a first sequential pass, so calibration takes about twice as
             long; the chosen ranks are kept in the ``Calibration`` and in the saved weights); ``"relative"``: the
             same, each module's error measured relative to its own output energy ``tr(W C W^T)`` (scale-free: a
-            layer with large activations does not take the budget for that alone).
+            layer with large activations does not take the budget for that alone). Under
+            ``output_weighting="gradient"``, ``"global"`` measures the error in loss units (the output-weighted error
+            times the gradient's scale): a loss-aware budget.
         refine_rounds: alternating rounds after the first solve (default 0): compress ``W - B A`` again and
             re-solve ``B A`` for the new error; a round is kept only if it lowers the residual's own error
             (activation-weighted for EoRA). Each round costs one more compression and solve per module.

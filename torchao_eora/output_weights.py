@@ -19,7 +19,7 @@ from typing import Iterable, Mapping
 
 import torch
 
-__all__ = ["FLOOR", "output_gradient_moments"]
+__all__ = ["FLOOR", "output_gradient_moments", "output_weighting"]
 
 # Share of a uniform weight mixed into each normalised diagonal: (1 - FLOOR) d / mean(d) + FLOOR.
 FLOOR = 0.1
@@ -28,8 +28,8 @@ FLOOR = 0.1
 def output_gradient_moments(
     model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], linears: Mapping[str, torch.nn.Linear],
 ) -> dict[str, torch.Tensor]:
-    """Per linear (by name), the normalised diagonal ``d`` of the loss gradient's second moment at its output,
-    (out_features,) fp32, from the gradient of each predicted token's own loss (the summed next-token loss) on
+    """Per linear (by name), the diagonal ``d`` of the loss gradient's second moment at its output (per predicted
+    token), (out_features,) fp32, from the gradient of each predicted token's own loss (the summed next-token loss) on
     ``batches`` (padded positions excluded).
     Runs where the model is; no weight gets a gradient (only the activations carry one)."""
     sums = {name: None for name in linears}
@@ -48,6 +48,7 @@ def output_gradient_moments(
     embeddings = model.get_input_embeddings()
     handles.append(embeddings.register_forward_hook(lambda m, a, out: out.detach().requires_grad_()))
     device = embeddings.weight.device
+    tokens = 0
     trainable = [p for p in model.parameters() if p.requires_grad]
     for p in trainable:  # no weight gradients: they would cost a copy of the model
         p.requires_grad_(False)
@@ -60,6 +61,7 @@ def output_gradient_moments(
                     ids, row_mask = batch["input_ids"][row:row + 1].to(device), mask[row:row + 1].to(device)
                     labels = ids.masked_fill(row_mask == 0, -100)
                     predicted = int((labels[:, 1:] != -100).sum())  # the loss is their mean: make it the sum
+                    tokens += predicted
                     if predicted:
                         (model(input_ids=ids, attention_mask=row_mask, labels=labels).loss * predicted).backward()
     finally:
@@ -71,5 +73,10 @@ def output_gradient_moments(
     if missing:
         raise RuntimeError(f"no loss gradient reached {missing[0]} (and {len(missing) - 1} more): output weighting "
                            "needs every compressed linear on the path from the embeddings to the loss")
-    return {name: (1 - FLOOR) * s / s.mean().clamp_min(torch.finfo(torch.float32).tiny) + FLOOR
-            for name, s in sums.items()}
+    return {name: s / max(tokens, 1) for name, s in sums.items()}
+
+
+def output_weighting(d: torch.Tensor) -> torch.Tensor:
+    """The weights a module's residual is fitted with: ``d`` divided by its mean (only its shape matters to one
+    module's solve), pulled toward 1 by ``FLOOR``."""
+    return (1 - FLOOR) * d / d.mean().clamp_min(torch.finfo(torch.float32).tiny) + FLOOR

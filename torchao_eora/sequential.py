@@ -30,7 +30,7 @@ from .experts import (WEIGHTED_DOWN, check_experts, compress_experts, expert_tok
                       find_experts, use_eager_experts)
 from .moments import MomentCollector, StopForward
 from .rank_budget import allocate_ranks
-from .output_weights import output_gradient_moments
+from .output_weights import output_gradient_moments, output_weighting
 from .solver import error_spectrum, output_energy
 from .targets import check_targets, module_rank
 from .tensor import QuantWithLowRank
@@ -116,6 +116,7 @@ def compress_sequential(
     timer: Timer | None = None,
     ranks: Mapping[str, int] | None = None,
     spectra: dict[str, tuple[torch.Tensor, float]] | None = None,
+    output_gradients: Mapping[str, torch.Tensor] | None = None,
     allow_partial: bool = False,
 ) -> Calibration:
     """Compress every linear of every decoder layer with ``config``, layer by layer, each exactly once.
@@ -138,6 +139,8 @@ def compress_sequential(
             module's error spectrum and ``rank_budget.allocate_ranks`` chooses them.
         spectra: filled with every module's error spectrum (``solver.error_spectrum``) and output energy
             (``solver.output_energy``), when given.
+        output_gradients: with ``config.output_weighting="gradient"``, the loss gradients' diagonals by module name
+            (``output_weights.output_gradient_moments``) when already computed (default: computed here).
         allow_partial: compress what is supported even when a large weight holder of the decoder layers (an
             unknown expert layout, a Conv1D) would stay uncompressed; by default that is a ValueError naming it.
 
@@ -151,19 +154,19 @@ def compress_sequential(
     set_mmap_threshold(LONG_LIVED_BYTES)
     config = replace(config, calibration=None)
     batches = list(batches)
-    if ranks is None and config.rank_budget != "uniform" and config.compensation != "none":
-        if not isinstance(layer_io, InMemory):
-            raise ValueError(f"rank_budget={config.rank_budget!r} runs two passes over the layers: compress the "
-                             "model in memory, or use rank_budget='uniform' when streaming it from disk")
-        ranks = _global_ranks(model, batches, config, device=device, progress=progress, timer=timer)
-    output_weights = {}
-    if config.output_weighting != "none" and config.compensation == "eora":
+    if output_gradients is None and config.output_weighting != "none" and config.compensation == "eora":
         if not isinstance(layer_io, InMemory):
             raise ValueError("output_weighting='gradient' backpropagates through the whole model: compress it in "
                              "memory, or use output_weighting='none' when streaming it from disk")
         prefix, layers = find_decoder_layers(model)
         with timer("forward"):
-            output_weights = output_gradient_moments(model, _check_batches(batches), _linears(layers, prefix + "."))
+            output_gradients = output_gradient_moments(model, _check_batches(batches), _linears(layers, prefix + "."))
+    if ranks is None and config.rank_budget != "uniform" and config.compensation != "none":
+        if not isinstance(layer_io, InMemory):
+            raise ValueError(f"rank_budget={config.rank_budget!r} runs two passes over the layers: compress the "
+                             "model in memory, or use rank_budget='uniform' when streaming it from disk")
+        ranks = _global_ranks(model, batches, config, device=device, progress=progress, timer=timer,
+                              output_gradients=output_gradients)
     # Statistics are collected when the config needs them or batches are given; a data-free config with no batches
     # (streaming RTN + SVD) runs no forward pass at all.
     needs_data = bool(batches) or config.compensation == "eora" or bool(getattr(config.base, "needs_calibration", False))
@@ -240,7 +243,7 @@ def compress_sequential(
             target = layer if in_place else copy.deepcopy(layer)
             results = _compress_layer(_linears(target, f"{prefix}.{i}."), config, stats if needs_data else None,
                                       free_statistics=not keep_statistics, timer=timer, ranks=ranks or {},
-                                      spectra=spectra, shifts=shifts, output_weights=output_weights)
+                                      spectra=spectra, shifts=shifts, output_gradients=output_gradients)
             del shifts
             results.update(_compress_layer_experts(target, f"{prefix}.{i}.", config, stats if needs_data else None,
                                                    calib, timer))
@@ -267,12 +270,13 @@ def _compress_layer(
     free_statistics: bool, timer: Timer, ranks: Mapping[str, int],
     spectra: dict[str, tuple[torch.Tensor, float]] | None,
     shifts: Mapping[str, torch.Tensor | None] | None = None,
-    output_weights: Mapping[str, torch.Tensor] | None = None,
+    output_gradients: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Compress and solve each linear of one layer once, in place; returns the new weights by name. With
     ``free_statistics``, a moment is dropped from ``stats`` as soon as its last reader is done (q/k/v: v_proj).
     ``spectra``, when given, receives each module's error spectrum and output energy; ``shifts`` are the anchored
-    target's (``anchor.py``) and ``output_weights`` the output-side weights (``output_weights.py``), by name."""
+    target's (``anchor.py``) and ``output_gradients`` the loss gradients' diagonals at the outputs
+    (``output_weights.py``), by name."""
     last_reader = {} if stats is None else {stats.group_of[n]: n for n in targets if n in stats.group_of}
     if stats is not None:
         last_reader.update({g: n for n, g in stats.value_group_of.items()})
@@ -280,7 +284,7 @@ def _compress_layer(
     for name, module in targets.items():
         with torch.inference_mode(False), torch.no_grad():  # normal tensors: the model may be fine-tuned later
             results[name] = _compress_module(name, module, config, stats, ranks, spectra, timer,
-                                             (shifts or {}).get(name), (output_weights or {}).get(name))
+                                             (shifts or {}).get(name), (output_gradients or {}).get(name))
         if free_statistics and stats is not None:
             for group in (stats.group_of.get(name), stats.value_group_of.get(name)):
                 if group is not None and last_reader.get(group) == name:
@@ -307,11 +311,12 @@ def _compress_layer_experts(
 def _compress_module(
     name: str, module: torch.nn.Linear, config: EoRAConfig, stats: Calibration | None, ranks: Mapping[str, int],
     spectra: dict[str, tuple[torch.Tensor, float]] | None, timer: Timer, shift: torch.Tensor | None = None,
-    output_weight: torch.Tensor | None = None,
+    output_gradient: torch.Tensor | None = None,
 ) -> QuantWithLowRank:
-    """One module's compressed weight, installed; its error spectrum and output energy into ``spectra`` when
-    given."""
+    """One module's compressed weight, installed; its error spectrum (in loss units where ``output_gradient``, the
+    module's ``output_weights.output_gradient_moments``, is given) and output energy into ``spectra`` when given."""
     module_stats = None if stats is None else stats.stats_of(name)
+    output_weight = None if output_gradient is None else output_weighting(output_gradient)
     weight = eora_quantize_tensor(module.weight, config, module_stats, rank=ranks.get(name), timer=timer,
                                   target_shift=shift, output_weight=output_weight)
     if spectra is not None:
@@ -320,19 +325,26 @@ def _compress_module(
             delta = delta if shift is None else delta + shift
             weighted = residual_stats(module_stats, config)
             moment = weighted.moment.mean() if weighted is not None and config.compensation == "eora" else None
-            spectra[name] = (error_spectrum(delta, moment), output_energy(module.weight.detach(), moment))
+            if output_weight is not None:  # in loss units: the output-weighted error times the gradient's scale
+                spectrum = error_spectrum(output_weight.sqrt()[:, None] * delta, moment) * output_gradient.mean()
+            else:
+                spectrum = error_spectrum(delta, moment)
+            spectra[name] = (spectrum, output_energy(module.weight.detach(), moment))
     install(module, weight)
     return weight
 
 
-def _global_ranks(model, batches, config: EoRAConfig, *, device, progress: bool, timer: Timer) -> dict[str, int]:
+def _global_ranks(model, batches, config: EoRAConfig, *, device, progress: bool, timer: Timer,
+                  output_gradients: Mapping[str, torch.Tensor] | None) -> dict[str, int]:
     """The per-module ranks of a budgeted ``config.rank_budget``: a sequential pass with uniform ranks on layer copies
     (the model is untouched) measures every module's error spectrum, then the same adapter parameters as uniform
     ranks are spent greedily (``rank_budget.allocate_ranks``): on the absolute activation-weighted error
-    (``"global"``), or on each module's error relative to its own output energy (``"relative"``)."""
+    (``"global"``; in loss units under output weighting), or on each module's error relative to its own output
+    energy (``"relative"``)."""
     measured: dict[str, tuple[torch.Tensor, float]] = {}
     compress_sequential(model, batches, replace(config, rank_budget="uniform"), in_place=False, keep_statistics=False,
-                        device=device, progress=progress, timer=timer, spectra=measured)
+                        device=device, progress=progress, timer=timer, spectra=measured,
+                        output_gradients=output_gradients)
     relative = config.rank_budget == "relative"
     spectra = {name: spectrum / energy if relative else spectrum for name, (spectrum, energy) in measured.items()}
     prefix, layers = find_decoder_layers(model)
