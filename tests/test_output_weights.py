@@ -59,6 +59,10 @@ def test_the_weighted_residual_minimises_the_weighted_error():
     plain = eora_quantize_tensor(w, config, stats)
     weighted = eora_quantize_tensor(w, config, stats, output_weight=d)
     assert _output_weighted_error(w, weighted, c, d) < 0.9 * _output_weighted_error(w, plain, c, d)
+    # refinement rounds are kept only when they lower the weighted error
+    refined = eora_quantize_tensor(w, EoRAConfig(rank=16, base=BASE, shrinkage=0.0, refine_rounds=3), stats,
+                                   output_weight=d)
+    assert _output_weighted_error(w, refined, c, d) <= _output_weighted_error(w, weighted, c, d) * (1 + 1e-6)
     # a uniform weight changes nothing
     same = eora_quantize_tensor(w, config, stats, output_weight=torch.full((96,), 3.0))
     torch.testing.assert_close(same.B @ same.A, plain.B @ plain.A, rtol=1e-4, atol=1e-5)

@@ -44,8 +44,7 @@ def eora_quantize_tensor(
             attention moment (the shift is the plain-moment least-squares one).
         output_weight: the output-side weights ``d`` (out_features,) of ``output_weights.py``: EoRA's residual and
             its shrinkage folds minimise ``||diag(d)^1/2 (dW - B A) X^T||`` (rows scaled by ``sqrt(d)``, ``B``
-            scaled back). Only with ``compensation="eora"`` and statistics; refinement rounds compare errors
-            without it.
+            scaled back), refinement rounds included. Only with ``compensation="eora"`` and statistics.
     """
     timer = timer or Timer()
     w32 = weight.detach().float()
@@ -72,9 +71,9 @@ def eora_quantize_tensor(
         delta = rest_target - compressed.dequantize(torch.float32)  # in fp32: the error underflows in fp16/bf16
         folds = _cross_validation_folds(base_weight, rest_target, delta, config, rest_rank, weighted, attention)
     rows = None  # sqrt(d): the output-side weighting scales the rows of every error the residual fits
-    if output_weight is not None and weighted is not None and config.compensation == "eora" and rest_rank:
+    if output_weight is not None and weighted is not None and config.compensation == "eora" and rank:
         rows = output_weight.to(delta.device, torch.float32).sqrt()[:, None]
-    fitted = delta if rows is None else rows * delta
+    fitted = _weighted(delta, rows)
     if rows is not None and folds is not None:  # the fold that shares delta keeps sharing it (one reduced frame)
         folds = [(fitted if error is delta else rows * error, fit, score) for error, fit, score in folds]
     with timer("solve"):
@@ -85,9 +84,7 @@ def eora_quantize_tensor(
     with timer("shrinkage"):
         amount = _shrinkage(folds, config, rest_rank, problem, fitted)
     with timer("solve"):
-        factors = _solve(fitted, config, rest_rank, weighted, moment, amount, problem)
-        if rows is not None:
-            factors = LowRankFactors(factors.A, factors.B / rows)
+        factors = _unweighted(_solve(fitted, config, rest_rank, weighted, moment, amount, problem), rows)
         del fitted
     if kept is not None:  # from here on, one residual of the whole rank for the whole error
         factors, delta = joined(kept, factors), delta + kept_product
@@ -98,14 +95,27 @@ def eora_quantize_tensor(
             again = config.base.compress(w32 - factors.B @ factors.A, compressor_moment)
             delta_again = target - again.dequantize(torch.float32)
         with timer("solve"):
-            factors_again = _solve(delta_again, config, rank, weighted, moment, amount)
-            if (_residual_error(delta_again, factors_again, moment, amount)
-                    >= _residual_error(delta, factors, moment, amount)):
+            factors_again = _unweighted(_solve(_weighted(delta_again, rows), config, rank, weighted, moment, amount),
+                                        rows)
+            if (_residual_error(_weighted(delta_again, rows), _weighted(factors_again, rows), moment, amount)
+                    >= _residual_error(_weighted(delta, rows), _weighted(factors, rows), moment, amount)):
                 break
         compressed, delta, factors = again, delta_again, factors_again
     with timer("solve"):
         factors = _quantize_adapters(delta, factors, config, moment, amount, weight.dtype)
     return QuantWithLowRank.from_parts(compressed, factors, dtype=weight.dtype)
+
+
+def _weighted(x: torch.Tensor | LowRankFactors, rows: torch.Tensor | None):
+    """An error (or a residual's factors) with its rows scaled by the output weighting's ``sqrt(d)``."""
+    if rows is None:
+        return x
+    return rows * x if isinstance(x, torch.Tensor) else LowRankFactors(x.A, rows * x.B)
+
+
+def _unweighted(factors: LowRankFactors, rows: torch.Tensor | None) -> LowRankFactors:
+    """The factors fitted to a row-scaled error, scaled back: ``B A`` then fits the error itself."""
+    return factors if rows is None else LowRankFactors(factors.A, factors.B / rows)
 
 
 def _preserved(
