@@ -1,5 +1,6 @@
 """Checkpoint sizes with bit-packed intN storage: safetensors bytes of SmolLM2-135M (bf16) compressed with RTN at
-2, 3 and 4 bits (group size 64) and no residual, bf16 rank-64 adapters, or int4 g32 adapters of rank 64 and 192.
+2, 3 and 4 bits (group size 64) and no residual, bf16 rank-64 adapters, or int4 g32 adapters of rank 64, 192 and
+256 (the 2-bit point's).
 
 Compensation is plain SVD (``compensation="svd"``, data-free): the bytes do not depend on the solver, only on the
 shapes and bit widths, so no calibration and no perplexity is run. Every decoder linear is compressed; the
@@ -8,7 +9,10 @@ directory and the ``*.safetensors`` files are measured (the header included), be
 saved the same way. ``int8_containers_bytes`` is what the same tensors took before bit packing (every intN value in
 its own int8), computed from the packed model's fields.
 
-    python benchmarks/sizes.py --json benchmarks/results/sizes_smollm2.json
+    python benchmarks/sizes.py --adapters none "bf16 r64" "int4 g32 r64" "int4 g32 r192" \\
+        --json benchmarks/results/sizes_smollm2.json
+    python benchmarks/sizes.py --bits 2 3 --adapters "int4 g32 r192" "int4 g32 r256" \\
+        --json benchmarks/results/sizes_smollm2_r256.json
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ ADAPTERS = {  # name: EoRAConfig keyword arguments
     "bf16 r64": dict(rank=64, compensation="svd"),
     "int4 g32 r64": dict(rank=64, compensation="svd", adapter_bits=4, adapter_group_size=32),
     "int4 g32 r192": dict(rank=192, compensation="svd", adapter_bits=4, adapter_group_size=32),
+    "int4 g32 r256": dict(rank=256, compensation="svd", adapter_bits=4, adapter_group_size=32),
 }
 
 
