@@ -408,8 +408,9 @@ def served_bytes(root: Path):
 
 def screen(root: Path):
     """Options screened against the default job (``screen.py``), grouped by model, calibration size, bit width and
-    quantizer: each row against the group's first EoRA row, and the share of the compression's perplexity gap it
-    closes where the group has a ``--compensation none`` row and the model an ``original`` one."""
+    quantizer: each row against the group's first EoRA row, its perplexity as a multiple of the original's, and the
+    share of the compression's perplexity gap it closes where the group has a ``--compensation none`` row (not
+    shown where that base is destroyed, over 100x the original)."""
     name = "screen.json"
     data = _load(root, name)
 
@@ -431,13 +432,14 @@ def screen(root: Path):
         group = first.setdefault(key(r), r)
         diff = f"{100 * (r['ppl'] / group['ppl'] - 1):+.2f}%" if r is not group else "-"
         fp, base = original.get((r["model"], r["eval_tokens"])), bases.get(key(r))
-        gap = _gap(fp, base, r["ppl"]) if fp and base else "-"
+        gap = _gap(fp, base, r["ppl"]) if fp and base and base < 100 * fp else "-"  # not of a destroyed base
+        times = f"{r['ppl'] / fp:.2f}x" if fp else "-"
         phases = r["phases_s"]
         windows, tokens = (r.get(k, data["args"][k]) for k in ("calib_samples", "eval_tokens"))
         out.append([MODEL_LABELS.get(r["model"], r["model"]), f"{windows} x 512", f"{tokens:,}",
-                    f"`{r['flags']}`" if r["flags"] else "(default)", _ppl(r["ppl"]), gap, diff,
+                    f"`{r['flags']}`" if r["flags"] else "(default)", _ppl(r["ppl"]), times, gap, diff,
                     f"{phases.get('forward', 0) + phases.get('moments', 0):,.0f}", f"{r['wall_s']:,.0f}"])
-    header = ["model", "calibration", "held-out tokens", "flags", "perplexity", "gap closed",
+    header = ["model", "calibration", "held-out tokens", "flags", "perplexity", "x original", "gap closed",
               "vs the group's first row", "calibration s", "job s"]
     refs = [f"{MODEL_LABELS.get(m, m)} original {_ppl(p)} ({t:,} tokens)" for (m, t), p in original.items()]
     refs += [f"{MODEL_LABELS.get(k[0], k[0])} {k[2]}-bit {k[3].upper()} alone {_ppl(p)}" for k, p in bases.items()]
