@@ -98,3 +98,13 @@ def tiny_causal_lm(architecture: str, seed: int = 0, layers: int = 2, vocab: int
         cfg = tf.GPTNeoXConfig(**common, intermediate_size=128)
         return tf.GPTNeoXForCausalLM(cfg).eval()
     raise ValueError(f"unknown architecture {architecture!r}")
+
+
+class FromDisk:
+    """A LayerIO that is not the in-memory one (options that need the whole model refuse it); loads nothing."""
+
+    def load(self, index, layer, device):
+        pass
+
+    def done(self, index, layer):
+        pass

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchao.quantization import quantize_
 
-from helpers import anisotropic_moment, tiny_llama, token_batches
+from helpers import FromDisk, anisotropic_moment, tiny_llama, token_batches
 from torchao_eora import EoRAConfig, RTNConfig, calibrate, compress_sequential
 from torchao_eora.calibration import ModuleStats, SecondMoment
 from torchao_eora.output_weights import FLOOR, output_gradient_moments, output_weighting
@@ -82,13 +82,6 @@ def test_sequential_pass_and_refusals():
     one_shot = calibrate(tiny_llama(), token_batches(), mode="one-shot", progress=False)
     with pytest.raises(ValueError, match="solved during sequential calibration"):
         quantize_(tiny_llama(), EoRAConfig(rank=8, base=BASE, output_weighting="gradient", calibration=one_shot))
-
-    class FromDisk:  # any LayerIO other than the in-memory one
-        def load(self, index, layer, device):
-            pass
-
-        def done(self, index, layer):
-            pass
 
     with pytest.raises(ValueError, match="in memory"):
         compress_sequential(tiny_llama(), token_batches(), config, layer_io=FromDisk(), progress=False)

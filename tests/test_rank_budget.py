@@ -9,7 +9,7 @@ import pytest
 import torch
 from torchao.quantization import quantize_
 
-from helpers import anisotropic_moment, tiny_llama, token_batches
+from helpers import FromDisk, anisotropic_moment, tiny_llama, token_batches
 from torchao_eora import (
     Calibration, EoRAConfig, RTNConfig, calibrate, compress_sequential, eora_config, eora_factors, export_peft,
     weighted_error,
@@ -132,13 +132,6 @@ def test_output_energy_is_the_mean_squared_output():
 
 
 def test_global_budget_refuses_streaming():
-    class FromDisk:  # any LayerIO other than the in-memory one
-        def load(self, index, layer, device):
-            pass
-
-        def done(self, index, layer):
-            pass
-
     with pytest.raises(ValueError, match="two passes"):
         compress_sequential(tiny_llama(), token_batches(), CONFIG, layer_io=FromDisk(), progress=False)
 
