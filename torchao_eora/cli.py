@@ -378,6 +378,11 @@ def cmd_quantize(args) -> int:
     if args.resume and not _streams(args):
         raise ValueError("--resume continues a streaming job: it needs --model DIR (a local checkpoint) and --out, "
                          "with sequential calibration")
+    whole_model = [flag for flag, on in (("--rank-budget " + args.rank_budget, args.rank_budget != "uniform"),
+                                         ("--output-weighting gradient", args.output_weighting != "none")) if on]
+    if whole_model and _streams(args):  # before loading anything, not at the first layer
+        raise ValueError(f"{whole_model[0]} needs the whole model in memory, and --model DIR with --out streams it "
+                         "one layer at a time: drop the flag, or run without --out")
     if args.out:  # before hours of work, not after
         check_output_dir(args.out, sources=[args.model], overwrite=args.overwrite)
     tasks = _tasks(args.tasks)
