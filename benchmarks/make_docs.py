@@ -423,7 +423,8 @@ def screen(root: Path):
         return r["model"], calib, flag(r, "--bits", "3"), flag(r, "--quantizer", "rtn")
 
     original = {(r["model"], r["eval_tokens"]): r["ppl"] for r in data["rows"] if r["name"] == "original"}
-    bases = {key(r): r["ppl"] for r in data["rows"] if flag(r, "--compensation", "eora") == "none"}
+    base_rows = {key(r): r for r in data["rows"] if flag(r, "--compensation", "eora") == "none"}
+    bases = {k: r["ppl"] for k, r in base_rows.items()}
     first: dict[tuple, dict] = {}
     out = []
     for r in data["rows"]:
@@ -442,7 +443,8 @@ def screen(root: Path):
     header = ["model", "calibration", "held-out tokens", "flags", "perplexity", "x original", "gap closed",
               "vs the group's first row", "calibration s", "job s"]
     refs = [f"{MODEL_LABELS.get(m, m)} original {_ppl(p)} ({t:,} tokens)" for (m, t), p in original.items()]
-    refs += [f"{MODEL_LABELS.get(k[0], k[0])} {k[2]}-bit {k[3].upper()} alone {_ppl(p)}" for k, p in bases.items()]
+    refs += [f"{MODEL_LABELS.get(k[0], k[0])} {k[2]}-bit {k[3].upper()} alone {_ppl(r['ppl'])} ({r['eval_tokens']:,} "
+             "tokens)" for k, r in base_rows.items()]
     return _table(header, out) + ("\n\nReferences: " + "; ".join(refs) + "." if refs else ""), [name]
 
 

@@ -100,9 +100,11 @@ def test_screen_rows_are_replaced_by_name(tiny_dir, tmp_path, monkeypatch):
           "--calib-samples", "2", "--eval-tokens", "256", "--json", str(out)])
     first = _rows(out)
     assert [r["name"] for r in first] == ["default", "anchored"] and first[0]["ppl"] != first[1]["ppl"]
-    main(["--model", str(tiny_dir), "--rows", f"default={tiny}", "--calib-samples", "2", "--eval-tokens", "256",
-          "--json", str(out)])
-    assert [r["name"] for r in _rows(out)] == ["anchored", "default"]
+    main(["--model", str(tiny_dir), "--rows", f"default={tiny}", "original=--seq-len 32", "--calib-samples", "2",
+          "--eval-tokens", "256", "--json", str(out)])
+    rows = _rows(out)
+    assert [r["name"] for r in rows] == ["anchored", "default", "original"]
+    assert rows[-1]["command"].startswith("torchao-eora eval") and rows[-1]["ppl"] != rows[1]["ppl"]
 
 
 def test_served_bytes(tiny_dir, tmp_path, monkeypatch):
