@@ -115,7 +115,8 @@ def compress_sequential(
     progress: bool = True,
     timer: Timer | None = None,
     ranks: Mapping[str, int] | None = None,
-    spectra: dict[str, tuple[torch.Tensor, float]] | None = None,
+    spectra: dict[str, torch.Tensor] | None = None,
+    energies: dict[str, float] | None = None,
     output_gradients: Mapping[str, torch.Tensor] | None = None,
     allow_partial: bool = False,
 ) -> Calibration:
@@ -137,8 +138,8 @@ def compress_sequential(
         ranks: per-module residual ranks (module name -> rank) instead of ``config.rank``. With
             a budgeted ``config.rank_budget`` and no ``ranks``, a first pass (on layer copies) measures every
             module's error spectrum and ``rank_budget.allocate_ranks`` chooses them.
-        spectra: filled with every module's error spectrum (``solver.error_spectrum``) and output energy
-            (``solver.output_energy``), when given.
+        spectra: filled with every module's error spectrum (``solver.error_spectrum``), when given.
+        energies: filled with every module's output energy (``solver.output_energy``), when given.
         output_gradients: with ``config.output_weighting="gradient"``, the loss gradients' diagonals by module name
             (``output_weights.output_gradient_moments``) when already computed (default: computed here).
         allow_partial: compress what is supported even when a large weight holder of the decoder layers (an
@@ -243,7 +244,8 @@ def compress_sequential(
             target = layer if in_place else copy.deepcopy(layer)
             results = _compress_layer(_linears(target, f"{prefix}.{i}."), config, stats if needs_data else None,
                                       free_statistics=not keep_statistics, timer=timer, ranks=ranks or {},
-                                      spectra=spectra, shifts=shifts, output_gradients=output_gradients)
+                                      spectra=spectra, energies=energies, shifts=shifts,
+                                      output_gradients=output_gradients)
             del shifts
             results.update(_compress_layer_experts(target, f"{prefix}.{i}.", config, stats if needs_data else None,
                                                    calib, timer))
@@ -268,14 +270,14 @@ def compress_sequential(
 def _compress_layer(
     targets: Mapping[str, torch.nn.Linear], config: EoRAConfig, stats: Calibration | None, *,
     free_statistics: bool, timer: Timer, ranks: Mapping[str, int],
-    spectra: dict[str, tuple[torch.Tensor, float]] | None,
+    spectra: dict[str, torch.Tensor] | None, energies: dict[str, float] | None = None,
     shifts: Mapping[str, torch.Tensor | None] | None = None,
     output_gradients: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Compress and solve each linear of one layer once, in place; returns the new weights by name. With
     ``free_statistics``, a moment is dropped from ``stats`` as soon as its last reader is done (q/k/v: v_proj).
-    ``spectra``, when given, receives each module's error spectrum and output energy; ``shifts`` are the anchored
-    target's (``anchor.py``) and ``output_gradients`` the loss gradients' diagonals at the outputs
+    ``spectra`` and ``energies``, when given, receive each module's error spectrum and output energy; ``shifts`` are
+    the anchored target's (``anchor.py``) and ``output_gradients`` the loss gradients' diagonals at the outputs
     (``output_weights.py``), by name."""
     last_reader = {} if stats is None else {stats.group_of[n]: n for n in targets if n in stats.group_of}
     if stats is not None:
@@ -283,7 +285,7 @@ def _compress_layer(
     results = {}
     for name, module in targets.items():
         with torch.inference_mode(False), torch.no_grad():  # normal tensors: the model may be fine-tuned later
-            results[name] = _compress_module(name, module, config, stats, ranks, spectra, timer,
+            results[name] = _compress_module(name, module, config, stats, ranks, spectra, energies, timer,
                                              (shifts or {}).get(name), (output_gradients or {}).get(name))
         if free_statistics and stats is not None:
             for group in (stats.group_of.get(name), stats.value_group_of.get(name)):
@@ -310,26 +312,28 @@ def _compress_layer_experts(
 
 def _compress_module(
     name: str, module: torch.nn.Linear, config: EoRAConfig, stats: Calibration | None, ranks: Mapping[str, int],
-    spectra: dict[str, tuple[torch.Tensor, float]] | None, timer: Timer, shift: torch.Tensor | None = None,
-    output_gradient: torch.Tensor | None = None,
+    spectra: dict[str, torch.Tensor] | None, energies: dict[str, float] | None, timer: Timer,
+    shift: torch.Tensor | None = None, output_gradient: torch.Tensor | None = None,
 ) -> QuantWithLowRank:
     """One module's compressed weight, installed; its error spectrum (in loss units where ``output_gradient``, the
-    module's ``output_weights.output_gradient_moments``, is given) and output energy into ``spectra`` when given."""
+    module's ``output_weights.output_gradient_moments``, is given) into ``spectra`` and its output energy into
+    ``energies``, each when given."""
     module_stats = None if stats is None else stats.stats_of(name)
     output_weight = None if output_gradient is None else output_weighting(output_gradient)
     weight = eora_quantize_tensor(module.weight, config, module_stats, rank=ranks.get(name), timer=timer,
                                   target_shift=shift, output_weight=output_weight)
-    if spectra is not None:
+    if spectra is not None or energies is not None:
         with timer("solve"):
             delta = module.weight.detach().float() - weight.dequantize_base(torch.float32)
             delta = delta if shift is None else delta + shift
             weighted = residual_stats(module_stats, config)
             moment = weighted.moment.mean() if weighted is not None and config.compensation == "eora" else None
-            if output_weight is not None:  # in loss units: the output-weighted error times the gradient's scale
-                spectrum = error_spectrum(output_weight.sqrt()[:, None] * delta, moment) * output_gradient.mean()
-            else:
-                spectrum = error_spectrum(delta, moment)
-            spectra[name] = (spectrum, output_energy(module.weight.detach(), moment))
+            if spectra is not None and output_weight is not None:  # in loss units: weighted error x gradient's scale
+                spectra[name] = error_spectrum(output_weight.sqrt()[:, None] * delta, moment) * output_gradient.mean()
+            elif spectra is not None:
+                spectra[name] = error_spectrum(delta, moment)
+            if energies is not None:
+                energies[name] = output_energy(module.weight.detach(), moment)
     install(module, weight)
     return weight
 
@@ -341,12 +345,13 @@ def _global_ranks(model, batches, config: EoRAConfig, *, device, progress: bool,
     ranks are spent greedily (``rank_budget.allocate_ranks``): on the absolute activation-weighted error
     (``"global"``; in loss units under output weighting), or on each module's error relative to its own output
     energy (``"relative"``)."""
-    measured: dict[str, tuple[torch.Tensor, float]] = {}
+    spectra: dict[str, torch.Tensor] = {}
+    energies: dict[str, float] | None = {} if config.rank_budget == "relative" else None  # an in x in product each
     compress_sequential(model, batches, replace(config, rank_budget="uniform"), in_place=False, keep_statistics=False,
-                        device=device, progress=progress, timer=timer, spectra=measured,
+                        device=device, progress=progress, timer=timer, spectra=spectra, energies=energies,
                         output_gradients=output_gradients)
-    relative = config.rank_budget == "relative"
-    spectra = {name: spectrum / energy if relative else spectrum for name, (spectrum, energy) in measured.items()}
+    if energies is not None:
+        spectra = {name: spectrum / energies[name] for name, spectrum in spectra.items()}
     prefix, layers = find_decoder_layers(model)
     shapes = {name: tuple(m.weight.shape) for name, m in _linears(layers, prefix + ".").items()}
     step = config.adapter_group_size if config.adapter_bits is not None else 1

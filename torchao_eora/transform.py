@@ -58,16 +58,17 @@ def eora_quantize_tensor(
     target = w32 if target_shift is None else w32 + target_shift.to(w32.device, torch.float32)
     moment = None if weighted is None else weighted.moment.mean()  # EoRA's, before shrinkage
     rank = module_rank(config, *w32.shape) if rank is None else rank
-    kept = None  # preserve-then-quantize: ranks that hold the top of W, kept out of the compressor
+    kept, compressed = None, None  # preserve-then-quantize: ranks that hold the top of W, kept out of the compressor
     if config.preserve and rank and config.compensation != "none":
         with timer("compress"):
-            kept = _preserved(w32, target, config, rank, weighted, compressor_moment, moment)
+            kept, compressed = _preserved(w32, target, config, rank, weighted, compressor_moment, moment)
     rest_rank, base_weight, rest_target = rank, w32, target
     if kept is not None:
         kept_product = kept.B @ kept.A
         rest_rank, base_weight, rest_target = rank - kept.rank, w32 - kept_product, target - kept_product
     with timer("compress"):
-        compressed = config.base.compress(base_weight, compressor_moment)
+        if compressed is None:  # not already compressed while choosing what to preserve
+            compressed = config.base.compress(base_weight, compressor_moment)
         delta = rest_target - compressed.dequantize(torch.float32)  # in fp32: the error underflows in fp16/bf16
         folds = _cross_validation_folds(base_weight, rest_target, delta, config, rest_rank, weighted, attention)
     rows = None  # sqrt(d): the output-side weighting scales the rows of every error the residual fits
@@ -121,25 +122,29 @@ def _unweighted(factors: LowRankFactors, rows: torch.Tensor | None) -> LowRankFa
 def _preserved(
     w32: torch.Tensor, target: torch.Tensor, config: EoRAConfig, rank: int, stats: ModuleStats | None,
     compressor_moment: torch.Tensor | None, moment: torch.Tensor | None,
-) -> LowRankFactors | None:
-    """The preserved ranks (``preserve.py``), None for k = 0. With several candidates, each is scored by the error
-    the whole residual leaves, ``||(target - W_c(W - L_k) - L_k - B A) X^T||`` with ``B A`` the unshrunk rank
-    ``rank - k`` solve for what compressing ``W - L_k`` leaves (in-sample, the same for every candidate)."""
+) -> tuple[LowRankFactors | None, torch.Tensor | None]:
+    """The preserved ranks (``preserve.py``; None for k = 0) and, when candidates were compared, the compressed
+    ``W - L_k`` of the chosen one (so it is not compressed again). Each candidate is scored by the error the whole
+    residual leaves, ``||(target - W_c(W - L_k) - L_k - B A) X^T||`` with ``B A`` the unshrunk rank ``rank - k``
+    solve for what compressing ``W - L_k`` leaves (in-sample, the same for every candidate)."""
     step = config.adapter_group_size if config.adapter_bits is not None else 1
     candidates = preserve_candidates(config.preserve, rank, step)
     if max(candidates) == 0:
-        return None
+        return None, None
     top = preserved_factors(w32, moment, max(candidates))
-    best, best_error = None, float("inf")
-    for k in candidates if len(candidates) > 1 else ():
+    if len(candidates) == 1:
+        return top, None
+    best = None
+    for k in candidates:
         part = LowRankFactors(top.A[:k], top.B[:, :k])
         product = part.B @ part.A
-        rest = target - product - config.base.compress(w32 - product, compressor_moment).dequantize(torch.float32)
+        compressed = config.base.compress(w32 - product, compressor_moment)
+        rest = target - product - compressed.dequantize(torch.float32)
         error = _residual_error(rest, _solve(rest, config, rank - k, stats, moment, 0.0), moment, 0.0)
-        if error < best_error:
-            best, best_error = part, error
-    chosen = top if len(candidates) == 1 else best
-    return chosen if chosen.rank else None
+        if best is None or error < best[0]:
+            best = (error, part, compressed)
+    _, part, compressed = best
+    return (part if part.rank else None), compressed
 
 
 def residual_stats(stats: ModuleStats | None, config: EoRAConfig) -> ModuleStats | None:
