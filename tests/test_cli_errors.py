@@ -95,8 +95,7 @@ def test_export_peft_out_is_checked_too(tiny_dir, tmp_path, capsys):
     (["--adapter-bits", "4", "--adapter-group-size", "3"], ["adapter_group_size 3"]),
     (["--quantizer", "none"], ["--quantizer none quantizes nothing"]),
     (["--calib-task", "no_such_task"], ["no_such_task"]),
-    (["--output-weighting", "gradient", "--compensation", "eora"],
-     ["--output-weighting gradient needs the whole model", "without --out"]),
+    (["--output-weighting", "gradient", "--compensation", "svd"], ["output_weighting weights EoRA's residual"]),
     (["--rank-budget", "relative"], ["--rank-budget relative needs the whole model"]),
     (["--preserve", "5", "--rank", "8", "--adapter-bits", "4"], ["multiple of adapter_group_size"]),
 ])

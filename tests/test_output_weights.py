@@ -6,9 +6,10 @@ import pytest
 import torch
 from torchao.quantization import quantize_
 
-from helpers import FromDisk, anisotropic_moment, tiny_llama, token_batches
+from helpers import FromDisk, anisotropic_moment, tiny_causal_lm, tiny_llama, token_batches
 from torchao_eora import EoRAConfig, RTNConfig, calibrate, compress_sequential
 from torchao_eora.calibration import ModuleStats, SecondMoment
+from torchao_eora.layerwise_gradients import layerwise_output_gradient_moments
 from torchao_eora.output_weights import FLOOR, output_gradient_moments, output_weighting
 from torchao_eora.sequential import _linears, find_decoder_layers
 from torchao_eora.solver import eigen_of
@@ -100,3 +101,23 @@ def test_the_loss_aware_budget_computes_the_gradients_once(monkeypatch):
     loss = calibrate(tiny_llama(), token_batches(), EoRAConfig(rank=8, base=BASE, rank_budget="global",
                                                               output_weighting="gradient"), progress=False).ranks
     assert len(calls) == 1 and loss != plain and set(loss) == set(plain)
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen3_moe"])
+def test_layer_by_layer_gradients_equal_the_whole_model_pass(tmp_path, architecture):
+    """The streamed form (forward storing each layer's inputs, head, then backward one layer at a time) gives the
+    whole-model backward's diagonals, and removes the inputs it spilled to disk."""
+    model = tiny_llama(layers=3) if architecture == "llama" else tiny_causal_lm(architecture, layers=3)
+    batches = token_batches(n_batches=2, pad_first=5)
+    prefix, layers = find_decoder_layers(model)
+    whole = output_gradient_moments(model, batches, _linears(layers, prefix + "."))
+    loaded, released = [], []
+    spill = tmp_path / "spill"
+    streamed = layerwise_output_gradient_moments(
+        model, batches, load=lambda i, layer: loaded.append(i), release=lambda i, layer: released.append(i),
+        device=torch.device("cpu"), spill_dir=spill, progress=False)
+    assert set(streamed) == set(whole)
+    for name in whole:
+        torch.testing.assert_close(streamed[name], whole[name], rtol=1e-4, atol=1e-12)
+    assert loaded == released == [0, 1, 2, 2, 1, 0] and not spill.exists()
+    assert all(p.grad is None for p in model.parameters())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import pytest
 import torch
@@ -25,15 +26,16 @@ def _sharded_model(path, tie: bool):
     return path
 
 
-@pytest.mark.parametrize("target", ["layer", "anchored"])
+@pytest.mark.parametrize("option", [{}, {"target": "anchored"}, {"output_weighting": "gradient"}],
+                         ids=["layer", "anchored", "gradient"])
 @pytest.mark.parametrize("tie", [False, True])
 @pytest.mark.parametrize(
     "base",  # GPTQ streams the same way, slower: only in the full run
     [RTNConfig(bits=3, group_size=32), pytest.param(GPTQConfig(bits=3, group_size=32), marks=pytest.mark.slow)],
 )
-def test_streamed_checkpoint_equals_the_in_memory_pass(tmp_path, tie, base, target):
+def test_streamed_checkpoint_equals_the_in_memory_pass(tmp_path, tie, base, option):
     source = _sharded_model(tmp_path / "src", tie)
-    config = EoRAConfig(rank=4, base=base, adapter_bits=4, adapter_group_size=4, target=target)
+    config = EoRAConfig(rank=4, base=base, adapter_bits=4, adapter_group_size=4, **option)
     batches = token_batches(2, 4, 16, seed=2, pad_first=3)
     timer = Timer()
     calib = quantize_checkpoint(source, tmp_path / "out", config, batches, device="cpu", timer=timer, progress=False)
@@ -43,10 +45,13 @@ def test_streamed_checkpoint_equals_the_in_memory_pass(tmp_path, tie, base, targ
     in_memory = load_pretrained(source)
     compress_sequential(in_memory, batches, config, progress=False)
     batch = token_batches(1, seed=9)[0]
+    # the output gradients are summed in another order when streamed: the adapters agree to rounding only
+    same = torch.equal if not option.get("output_weighting") else partial(torch.allclose, rtol=1e-4, atol=1e-5)
     with torch.no_grad():
         expected = in_memory(**batch).logits
-        assert torch.equal(load_pretrained(tmp_path / "out")(**batch).logits, expected)
-        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "out")(**batch).logits, expected)
+        assert same(load_pretrained(tmp_path / "out")(**batch).logits, expected)
+        assert same(AutoModelForCausalLM.from_pretrained(tmp_path / "out")(**batch).logits, expected)
+    assert not any(p.name.endswith(".gradients") for p in tmp_path.iterdir())  # the spilled inputs are gone
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert "tokenizer.json" in written and "model.safetensors.index.json" in written
     quant = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]

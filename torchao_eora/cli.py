@@ -172,7 +172,8 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--output-weighting", default="none", choices=["none", "gradient"],
                    help="none (default): every output channel's error counts alike; gradient: weighted by the loss "
                         "gradient's second moment at each layer's output (one forward and backward of the original "
-                        "model over the calibration windows first; in memory only). docs/beyond-eora.md")
+                        "model over the calibration windows first; a streamed --model DIR runs it one layer at a "
+                        "time, with every layer's inputs on disk beside --out meanwhile). docs/beyond-eora.md")
     g.add_argument("--form", default="auto", choices=["auto", "randomized", "eigen", "inverse_free"],
                    help="how the residual is solved (same optimum): auto (default) reduces each layer's error to "
                         "min(out, in) dimensions and takes its top directions exactly up to 1024 and by randomized "
@@ -378,11 +379,9 @@ def cmd_quantize(args) -> int:
     if args.resume and not _streams(args):
         raise ValueError("--resume continues a streaming job: it needs --model DIR (a local checkpoint) and --out, "
                          "with sequential calibration")
-    whole_model = [flag for flag, on in (("--rank-budget " + args.rank_budget, args.rank_budget != "uniform"),
-                                         ("--output-weighting gradient", args.output_weighting != "none")) if on]
-    if whole_model and _streams(args):  # before loading anything, not at the first layer
-        raise ValueError(f"{whole_model[0]} needs the whole model in memory, and --model DIR with --out streams it "
-                         "one layer at a time: drop the flag, or run without --out")
+    if args.rank_budget != "uniform" and _streams(args):  # before loading anything, not at the first layer
+        raise ValueError(f"--rank-budget {args.rank_budget} needs the whole model in memory, and --model DIR with "
+                         "--out streams it one layer at a time: drop the flag, or run without --out")
     if args.out:  # before hours of work, not after
         check_output_dir(args.out, sources=[args.model], overwrite=args.overwrite)
     tasks = _tasks(args.tasks)

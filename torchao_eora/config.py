@@ -96,7 +96,7 @@ class EoRAConfig(AOBaseConfig):
         output_weighting: ``"none"`` (default, the paper's): every output channel's error counts alike;
             ``"gradient"``: weighted by the diagonal of the loss gradient's second moment at the layer's output
             (``output_weights.py``; one forward and backward of the original model over the calibration windows
-            first, so the model must be in memory; sequential calibration only).
+            first, one decoder layer at a time when streamed; sequential calibration only).
     """
 
     rank: int = 64

@@ -8,7 +8,8 @@ at the layer's output. With ``D``'s diagonal ``d`` the optimum stays closed form
 
 ``d`` comes from one forward and backward pass of the original model over the calibration windows (the language
 model's own next-token loss), before the sequential pass: about three forwards of compute and the activations of one
-window through the whole model, so the model must be in memory (not streamed). Each ``d`` is divided by its mean
+window through the whole model. A streamed checkpoint gets the same numbers one decoder layer at a time
+(``layerwise_gradients.py``). Each ``d`` is divided by its mean
 (only its shape matters to a module's solve) and pulled toward 1 by ``FLOOR``, so an output channel whose
 gradient vanished on the calibration windows still gets its error fitted.
 """

@@ -158,7 +158,8 @@ def compress_sequential(
     if output_gradients is None and config.output_weighting != "none" and config.compensation == "eora":
         if not isinstance(layer_io, InMemory):
             raise ValueError("output_weighting='gradient' backpropagates through the whole model: compress it in "
-                             "memory, or use output_weighting='none' when streaming it from disk")
+                             "memory, stream it with quantize_checkpoint (one layer at a time), or pass "
+                             "output_gradients (layerwise_gradients.layerwise_output_gradient_moments)")
         prefix, layers = find_decoder_layers(model)
         with timer("forward"):
             output_gradients = output_gradient_moments(model, _check_batches(batches), _linears(layers, prefix + "."))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -27,6 +28,7 @@ from .checkpoint_names import CheckpointLayout
 from .config import EoRAConfig
 from .hf import attach_quantizer, check_safetensors_only
 from .io_utils import save_safetensors
+from .layerwise_gradients import layerwise_output_gradient_moments
 from .resume import PartialJob, job_identity
 from .sequential import compress_sequential, compute_device, find_decoder_layers
 from .timing import Timer
@@ -193,8 +195,12 @@ def quantize_checkpoint(
     tmp = job.path  # kept if the job fails or is killed after its first layer: resume=True continues it
     io = StreamingIO(model, weights, tmp, prefix, len(layers) + len(outside), dtype, timer, job)
     try:
+        output_gradients = None
+        if config.compensation == "eora" and config.output_weighting != "none":
+            output_gradients = _output_gradients(model, weights, batches, prefix, dtype, device, tmp, timer, progress)
         calib = compress_sequential(model, batches, config, keep_statistics=keep_statistics, layer_io=io,
-                                    device=device, progress=progress, timer=timer, allow_partial=allow_partial)
+                                    device=device, progress=progress, timer=timer, allow_partial=allow_partial,
+                                    output_gradients=output_gradients)
     except BaseException:
         job.discard_if_empty()  # bad settings fail before the first layer: nothing to resume, nothing left behind
         raise
@@ -212,6 +218,50 @@ def quantize_checkpoint(
     job.finish()
     calib.bytes_written = io.total_bytes
     return calib
+
+
+def _output_gradients(model, weights: CheckpointLayout, batches, prefix: str, dtype, device, job_dir: Path,
+                      timer: Timer, progress: bool) -> dict[str, torch.Tensor]:
+    """Output weighting's loss gradients with one decoder layer in memory at a time (``layerwise_gradients.py``).
+    The head is loaded for this pass only; the stored layer inputs go to a folder beside the job's, removed after."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    head = model.get_output_embeddings()
+    kept = dict(head._parameters)  # its meta placeholders, put back afterwards: only this pass runs the head
+    with timer("io"):
+        for name, param in kept.items():
+            if param is None:
+                continue
+            key = f"{_name_of(model, head)}.{name}"
+            if key in weights:
+                set_module_tensor_to_device(head, name, "cpu", value=weights.get(key, dtype))
+            elif name == "weight" and getattr(model.config, "tie_word_embeddings", False):
+                head._parameters[name] = model.get_input_embeddings().weight
+    spill = job_dir.parent / f"{job_dir.name}.gradients"
+    shutil.rmtree(spill, ignore_errors=True)  # what a killed run left
+    io_before, start = timer.seconds.get("io", 0.0), time.perf_counter()
+    try:
+        return layerwise_output_gradient_moments(
+            model, batches, device=device, spill_dir=spill, progress=progress,
+            load=lambda i, layer: _timed(timer, _materialise, layer, f"{prefix}.{i}.", weights, dtype, device),
+            release=lambda i, layer: _free_layer(layer))
+    finally:
+        head._parameters.update(kept)
+        io = timer.seconds.get("io", 0.0) - io_before  # counted once: the loads are io, the rest forward
+        timer.seconds["forward"] = timer.seconds.get("forward", 0.0) + time.perf_counter() - start - io
+
+
+def _timed(timer: Timer, fn, *args) -> None:
+    with timer("io"):
+        fn(*args)
+
+
+def _free_layer(layer: torch.nn.Module) -> None:
+    """Put ``layer``'s checkpoint tensors back on the meta device (its other buffers stay)."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    for name in layer.state_dict():
+        set_module_tensor_to_device(layer, name, "meta")
 
 
 def _name_of(model: torch.nn.Module, module: torch.nn.Module) -> str:

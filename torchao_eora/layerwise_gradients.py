@@ -1,0 +1,203 @@
+"""Output weighting's loss gradients for a model streamed from disk, one decoder layer in memory at a time.
+
+``output_weights.output_gradient_moments`` backpropagates through the whole model at once; a checkpoint larger than
+memory cannot. Here the same numbers come from three passes over the decoder layers:
+
+1. forward: each layer is loaded, its inputs (every calibration window) are stored, its outputs computed, it is freed;
+2. head: the gradient of the summed next-token loss at the last layer's output, from the model's own head (final
+   norm, ``lm_head``, logit soft-capping, loss): the model runs with every decoder layer swapped for a pass-through
+   that hands the stored last output to the head, so nothing model-specific is written here;
+3. backward, last layer first: each layer is loaded again, recomputes its forward from its stored inputs and
+   backpropagates the gradient at its output to its inputs, recording the gradient at every linear's output.
+
+Cost: every layer read twice more from the checkpoint, about three forwards of compute (as in memory), one layer's
+activations with their autograd graph, and the stored inputs, layers x windows x tokens x hidden in the model's
+dtype, written to ``spill_dir`` when given (kept in memory otherwise).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+import torch
+from tqdm.auto import tqdm
+
+from .sequential import _capture_layer_inputs, _check_batches, _linears, _output, find_decoder_layers
+
+__all__ = ["layerwise_output_gradient_moments"]
+
+LayerFn = Callable[[int, torch.nn.Module], None]
+
+
+def layerwise_output_gradient_moments(
+    model: torch.nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    *,
+    load: LayerFn,
+    release: LayerFn,
+    device: torch.device,
+    spill_dir: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Per linear of the decoder layers (by name), the diagonal of the loss gradient's second moment at its output
+    per predicted token: what ``output_weights.output_gradient_moments`` returns, one decoder layer at a time.
+
+    Args:
+        model: a causal LM whose embeddings and head (final norm, ``lm_head``) are in memory; its decoder layers may
+            be on the meta device.
+        batches: dicts with ``input_ids`` and optionally ``attention_mask`` (padded positions predict nothing).
+        load: gives layer ``i`` its original weights on ``device``; ``release`` frees them again.
+        spill_dir: a directory for the stored layer inputs (created, and removed when done); None keeps them in
+            memory.
+    """
+    batches = _check_batches(batches)
+    prefix, layers = find_decoder_layers(model)
+    store = _LayerInputs(spill_dir)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # no weight gradients: only the activations
+    try:
+        with torch.inference_mode(False), torch.no_grad():
+            hidden, kwargs = _capture_layer_inputs(model, layers, batches, device)
+            hidden, kwargs = _normal(hidden), _normal(kwargs)  # autograd cannot save inference tensors
+            for i in tqdm(range(len(layers)), desc="output gradients: forward", disable=not progress):
+                load(i, layers[i])
+                _normal_tensors(layers[i])
+                store.put(i, hidden)
+                hidden = [_output(layers[i](h, **kw)) for h, kw in zip(hidden, kwargs[i])]
+                release(i, layers[i])
+        with torch.inference_mode(False), torch.enable_grad():
+            _freeze(model)
+            grads, tokens = _head_gradients(model, layers, batches, hidden)
+            del hidden
+            sums: dict[str, torch.Tensor] = {}
+            for i in tqdm(reversed(range(len(layers))), total=len(layers), desc="output gradients: backward",
+                          disable=not progress):
+                layer = layers[i]
+                load(i, layer)
+                _normal_tensors(layer)
+                _freeze(layer)
+                handles = [m.register_forward_hook(_recorder(name, sums))
+                           for name, m in _linears(layer, f"{prefix}.{i}.").items()]
+                try:
+                    for b, (x, kw) in enumerate(zip(store.pop(i), kwargs[i])):
+                        x = x.to(device).detach().requires_grad_()
+                        _output(layer(x, **kw)).backward(grads[b])
+                        grads[b] = x.grad
+                finally:
+                    for handle in handles:
+                        handle.remove()
+                release(i, layer)
+    finally:
+        store.close()
+        for p in trainable:
+            p.requires_grad_(True)
+    return {name: s / max(tokens, 1) for name, s in sums.items()}
+
+
+def _head_gradients(model, layers, batches, last_outputs) -> tuple[list[torch.Tensor], int]:
+    """Per batch, the gradient of the summed next-token loss at the last decoder layer's output; and the number of
+    predicted tokens. The model's own forward computes the loss, its decoder layers swapped for pass-throughs."""
+    skipped = tuple(m for m in (*layers, model.get_input_embeddings()) if m is not None)
+    skipped_ids = {id(m) for s in skipped for m in s.modules()}
+    for module in model.modules():  # the final norm and the head: the backward saves their weights
+        if id(module) not in skipped_ids:
+            _normal_tensors(module, recurse=False)
+    head = model.get_output_embeddings()
+    head_device = head.weight.device if head is not None else last_outputs[0].device
+    grads, tokens, leaf = [], 0, None
+
+    def passthrough(last: bool):
+        def forward(*args, **kw):
+            return leaf if last else (args[0] if args else kw["hidden_states"])
+        return forward
+
+    own = [layer.__dict__.get("forward") for layer in layers]
+    for i, layer in enumerate(layers):
+        layer.forward = passthrough(i == len(layers) - 1)
+    try:
+        for batch, out in zip(batches, last_outputs):
+            ids = batch["input_ids"].to(head_device)
+            mask = batch.get("attention_mask")
+            mask = torch.ones_like(ids) if mask is None else mask.to(head_device)
+            labels = ids.masked_fill(mask == 0, -100)
+            predicted = int((labels[:, 1:] != -100).sum())  # the loss is their mean: make it the sum
+            tokens += predicted
+            leaf = out.detach().to(head_device).requires_grad_()
+            if predicted:
+                (model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss * predicted).backward()
+            grads.append((leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)).to(out.device))
+    finally:
+        for layer, forward in zip(layers, own):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
+    return grads, tokens
+
+
+def _recorder(name: str, sums: dict[str, torch.Tensor]):
+    def hook(module, args, output):
+        def accumulate(grad):
+            square = grad.detach().float().square().reshape(-1, grad.shape[-1]).sum(0)
+            sums[name] = square if name not in sums else sums[name] + square
+
+        output.register_hook(accumulate)
+    return hook
+
+
+def _normal(obj):
+    """Inference-mode tensors (also inside dicts, tuples and lists) cloned into normal ones."""
+    if isinstance(obj, torch.Tensor):
+        return obj.clone() if obj.is_inference() else obj
+    if isinstance(obj, dict):
+        return {k: _normal(v) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_normal(v) for v in obj)
+    return obj
+
+
+def _freeze(module: torch.nn.Module) -> None:
+    for p in module.parameters():
+        p.requires_grad_(False)
+
+
+def _normal_tensors(module: torch.nn.Module, recurse: bool = True) -> None:
+    """Replace ``module``'s inference-mode parameters and buffers by normal clones, in place."""
+    for m in module.modules() if recurse else (module,):
+        for store in (m._parameters, m._buffers):
+            for key, t in store.items():
+                if t is not None and t.is_inference():
+                    with torch.inference_mode(False):
+                        clone = t.detach().clone()
+                    store[key] = torch.nn.Parameter(clone, t.requires_grad) if isinstance(t, torch.nn.Parameter) \
+                        else clone
+
+
+class _LayerInputs:
+    """Every decoder layer's inputs (one tensor per batch), in memory or, with a directory, one file per layer."""
+
+    def __init__(self, spill_dir: str | Path | None):
+        self.dir = Path(spill_dir) if spill_dir is not None else None
+        if self.dir is not None:
+            self.dir.mkdir(parents=True)
+        self.kept: dict[int, list[torch.Tensor]] = {}
+
+    def put(self, index: int, hidden: list[torch.Tensor]) -> None:
+        if self.dir is None:
+            self.kept[index] = hidden
+        else:
+            torch.save([h.cpu() for h in hidden], self.dir / f"layer{index}.pt")
+
+    def pop(self, index: int) -> list[torch.Tensor]:
+        if self.dir is None:
+            return self.kept.pop(index)
+        path = self.dir / f"layer{index}.pt"
+        hidden = torch.load(path, weights_only=True)
+        path.unlink()
+        return hidden
+
+    def close(self) -> None:
+        self.kept.clear()
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
