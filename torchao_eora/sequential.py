@@ -134,7 +134,8 @@ def compress_sequential(
             with another config); False frees each layer's statistics once it is done (large models).
         layer_io: loads and stores layers (default: the model is in memory).
         device: where to run each layer (default: CUDA when present, else CPU).
-        timer: adds seconds to ``forward``, ``moments``, ``compress``, ``solve`` (and whatever ``layer_io`` adds).
+        timer: adds seconds to ``forward``, ``moments``, ``compress``, ``solve``, ``gradients`` (output weighting's
+            backward pass) and whatever ``layer_io`` adds.
         ranks: per-module residual ranks (module name -> rank) instead of ``config.rank``. With
             a budgeted ``config.rank_budget`` and no ``ranks``, a first pass (on layer copies) measures every
             module's error spectrum and ``rank_budget.allocate_ranks`` chooses them.
@@ -161,7 +162,7 @@ def compress_sequential(
                              "memory, stream it with quantize_checkpoint (one layer at a time), or pass "
                              "output_gradients (layerwise_gradients.layerwise_output_gradient_moments)")
         prefix, layers = find_decoder_layers(model)
-        with timer("forward"):
+        with timer("gradients"):
             output_gradients = output_gradient_moments(model, _check_batches(batches), _linears(layers, prefix + "."))
     if ranks is None and config.rank_budget != "uniform" and config.compensation != "none":
         if not isinstance(layer_io, InMemory):

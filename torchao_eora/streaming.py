@@ -154,7 +154,8 @@ def quantize_checkpoint(
         dtype: dtype the layers are computed and the adapters stored in.
         device: where each layer is compressed (default: CUDA when present, else CPU).
         keep_statistics: keep every layer's second moments in the returned ``Calibration`` (to save them).
-        timer: adds seconds to ``forward``, ``moments``, ``compress``, ``shrinkage``, ``solve`` and ``io``.
+        timer: adds seconds to ``forward``, ``moments``, ``compress``, ``shrinkage``, ``solve``, ``gradients`` and
+            ``io``.
         allow_partial: compress what is supported even if a large weight holder would stay uncompressed.
         resume: continue the killed job that was writing ``out_dir`` (same source, config, dtype and calibration
             tokens, else ValueError) from its last written layer; the result is the uninterrupted run's, bit for
@@ -247,8 +248,8 @@ def _output_gradients(model, weights: CheckpointLayout, batches, prefix: str, dt
             release=lambda i, layer: _free_layer(layer))
     finally:
         head._parameters.update(kept)
-        io = timer.seconds.get("io", 0.0) - io_before  # counted once: the loads are io, the rest forward
-        timer.seconds["forward"] = timer.seconds.get("forward", 0.0) + time.perf_counter() - start - io
+        io = timer.seconds.get("io", 0.0) - io_before  # counted once: the loads are io, the rest gradients
+        timer.seconds["gradients"] = timer.seconds.get("gradients", 0.0) + time.perf_counter() - start - io
 
 
 def _timed(timer: Timer, fn, *args) -> None:
