@@ -407,45 +407,63 @@ def served_bytes(root: Path):
 
 
 def screen(root: Path):
-    """Options screened against the default job (``screen.py``), grouped by model, calibration size, bit width and
-    quantizer: each row against the group's first EoRA row, its perplexity as a multiple of the original's, and the
-    share of the compression's perplexity gap it closes where the group has a ``--compensation none`` row (not
-    shown where that base is destroyed, over 100x the original)."""
+    """Options screened against the default job (``screen.py``), one table per model, grouped by calibration size,
+    bit width and quantizer (the base): each row against its group's default row (the first row where it has none),
+    its perplexity as a multiple of the original's, and the share of the base's perplexity gap it closes (not shown
+    where the base is destroyed, over 100x the original); with LAMBADA, its accuracy and the share of the base's
+    accuracy loss it recovers."""
     name = "screen.json"
     data = _load(root, name)
+    base_flags = ("--bits", "--quantizer", "--compensation")
 
     def flag(r: dict, option: str, default: str) -> str:
         flags = r["flags"].split()
         return flags[flags.index(option) + 1] if option in flags else default
 
-    def key(r: dict) -> tuple:
-        calib = r.get("calib_samples", data["args"]["calib_samples"])
-        return r["model"], calib, flag(r, "--bits", "3"), flag(r, "--quantizer", "rtn")
+    def option(r: dict) -> str:
+        flags = r["flags"].split()
+        kept = [f for i, f in enumerate(flags) if f not in base_flags and (i == 0 or flags[i - 1] not in base_flags)]
+        return " ".join(kept)
 
-    original = {(r["model"], r["eval_tokens"]): r["ppl"] for r in data["rows"] if r["name"] == "original"}
-    base_rows = {key(r): r for r in data["rows"] if flag(r, "--compensation", "eora") == "none"}
-    bases = {k: r["ppl"] for k, r in base_rows.items()}
-    first: dict[tuple, dict] = {}
-    out = []
-    for r in data["rows"]:
-        if r["name"] == "original" or flag(r, "--compensation", "eora") == "none":
-            continue
-        group = first.setdefault(key(r), r)
-        diff = f"{100 * (r['ppl'] / group['ppl'] - 1):+.2f}%" if r is not group else "-"
-        fp, base = original.get((r["model"], r["eval_tokens"])), bases.get(key(r))
-        gap = _gap(fp, base, r["ppl"]) if fp and base and base < 100 * fp else "-"  # not of a destroyed base
-        times = f"{r['ppl'] / fp:.2f}x" if fp else "-"
+    def key(r: dict) -> tuple:
+        return r["model"], r.get("calib_samples", data["args"]["calib_samples"]), flag(r, "--bits", "3"), \
+            flag(r, "--quantizer", "rtn")
+
+    rows = data["rows"]
+    original = {(r["model"], r["eval_tokens"]): r for r in rows if r["name"] == "original"}
+    base_rows = {key(r): r for r in rows if flag(r, "--compensation", "eora") == "none"}
+    fitted = [r for r in rows if r["name"] != "original" and flag(r, "--compensation", "eora") != "none"]
+    reference: dict[tuple, dict] = {}
+    for r in fitted:
+        if key(r) not in reference or (option(reference[key(r)]) and not option(r)):
+            reference[key(r)] = r
+    order = {k: i for i, k in enumerate(dict.fromkeys(key(r) for r in fitted))}
+    fitted.sort(key=lambda r: (r["model"] != "smollm2", key(r)[1], -int(key(r)[2]), order[key(r)]))
+    header = ["calibration", "held-out tokens", "base", "option", "perplexity", "x original", "gap closed",
+              "vs the group's default", "LAMBADA", "LAMBADA loss recovered", "calibration s", "job s"]
+    tables = {}
+    for r in fitted:
+        ref, fp, base = reference[key(r)], original.get((r["model"], r["eval_tokens"])), base_rows.get(key(r))
+        diff = f"{100 * (r['ppl'] / ref['ppl'] - 1):+.2f}%" if r is not ref else "-"
+        gap = _gap(fp["ppl"], base["ppl"], r["ppl"]) if fp and base and base["ppl"] < 100 * fp["ppl"] else "-"
+        lambada = recovered = "-"
+        if "lambada" in r:
+            lambada = f"{100 * r['lambada']:.1f}%"
+            if fp and base and "lambada" in fp and "lambada" in base:
+                recovered = _gap(fp["lambada"], base["lambada"], r["lambada"])
         phases = r["phases_s"]
         windows, tokens = (r.get(k, data["args"][k]) for k in ("calib_samples", "eval_tokens"))
-        out.append([MODEL_LABELS.get(r["model"], r["model"]), f"{windows} x 512", f"{tokens:,}",
-                    f"`{r['flags']}`" if r["flags"] else "(default)", _ppl(r["ppl"]), times, gap, diff,
-                    f"{phases.get('forward', 0) + phases.get('moments', 0):,.0f}", f"{r['wall_s']:,.0f}"])
-    header = ["model", "calibration", "held-out tokens", "flags", "perplexity", "x original", "gap closed",
-              "vs the group's first row", "calibration s", "job s"]
-    refs = [f"{MODEL_LABELS.get(m, m)} original {_ppl(p)} ({t:,} tokens)" for (m, t), p in original.items()]
+        tables.setdefault(r["model"], []).append([
+            f"{windows} x 512", f"{tokens:,}", f"{key(r)[2]}-bit {key(r)[3].upper()}",
+            f"`{option(r)}`" if option(r) else "(default)", _ppl(r["ppl"]), f"{r['ppl'] / fp['ppl']:.2f}x" if fp
+            else "-", gap, diff, lambada, recovered,
+            f"{sum(phases.get(k, 0) for k in ('forward', 'moments', 'gradients')):,.0f}", f"{r['wall_s']:,.0f}"])
+    parts = [f"**{MODEL_LABELS.get(m, m)}**\n\n" + _table(header, t) for m, t in tables.items()]
+    refs = [f"{MODEL_LABELS.get(m, m)} original {_ppl(r['ppl'])} ({t:,} tokens"
+            + (f", LAMBADA {100 * r['lambada']:.1f}%)" if "lambada" in r else ")") for (m, t), r in original.items()]
     refs += [f"{MODEL_LABELS.get(k[0], k[0])} {k[2]}-bit {k[3].upper()} alone {_ppl(r['ppl'])} ({r['eval_tokens']:,} "
-             "tokens)" for k, r in base_rows.items()]
-    return _table(header, out) + ("\n\nReferences: " + "; ".join(refs) + "." if refs else ""), [name]
+             "tokens" + (f", LAMBADA {100 * r['lambada']:.1f}%)" if "lambada" in r else ")") for k, r in base_rows.items()]
+    return "\n\n".join(parts) + ("\n\nReferences: " + "; ".join(refs) + "." if refs else ""), [name]
 
 
 TABLES = {f.__name__.replace("_", "-"): f for f in (

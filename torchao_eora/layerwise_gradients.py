@@ -17,6 +17,7 @@ dtype, written to ``spill_dir`` when given (kept in memory otherwise).
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
@@ -66,9 +67,10 @@ def layerwise_output_gradient_moments(
                 store.put(i, hidden)
                 hidden = [_output(layers[i](h, **kw)) for h, kw in zip(hidden, kwargs[i])]
                 release(i, layers[i])
-        with torch.inference_mode(False), torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad(), _rest_on(model, layers, device):
             _freeze(model)
             grads, tokens = _head_gradients(model, layers, batches, hidden)
+        with torch.inference_mode(False), torch.enable_grad():
             del hidden
             sums: dict[str, torch.Tensor] = {}
             for i in tqdm(reversed(range(len(layers))), total=len(layers), desc="output gradients: backward",
@@ -117,16 +119,20 @@ def _head_gradients(model, layers, batches, last_outputs) -> tuple[list[torch.Te
         layer.forward = passthrough(i == len(layers) - 1)
     try:
         for batch, out in zip(batches, last_outputs):
-            ids = batch["input_ids"].to(head_device)
             mask = batch.get("attention_mask")
-            mask = torch.ones_like(ids) if mask is None else mask.to(head_device)
-            labels = ids.masked_fill(mask == 0, -100)
-            predicted = int((labels[:, 1:] != -100).sum())  # the loss is their mean: make it the sum
-            tokens += predicted
-            leaf = out.detach().to(head_device).requires_grad_()
-            if predicted:
-                (model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss * predicted).backward()
-            grads.append((leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)).to(out.device))
+            mask = torch.ones_like(batch["input_ids"]) if mask is None else mask
+            grad = torch.zeros_like(out)
+            for row in range(len(out)):  # one window's logits at a time: a large vocabulary makes them big
+                ids, row_mask = batch["input_ids"][row:row + 1].to(head_device), mask[row:row + 1].to(head_device)
+                labels = ids.masked_fill(row_mask == 0, -100)
+                predicted = int((labels[:, 1:] != -100).sum())  # the loss is their mean: make it the sum
+                tokens += predicted
+                leaf = out[row:row + 1].detach().to(head_device).requires_grad_()
+                if predicted:
+                    loss = model(input_ids=ids, attention_mask=row_mask, labels=labels, use_cache=False).loss
+                    (loss * predicted).backward()
+                    grad[row:row + 1] = leaf.grad.to(grad.device)
+            grads.append(grad)
     finally:
         for layer, forward in zip(layers, own):
             if forward is None:
@@ -134,6 +140,32 @@ def _head_gradients(model, layers, batches, last_outputs) -> tuple[list[torch.Te
             else:
                 layer.forward = forward
     return grads, tokens
+
+
+@contextlib.contextmanager
+def _rest_on(model: torch.nn.Module, layers: torch.nn.ModuleList, device: torch.device):
+    """The model outside its decoder layers (embeddings, final norm, head) on ``device`` meanwhile: the head's large
+    matmuls run where the layers do. Tied weights are moved once; the original tensors are put back afterwards."""
+    inside = {id(m) for m in layers.modules()}
+    originals, moved = [], {}
+    for module in model.modules():
+        if id(module) in inside:
+            continue
+        for store in (module._parameters, module._buffers):
+            for key, t in store.items():
+                if t is None or t.is_meta or t.device == device:
+                    continue
+                if id(t) not in moved:
+                    copy = t.detach().to(device)
+                    moved[id(t)] = torch.nn.Parameter(copy, t.requires_grad) if isinstance(t, torch.nn.Parameter) \
+                        else copy
+                originals.append((store, key, t))
+                store[key] = moved[id(t)]
+    try:
+        yield
+    finally:
+        for store, key, t in originals:
+            store[key] = t
 
 
 def _recorder(name: str, sums: dict[str, torch.Tensor]):

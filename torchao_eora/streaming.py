@@ -183,7 +183,9 @@ def quantize_checkpoint(
     head = model.get_output_embeddings()
     head_name = _name_of(model, head) if head is not None else None
     needed = [k for k in outside if head_name is None or not k.startswith(head_name + ".")]  # lm_head never runs
-    with timer("io"):  # what runs before the first layer (the embeddings), on the CPU like the batches
+    # what runs before the first layer (the embeddings), on the CPU like the batches; normal tensors, not inference
+    # ones: output weighting's backward runs the head with them
+    with timer("io"), torch.inference_mode(False):
         for key in needed:
             _materialise_key(model, key, weights, dtype)
 
@@ -229,7 +231,7 @@ def _output_gradients(model, weights: CheckpointLayout, batches, prefix: str, dt
 
     head = model.get_output_embeddings()
     kept = dict(head._parameters)  # its meta placeholders, put back afterwards: only this pass runs the head
-    with timer("io"):
+    with timer("io"), torch.inference_mode(False):  # normal tensors: the backward saves the head's weight
         for name, param in kept.items():
             if param is None:
                 continue
