@@ -121,3 +121,18 @@ def test_layer_by_layer_gradients_equal_the_whole_model_pass(tmp_path, architect
         torch.testing.assert_close(streamed[name], whole[name], rtol=1e-4, atol=1e-12)
     assert loaded == released == [0, 1, 2, 2, 1, 0] and not spill.exists()
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_layer_by_layer_gradients_on_cuda():
+    """Layers moved to the GPU one at a time, the embeddings and head there for the head pass, then back."""
+    model = tiny_llama(layers=3)
+    batches = token_batches(n_batches=2, pad_first=5)
+    prefix, layers = find_decoder_layers(model)
+    whole = output_gradient_moments(model, batches, _linears(layers, prefix + "."))
+    streamed = layerwise_output_gradient_moments(
+        model, batches, load=lambda i, layer: layer.to("cuda"), release=lambda i, layer: layer.to("cpu"),
+        device=torch.device("cuda"), progress=False)
+    for name in whole:
+        torch.testing.assert_close(streamed[name].cpu(), whole[name], rtol=1e-3, atol=1e-10)
+    assert all(p.device.type == "cpu" for p in model.parameters())
