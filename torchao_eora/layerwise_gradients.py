@@ -25,7 +25,8 @@ from typing import Callable, Iterable, Mapping
 import torch
 from tqdm.auto import tqdm
 
-from .sequential import _capture_layer_inputs, _check_batches, _linears, _output, find_decoder_layers
+from .sequential import (_capture_layer_inputs, _check_batches, _linears, _output, find_decoder_layers,
+                         swapped_forwards)
 
 __all__ = ["layerwise_output_gradient_moments"]
 
@@ -109,15 +110,12 @@ def _head_gradients(model, layers, batches, last_outputs) -> tuple[list[torch.Te
     head_device = head.weight.device if head is not None else last_outputs[0].device
     grads, tokens, leaf = [], 0, None
 
-    def passthrough(last: bool):
+    def passthrough(i: int):
         def forward(*args, **kw):
-            return leaf if last else (args[0] if args else kw["hidden_states"])
+            return leaf if i == len(layers) - 1 else (args[0] if args else kw["hidden_states"])
         return forward
 
-    own = [layer.__dict__.get("forward") for layer in layers]
-    for i, layer in enumerate(layers):
-        layer.forward = passthrough(i == len(layers) - 1)
-    try:
+    with swapped_forwards(layers, passthrough):
         for batch, out in zip(batches, last_outputs):
             mask = batch.get("attention_mask")
             mask = torch.ones_like(batch["input_ids"]) if mask is None else mask
@@ -133,12 +131,6 @@ def _head_gradients(model, layers, batches, last_outputs) -> tuple[list[torch.Te
                     (loss * predicted).backward()
                     grad[row:row + 1] = leaf.grad.to(grad.device)
             grads.append(grad)
-    finally:
-        for layer, forward in zip(layers, own):
-            if forward is None:
-                del layer.forward
-            else:
-                layer.forward = forward
     return grads, tokens
 
 

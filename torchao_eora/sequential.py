@@ -15,7 +15,7 @@ import copy
 import logging
 import types
 from dataclasses import replace
-from typing import Iterable, Literal, Mapping, Protocol
+from typing import Callable, Iterable, Iterator, Literal, Mapping, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -596,23 +596,31 @@ def _capture_layer_inputs(model, layers, batches, device: torch.device):
 
         return forward
 
-    own = [layer.__dict__.get("forward") for layer in layers]  # an accelerate hook's wrapper, if any
-    for i, layer in enumerate(layers):
-        layer.forward = recorder(i)
     source = _input_device(model)
-    try:
+    with swapped_forwards(layers, recorder):
         for batch in batches:
             try:
                 model(**_to(dict(batch), source), use_cache=False)
             except StopForward:
                 pass
+    return hidden, kwargs
+
+
+@contextlib.contextmanager
+def swapped_forwards(layers: torch.nn.ModuleList, forward_of: Callable[[int], Callable]) -> Iterator[None]:
+    """Meanwhile, decoder layer ``i`` runs ``forward_of(i)`` instead of its own forward (an accelerate hook's
+    wrapper, if any, is put back afterwards)."""
+    own = [layer.__dict__.get("forward") for layer in layers]
+    for i, layer in enumerate(layers):
+        layer.forward = forward_of(i)
+    try:
+        yield
     finally:
         for layer, forward in zip(layers, own):
             if forward is None:
                 del layer.forward
             else:
                 layer.forward = forward
-    return hidden, kwargs
 
 
 def _output(out):
