@@ -95,6 +95,10 @@ def layerwise_output_gradient_moments(
         store.close()
         for p in trainable:
             p.requires_grad_(True)
+    missing = [name for name in _linears(layers, prefix + ".") if name not in sums]
+    if missing:
+        raise RuntimeError(f"no loss gradient reached {missing[0]} (and {len(missing) - 1} more): output weighting "
+                           "needs every compressed linear on the path from the embeddings to the loss")
     return {name: s / max(tokens, 1) for name, s in sums.items()}
 
 
