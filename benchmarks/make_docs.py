@@ -438,7 +438,8 @@ def screen(root: Path):
         if key(r) not in reference or (option(reference[key(r)]) and not option(r)):
             reference[key(r)] = r
     order = {k: i for i, k in enumerate(dict.fromkeys(key(r) for r in fitted))}
-    fitted.sort(key=lambda r: (r["model"] != "smollm2", key(r)[1], -int(key(r)[2]), order[key(r)]))
+    fitted.sort(key=lambda r: (r["model"] != "smollm2", key(r)[1], -int(key(r)[2]), order[key(r)],
+                               r is not reference[key(r)]))  # each group's default first
     header = ["calibration", "held-out tokens", "base", "option", "perplexity", "x original", "gap closed",
               "vs the group's default", "LAMBADA", "LAMBADA loss recovered", "calibration s", "job s"]
     tables = {}
