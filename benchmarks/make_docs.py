@@ -460,10 +460,13 @@ def screen(root: Path):
             else "-", gap, diff, lambada, recovered,
             f"{sum(phases.get(k, 0) for k in ('forward', 'moments', 'gradients')):,.0f}", f"{r['wall_s']:,.0f}"])
     parts = [f"**{MODEL_LABELS.get(m, m)}**\n\n" + _table(header, t) for m, t in tables.items()]
-    refs = [f"{MODEL_LABELS.get(m, m)} original {_ppl(r['ppl'])} ({t:,} tokens"
-            + (f", LAMBADA {100 * r['lambada']:.1f}%)" if "lambada" in r else ")") for (m, t), r in original.items()]
-    refs += [f"{MODEL_LABELS.get(k[0], k[0])} {k[2]}-bit {k[3].upper()} alone {_ppl(r['ppl'])} ({r['eval_tokens']:,} "
-             "tokens" + (f", LAMBADA {100 * r['lambada']:.1f}%)" if "lambada" in r else ")") for k, r in base_rows.items()]
+    def measured(r: dict) -> str:
+        lambada = f", LAMBADA {100 * r['lambada']:.1f}%" if "lambada" in r else ""
+        return f"{_ppl(r['ppl'])} ({r['eval_tokens']:,} tokens{lambada})"
+
+    refs = [f"{MODEL_LABELS.get(m, m)} original {measured(r)}" for (m, _), r in original.items()]
+    refs += [f"{MODEL_LABELS.get(k[0], k[0])} {k[2]}-bit {k[3].upper()} alone {measured(r)}"
+             for k, r in base_rows.items()]
     return "\n\n".join(parts) + ("\n\nReferences: " + "; ".join(refs) + "." if refs else ""), [name]
 
 

@@ -123,6 +123,32 @@ def test_layer_by_layer_gradients_equal_the_whole_model_pass(tmp_path, architect
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_layer_by_layer_gradients_of_a_model_built_in_inference_mode():
+    """Weights made under inference mode (as a streamed model's are) cannot be saved for the backward: the pass
+    works on normal copies meanwhile, and leaves the model as it was, its tied head still tied."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def build():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                            tie_word_embeddings=True)).eval()
+
+    batches = token_batches(n_batches=1, pad_first=5)
+    reference = build()
+    prefix, layers = find_decoder_layers(reference)
+    whole = output_gradient_moments(reference, batches, _linears(layers, prefix + "."))
+    with torch.inference_mode():
+        model = build()
+    head = model.lm_head.weight
+    streamed = layerwise_output_gradient_moments(model, batches, load=lambda i, layer: None,
+                                                 release=lambda i, layer: None, device=torch.device("cpu"),
+                                                 progress=False)
+    for name in whole:
+        torch.testing.assert_close(streamed[name], whole[name], rtol=1e-4, atol=1e-12)
+    assert model.lm_head.weight is head is model.model.embed_tokens.weight and head.is_inference()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_layer_by_layer_gradients_on_cuda():
     """Layers moved to the GPU one at a time, the embeddings and head there for the head pass, then back."""

@@ -57,7 +57,7 @@ def layerwise_output_gradient_moments(
     batches = _check_batches(batches)
     prefix, layers = find_decoder_layers(model)
     store = _LayerInputs(spill_dir)
-    trainable = [p for p in model.parameters() if p.requires_grad]  # no weight gradients: only the activations
+    frozen: list[torch.nn.Parameter] = []  # no weight gradients: only the activations carry one
     try:
         with torch.inference_mode(False), torch.no_grad():
             hidden, kwargs = _capture_layer_inputs(model, layers, batches, device)
@@ -69,7 +69,7 @@ def layerwise_output_gradient_moments(
                 hidden = [_output(layers[i](h, **kw)) for h, kw in zip(hidden, kwargs[i])]
                 release(i, layers[i])
         with torch.inference_mode(False), torch.enable_grad(), _rest_on(model, layers, device):
-            _freeze(model)
+            frozen += _freeze(model)
             grads, tokens = _head_gradients(model, layers, batches, hidden)
         with torch.inference_mode(False), torch.enable_grad():
             del hidden
@@ -79,7 +79,7 @@ def layerwise_output_gradient_moments(
                 layer = layers[i]
                 load(i, layer)
                 _normal_tensors(layer)
-                _freeze(layer)
+                frozen += _freeze(layer)
                 handles = [m.register_forward_hook(_recorder(name, sums))
                            for name, m in _linears(layer, f"{prefix}.{i}.").items()]
                 try:
@@ -93,7 +93,7 @@ def layerwise_output_gradient_moments(
                 release(i, layer)
     finally:
         store.close()
-        for p in trainable:
+        for p in frozen:
             p.requires_grad_(True)
     missing = [name for name in _linears(layers, prefix + ".") if name not in sums]
     if missing:
@@ -105,11 +105,6 @@ def layerwise_output_gradient_moments(
 def _head_gradients(model, layers, batches, last_outputs) -> tuple[list[torch.Tensor], int]:
     """Per batch, the gradient of the summed next-token loss at the last decoder layer's output; and the number of
     predicted tokens. The model's own forward computes the loss, its decoder layers swapped for pass-throughs."""
-    skipped = tuple(m for m in (*layers, model.get_input_embeddings()) if m is not None)
-    skipped_ids = {id(m) for s in skipped for m in s.modules()}
-    for module in model.modules():  # the final norm and the head: the backward saves their weights
-        if id(module) not in skipped_ids:
-            _normal_tensors(module, recurse=False)
     head = model.get_output_embeddings()
     head_device = head.weight.device if head is not None else last_outputs[0].device
     grads, tokens, leaf = [], 0, None
@@ -140,23 +135,22 @@ def _head_gradients(model, layers, batches, last_outputs) -> tuple[list[torch.Te
 
 @contextlib.contextmanager
 def _rest_on(model: torch.nn.Module, layers: torch.nn.ModuleList, device: torch.device):
-    """The model outside its decoder layers (embeddings, final norm, head) on ``device`` meanwhile: the head's large
-    matmuls run where the layers do. Tied weights are moved once; the original tensors are put back afterwards."""
+    """Meanwhile, the model outside its decoder layers (embeddings, final norm, head) as normal tensors on ``device``:
+    the head's large matmuls run where the layers do, and its backward can save its weights (autograd cannot save an
+    inference-mode tensor). Tied weights stay tied; the original tensors are put back afterwards."""
     inside = {id(m) for m in layers.modules()}
-    originals, moved = [], {}
+    originals, replaced = [], {}
     for module in model.modules():
         if id(module) in inside:
             continue
         for store in (module._parameters, module._buffers):
             for key, t in store.items():
-                if t is None or t.is_meta or t.device == device:
+                if t is None or t.is_meta or (t.device == device and not t.is_inference()):
                     continue
-                if id(t) not in moved:
-                    copy = t.detach().to(device)
-                    moved[id(t)] = torch.nn.Parameter(copy, t.requires_grad) if isinstance(t, torch.nn.Parameter) \
-                        else copy
+                if id(t) not in replaced:
+                    replaced[id(t)] = _normal_copy(t, device)
                 originals.append((store, key, t))
-                store[key] = moved[id(t)]
+                store[key] = replaced[id(t)]
     try:
         yield
     finally:
@@ -185,21 +179,28 @@ def _normal(obj):
     return obj
 
 
-def _freeze(module: torch.nn.Module) -> None:
-    for p in module.parameters():
+def _freeze(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Turn off ``module``'s parameters' gradients; returns those it turned off."""
+    turned = [p for p in module.parameters() if p.requires_grad]
+    for p in turned:
         p.requires_grad_(False)
+    return turned
 
 
-def _normal_tensors(module: torch.nn.Module, recurse: bool = True) -> None:
-    """Replace ``module``'s inference-mode parameters and buffers by normal clones, in place."""
-    for m in module.modules() if recurse else (module,):
+def _normal_tensors(module: torch.nn.Module) -> None:
+    """Replace ``module``'s inference-mode parameters and buffers by normal copies, in place."""
+    for m in module.modules():
         for store in (m._parameters, m._buffers):
             for key, t in store.items():
                 if t is not None and t.is_inference():
-                    with torch.inference_mode(False):
-                        clone = t.detach().clone()
-                    store[key] = torch.nn.Parameter(clone, t.requires_grad) if isinstance(t, torch.nn.Parameter) \
-                        else clone
+                    store[key] = _normal_copy(t, t.device)
+
+
+def _normal_copy(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A normal (not inference-mode) copy of ``t`` on ``device``; a parameter stays a parameter."""
+    with torch.inference_mode(False):
+        copy = t.detach().to(device, copy=True)
+    return torch.nn.Parameter(copy, t.requires_grad) if isinstance(t, torch.nn.Parameter) else copy
 
 
 class _LayerInputs:

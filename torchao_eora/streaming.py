@@ -184,7 +184,7 @@ def quantize_checkpoint(
     head_name = _name_of(model, head) if head is not None else None
     needed = [k for k in outside if head_name is None or not k.startswith(head_name + ".")]  # lm_head never runs
     # what runs before the first layer (the embeddings), on the CPU like the batches; normal tensors, not inference
-    # ones: output weighting's backward runs the head with them
+    # ones, which output weighting's head pass would have to copy (autograd cannot save an inference tensor)
     with timer("io"), torch.inference_mode(False):
         for key in needed:
             _materialise_key(model, key, weights, dtype)
@@ -230,12 +230,13 @@ def _output_gradients(model, weights: CheckpointLayout, batches, prefix: str, dt
     from accelerate.utils import set_module_tensor_to_device
 
     head = model.get_output_embeddings()
+    head_name = _name_of(model, head)
     kept = dict(head._parameters)  # its meta placeholders, put back afterwards: only this pass runs the head
-    with timer("io"), torch.inference_mode(False):  # normal tensors: the backward saves the head's weight
+    with timer("io"), torch.inference_mode(False):  # normal tensors: no copy of the head for its backward
         for name, param in kept.items():
             if param is None:
                 continue
-            key = f"{_name_of(model, head)}.{name}"
+            key = f"{head_name}.{name}"
             if key in weights:
                 set_module_tensor_to_device(head, name, "cpu", value=weights.get(key, dtype))
             elif name == "weight" and getattr(model.config, "tie_word_embeddings", False):
