@@ -123,6 +123,57 @@ def test_layer_by_layer_gradients_equal_the_whole_model_pass(tmp_path, architect
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_layer_by_layer_gradients_storing_every_other_layer_recompute_the_rest(tmp_path):
+    """With the inputs of layers 0 and 2 stored, the backward recomputes layer 1's from layer 0's (layer 0 read
+    once more) and gets the same diagonals."""
+    model = tiny_llama(layers=3)
+    batches = token_batches(n_batches=2, pad_first=5)
+    prefix, layers = find_decoder_layers(model)
+    whole = output_gradient_moments(model, batches, _linears(layers, prefix + "."))
+    loaded = []
+    spill = tmp_path / "spill"
+    streamed = layerwise_output_gradient_moments(
+        model, batches, load=lambda i, layer: loaded.append(i), release=lambda i, layer: None,
+        device=torch.device("cpu"), spill_dir=spill, every=2, progress=False)
+    for name in whole:
+        torch.testing.assert_close(streamed[name], whole[name], rtol=1e-4, atol=1e-12)
+    assert loaded == [0, 1, 2, 2, 0, 1, 0] and not spill.exists()
+
+
+def test_layer_by_layer_gradients_fit_the_free_disk(tmp_path, monkeypatch):
+    """Four layers' inputs do not fit, three do: every other layer's are stored (2 checkpoints + 1 recomputed);
+    with room for two, a one-line error says how much disk is needed, before any layer runs."""
+    import shutil
+    from collections import namedtuple
+
+    import torchao_eora.layerwise_gradients as lg
+
+    model = tiny_llama(layers=4)
+    batches = token_batches(n_batches=2, pad_first=5)
+    per_layer = sum(b["input_ids"].numel() for b in batches) * model.config.hidden_size * 4  # fp32 hidden states
+    usage = namedtuple("usage", "total used free")
+    loaded = []
+
+    def run(free_layers: float):
+        loaded.clear()
+        monkeypatch.setattr(lg.shutil, "disk_usage",
+                            lambda path: usage(0, 0, int(free_layers * per_layer / lg.DISK_SHARE)))
+        shutil.rmtree(tmp_path / "spill", ignore_errors=True)
+        return layerwise_output_gradient_moments(
+            model, batches, load=lambda i, layer: loaded.append(i), release=lambda i, layer: None,
+            device=torch.device("cpu"), spill_dir=tmp_path / "spill", progress=False)
+
+    everything = run(4.01)  # (int bytes: a hair above four layers)
+    assert loaded == [0, 1, 2, 3, 3, 2, 1, 0]
+    spaced = run(3.5)
+    assert loaded == [0, 1, 2, 3, 2, 3, 2, 0, 1, 0]
+    for name in everything:
+        torch.testing.assert_close(spaced[name], everything[name], rtol=1e-5, atol=1e-12)
+    with pytest.raises(ValueError, match=r"needs \d+\.\d GiB of disk"):
+        run(2)
+    assert loaded == [] and not (tmp_path / "spill").exists()
+
+
 def test_layer_by_layer_gradients_of_a_model_built_in_inference_mode():
     """Weights made under inference mode (as a streamed model's are) cannot be saved for the backward: the pass
     works on normal copies meanwhile, and leaves the model as it was, its tied head still tied."""

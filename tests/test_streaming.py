@@ -58,6 +58,20 @@ def test_streamed_checkpoint_equals_the_in_memory_pass(tmp_path, tie, base, opti
     assert quant["quant_type"]["default"]["_type"] == "EoRAConfig"
 
 
+def test_output_weighting_without_the_disk_for_its_scratch_is_refused_before_anything_is_written(tmp_path,
+                                                                                                   monkeypatch):
+    from collections import namedtuple
+
+    import torchao_eora.layerwise_gradients as lg
+
+    source = _sharded_model(tmp_path / "src", tie=False)
+    monkeypatch.setattr(lg.shutil, "disk_usage", lambda path: namedtuple("usage", "total used free")(0, 0, 1024))
+    config = EoRAConfig(rank=4, base=RTNConfig(bits=3, group_size=32), output_weighting="gradient")
+    with pytest.raises(ValueError, match="GiB of disk"):
+        quantize_checkpoint(source, tmp_path / "out", config, token_batches(2, 4, 16), device="cpu", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no output, no partial job, no scratch
+
+
 def test_a_checkpoint_of_another_model_is_refused(tmp_path):
     source = _sharded_model(tmp_path / "src", tie=False)
     cfg = json.loads((source / "config.json").read_text())

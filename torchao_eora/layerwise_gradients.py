@@ -12,12 +12,17 @@ memory cannot. Here the same numbers come from three passes over the decoder lay
 
 Cost: every layer read twice more from the checkpoint, about three forwards of compute (as in memory), one layer's
 activations with their autograd graph, and the stored inputs, layers x windows x tokens x hidden in the model's
-dtype, written to ``spill_dir`` when given (kept in memory otherwise).
+dtype, written to ``spill_dir`` when given (kept in memory otherwise). When the disk under ``spill_dir`` cannot hold
+every layer's inputs, only every k-th layer's are stored and the backward recomputes the layers between from them
+(one more read and forward of most layers; k the smallest that fits, about the square root of the layer count at
+most, which needs about twice that many layers' inputs of disk).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 import shutil
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
@@ -30,6 +35,9 @@ from .sequential import (_capture_layer_inputs, _check_batches, _linears, _outpu
 
 __all__ = ["layerwise_output_gradient_moments"]
 
+log = logging.getLogger(__name__)
+DISK_SHARE = 0.9  # of the free space the stored inputs may take: the job's log and other writers need some
+
 LayerFn = Callable[[int, torch.nn.Module], None]
 
 
@@ -41,6 +49,7 @@ def layerwise_output_gradient_moments(
     release: LayerFn,
     device: torch.device,
     spill_dir: str | Path | None = None,
+    every: int | None = None,
     progress: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Per linear of the decoder layers (by name), the diagonal of the loss gradient's second moment at its output
@@ -53,6 +62,9 @@ def layerwise_output_gradient_moments(
         load: gives layer ``i`` its original weights on ``device``; ``release`` frees them again.
         spill_dir: a directory for the stored layer inputs (created, and removed when done); None keeps them in
             memory.
+        every: store the inputs of every ``every``-th layer only and recompute the rest in the backward (default:
+            1 in memory; on disk the smallest spacing whose stored inputs fit the free space, a ValueError before
+            any layer runs when none does).
     """
     batches = _check_batches(batches)
     prefix, layers = find_decoder_layers(model)
@@ -62,12 +74,11 @@ def layerwise_output_gradient_moments(
         with torch.inference_mode(False), torch.no_grad():
             hidden, kwargs = _capture_layer_inputs(model, layers, batches, device)
             hidden, kwargs = _normal(hidden), _normal(kwargs)  # autograd cannot save inference tensors
+            every = every or (1 if spill_dir is None else store.spacing(len(layers), hidden))
             for i in tqdm(range(len(layers)), desc="output gradients: forward", disable=not progress):
-                load(i, layers[i])
-                _normal_tensors(layers[i])
-                store.put(i, hidden)
-                hidden = [_output(layers[i](h, **kw)) for h, kw in zip(hidden, kwargs[i])]
-                release(i, layers[i])
+                if i % every == 0:
+                    store.put(i, hidden)
+                hidden = _forward(i, layers[i], hidden, kwargs[i], load, release)
         with torch.inference_mode(False), torch.enable_grad(), _rest_on(model, layers, device):
             frozen += _freeze(model)
             grads, tokens = _head_gradients(model, layers, batches, hidden)
@@ -76,6 +87,14 @@ def layerwise_output_gradient_moments(
             sums: dict[str, torch.Tensor] = {}
             for i in tqdm(reversed(range(len(layers))), total=len(layers), desc="output gradients: backward",
                           disable=not progress):
+                if not store.has(i):  # recompute this segment's inputs from the last stored ones before it
+                    start = i - i % every
+                    with torch.no_grad():
+                        inputs = [x.to(device) for x in store.get(start)]
+                        for j in range(start, i):
+                            inputs = _forward(j, layers[j], inputs, kwargs[j], load, release)
+                            store.put(j + 1, inputs)
+                        del inputs
                 layer = layers[i]
                 load(i, layer)
                 _normal_tensors(layer)
@@ -100,6 +119,16 @@ def layerwise_output_gradient_moments(
         raise RuntimeError(f"no loss gradient reached {missing[0]} (and {len(missing) - 1} more): output weighting "
                            "needs every compressed linear on the path from the embeddings to the loss")
     return {name: s / max(tokens, 1) for name, s in sums.items()}
+
+
+def _forward(i: int, layer: torch.nn.Module, hidden: list[torch.Tensor], kwargs, load: LayerFn,
+             release: LayerFn) -> list[torch.Tensor]:
+    """Layer ``i``'s outputs for every batch: loaded, run (no graph), released."""
+    load(i, layer)
+    _normal_tensors(layer)
+    outputs = [_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs)]
+    release(i, layer)
+    return outputs
 
 
 def _head_gradients(model, layers, batches, last_outputs) -> tuple[list[torch.Tensor], int]:
@@ -204,7 +233,7 @@ def _normal_copy(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 class _LayerInputs:
-    """Every decoder layer's inputs (one tensor per batch), in memory or, with a directory, one file per layer."""
+    """Decoder layers' inputs (one tensor per batch) by layer index, in memory or, with a directory, one file each."""
 
     def __init__(self, spill_dir: str | Path | None):
         self.dir = Path(spill_dir) if spill_dir is not None else None
@@ -212,21 +241,49 @@ class _LayerInputs:
             self.dir.mkdir(parents=True)
         self.kept: dict[int, list[torch.Tensor]] = {}
 
+    def spacing(self, n_layers: int, hidden: list[torch.Tensor]) -> int:
+        """The smallest k for which every k-th layer's inputs, plus the k - 1 recomputed while a segment is
+        backpropagated, fit ``DISK_SHARE`` of the free disk; a ValueError saying what is needed otherwise."""
+        per_layer = sum(h.numel() * h.element_size() for h in hidden)
+        free = shutil.disk_usage(self.dir).free * DISK_SHARE
+        needed = {k: (math.ceil(n_layers / k) + k - 1) * per_layer for k in range(1, n_layers + 1)}
+        fitting = [k for k, size in needed.items() if size <= free]
+        if not fitting:
+            least = min(needed.values())
+            raise ValueError(f"output weighting stores decoder layers' inputs: it needs {least / 2**30:.1f} GiB of "
+                             f"disk in {self.dir.parent} and {free / DISK_SHARE / 2**30:.1f} GiB are free; free some "
+                             "space, calibrate on fewer windows (--calib-samples), or leave out --output-weighting")
+        if fitting[0] > 1:
+            log.info("output weighting: %.1f GiB free under %s, so every %d-th layer's inputs are stored and the "
+                     "layers between recomputed", free / DISK_SHARE / 2**30, self.dir, fitting[0])
+        return fitting[0]
+
+    def has(self, index: int) -> bool:
+        return index in self.kept if self.dir is None else self._path(index).exists()
+
     def put(self, index: int, hidden: list[torch.Tensor]) -> None:
         if self.dir is None:
             self.kept[index] = hidden
         else:
-            torch.save([h.cpu() for h in hidden], self.dir / f"layer{index}.pt")
+            torch.save([h.cpu() for h in hidden], self._path(index))
+
+    def get(self, index: int) -> list[torch.Tensor]:
+        if self.dir is None:
+            return self.kept[index]
+        return torch.load(self._path(index), weights_only=True)
 
     def pop(self, index: int) -> list[torch.Tensor]:
+        hidden = self.get(index)
         if self.dir is None:
-            return self.kept.pop(index)
-        path = self.dir / f"layer{index}.pt"
-        hidden = torch.load(path, weights_only=True)
-        path.unlink()
+            del self.kept[index]
+        else:
+            self._path(index).unlink()
         return hidden
 
     def close(self) -> None:
         self.kept.clear()
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _path(self, index: int) -> Path:
+        return self.dir / f"layer{index}.pt"
