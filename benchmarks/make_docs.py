@@ -411,7 +411,10 @@ def screen(root: Path):
     bit width and quantizer (the base): each row against its group's default row (the first row where it has none),
     its perplexity as a multiple of the original's, and the share of the base's perplexity gap it closes (not shown
     where the base is destroyed, over 100x the original); with LAMBADA, its accuracy and the share of the base's
-    accuracy loss it recovers."""
+    accuracy loss it recovers, and, where both rows kept their per-doc outcomes, the paired change against the
+    group's default with its standard error."""
+    from torchao_eora.eval import paired_difference
+
     name = "screen.json"
     data = _load(root, name)
     base_flags = ("--bits", "--quantizer", "--compensation")
@@ -450,6 +453,10 @@ def screen(root: Path):
         lambada = recovered = "-"
         if "lambada" in r:
             lambada = f"{100 * r['lambada']:.1f}%"
+            if r is not ref and "lambada_correct" in r and "lambada_correct" in ref:  # the same docs: paired
+                change, stderr = paired_difference([c == "1" for c in r["lambada_correct"]],
+                                                   [c == "1" for c in ref["lambada_correct"]])
+                lambada += f" ({100 * change:+.1f} ± {100 * stderr:.1f} paired)"
             if fp and base and "lambada" in fp and "lambada" in base:
                 recovered = _gap(fp["lambada"], base["lambada"], r["lambada"])
         phases = r["phases_s"]

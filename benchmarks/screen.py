@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
                 argv = ["eval", *model_flags(args.model), *flags, "--eval-tokens", str(args.eval_tokens)]
             argv += ["--tasks", args.tasks, "--task-limit", str(args.task_limit)]  # eval's default tasks: off
             summary, wall = run_cli(argv, Path(tmp) / "summary.json")
-            metrics = {k: v for k, v in summary["rows"][-1].items() if k == "ppl" or k.split("_")[0] in tasks}
+            metrics = {k: v for k, v in summary["rows"][-1].items()
+                       if k == "ppl" or any(k == t or k.startswith(t + "_") for t in tasks)}
             rows.append({"model": args.model, "name": name, "flags": " ".join(flags),
                          "calib_samples": args.calib_samples, "eval_tokens": args.eval_tokens, **metrics,
                          "wall_s": round(wall, 1),

@@ -179,3 +179,19 @@ def test_json_summary_holds_what_the_table_printed(tiny_dir, tmp_path, capsys):
     assert cli.main(_quantize(tiny_dir, "--out", str(tmp_path / "out"), "--json", str(report))) == 0
     summary = json.loads(report.read_text())
     assert summary["compressed_share"] > 0.5 and summary["peak_rss_gib"] > 0 and "compress" in summary["phases_s"]
+
+
+def test_json_summary_has_each_tasks_per_doc_outcomes(tiny_dir, tmp_path, monkeypatch):
+    """``<task>_correct`` holds one 0/1 per doc, in doc order, and agrees with the accuracy beside it."""
+    from test_data_eval import write_requests
+    from torchao_eora import eval as ev
+
+    path = tmp_path / "requests.jsonl.gz"
+    write_requests(path, [("Q:", ["ab", "cd", "ef"], i % 3) for i in range(12)])
+    monkeypatch.setattr(ev, "_requests_path", lambda task: path)
+    report = tmp_path / "eval.json"
+    assert cli.main(["eval", "--model", str(tiny_dir), "--tasks", "fake", "--eval-tokens", "0",
+                     "--json", str(report)]) == 0
+    row = json.loads(report.read_text())["rows"][0]
+    assert len(row["fake_correct"]) == 12 and set(row["fake_correct"]) <= {"0", "1"}
+    assert row["fake"] == pytest.approx(row["fake_correct"].count("1") / 12)

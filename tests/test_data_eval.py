@@ -281,6 +281,12 @@ def test_gold_loving_model_scores_perfect_accuracy(tmp_path, monkeypatch):
     metrics = ev.zero_shot(gold_loving_model(), ByteTokenizer(), tasks=("lambada",), limit=None, progress=False)
     assert metrics == {"lambada": 0.5, "lambada_stderr": 0.5}  # sqrt(0.5 * 0.5 / (2 - 1))
 
+    # per-doc outcomes, in doc order: the doc the model gets wrong is the second
+    outcomes = {}
+    ev.zero_shot(gold_loving_model(), ByteTokenizer(), tasks=("lambada",), limit=None, progress=False,
+                 outcomes=outcomes)
+    assert outcomes == {"lambada": [True, False]}
+
 
 def test_task_calibration_and_held_out_scoring_use_disjoint_halves(tmp_path, monkeypatch):
     path = tmp_path / "requests.jsonl.gz"
@@ -310,6 +316,18 @@ def test_zero_eval_tokens_scores_tasks_only(tmp_path, monkeypatch):
     monkeypatch.setattr(ev, "_requests_path", lambda task: path)
     metrics = evaluate(gold_loving_model(), ByteTokenizer(), eval_tokens=0, tasks=("fake",), progress=False)
     assert "ppl" not in metrics and metrics["fake"] == 0.5
+
+
+def test_paired_difference_counts_only_the_docs_the_models_disagree_on():
+    a = [True] * 40 + [False] * 50 + [True] * 6 + [False] * 4  # 46%
+    b = [True] * 40 + [False] * 50 + [False] * 6 + [True] * 4  # 44%: same docs, 10 disagreements
+    diff, stderr = ev.paired_difference(a, b)
+    d = torch.tensor([float(x) - float(y) for x, y in zip(a, b)])
+    assert diff == pytest.approx(0.02) and stderr == pytest.approx((d.std() / math.sqrt(100)).item())
+    unpaired = math.hypot(ev.accuracy_stderr(0.46, 100), ev.accuracy_stderr(0.44, 100))
+    assert stderr < unpaired / 2  # the 90 docs they agree on add no noise
+    with pytest.raises(ValueError, match="same docs"):
+        ev.paired_difference(a, b[:-1])
 
 
 def test_accuracy_stderr_is_lm_evals():

@@ -50,7 +50,8 @@ def _add_eval_args(p: argparse.ArgumentParser, tasks: str) -> None:
                    help="sequence length for calibration windows and perplexity windows (default 512)")
     p.add_argument("--json", default=None, metavar="PATH",
                    help="also write the summary (its rows, time per phase, peak memory, compressed share) as JSON "
-                        "to PATH, for scripts")
+                        "to PATH, for scripts; each row has every task's per-doc correctness (\"<task>_correct\", "
+                        "0/1 in doc order) to compare two models on the same docs")
 
 
 def _count(minimum: int):
@@ -310,8 +311,12 @@ def _dtype(name: str):
     return getattr(torch, name)
 
 
-def _row(name: str, metrics: dict, seconds: float | None = None, memory: float | None = None) -> dict:
-    return {"model": name, **metrics, "time_s": seconds, "peak_mem_gib": memory}
+def _row(name: str, metrics: dict, seconds: float | None = None, memory: float | None = None,
+         outcomes: dict[str, list[bool]] | None = None) -> dict:
+    """One summary row; ``"<task>_correct"`` is the per-doc correctness as a string of 0/1, in doc order."""
+    per_doc = {f"{task}_correct": "".join("1" if hit else "0" for hit in hits)
+               for task, hits in (outcomes or {}).items()}
+    return {"model": name, **metrics, "time_s": seconds, "peak_mem_gib": memory, **per_doc}
 
 
 def _write_json(path: str | None, rows: list[dict], **extra) -> None:
@@ -388,10 +393,10 @@ def cmd_quantize(args) -> int:
     rows = []
     if args.baseline:
         model, tokenizer = load_model(args.model, _dtype(args.dtype))
-        t = Timer()
+        t, outcomes = Timer(), {}
         metrics = evaluate(model, tokenizer, eval_tokens=args.eval_tokens, seq_len=args.seq_len, tasks=tasks,
-                           task_limit=args.task_limit, held_out_tasks=args.held_out_tasks, timer=t)
-        rows.append(_row("original", metrics, t.seconds["evaluate"], peak_memory_gib()))
+                           task_limit=args.task_limit, held_out_tasks=args.held_out_tasks, timer=t, outcomes=outcomes)
+        rows.append(_row("original", metrics, t.seconds["evaluate"], peak_memory_gib(), outcomes))
         del model
     timer = Timer()
     if _streams(args):
@@ -410,11 +415,12 @@ def cmd_quantize(args) -> int:
         calib.save(args.save_calibration)
         print(f"calibration statistics saved to {args.save_calibration}")
     memory = peak_memory_gib()  # of the compression, before evaluation loads anything
-    metrics = {}
+    metrics, outcomes = {}, {}
     if args.eval_tokens or tasks:
         metrics = evaluate(model, tokenizer, eval_tokens=args.eval_tokens, seq_len=args.seq_len, tasks=tasks,
-                           task_limit=args.task_limit, held_out_tasks=args.held_out_tasks, timer=timer)
-    rows.append(_row(config.describe(), metrics, sum(timer.seconds.values()), memory))
+                           task_limit=args.task_limit, held_out_tasks=args.held_out_tasks, timer=timer,
+                           outcomes=outcomes)
+    rows.append(_row(config.describe(), metrics, sum(timer.seconds.values()), memory, outcomes))
     coverage = getattr(calib, "coverage", None) or measured_coverage(model)
     print(coverage.describe())
     if getattr(calib, "expert_tokens", None):
@@ -466,12 +472,13 @@ def cmd_eval(args) -> int:
     # A local directory loads strictly (data.load_model): a config.json that does not fit the weights is an error.
     model, tokenizer = load_model(args.model, _dtype(args.dtype))
     timer = Timer()
-    metrics = {}
+    metrics, outcomes = {}, {}
     if args.eval_tokens or tasks:  # --eval-tokens 0 --tasks "": only check that the model loads
         metrics = evaluate(model, tokenizer, eval_tokens=args.eval_tokens, seq_len=args.seq_len, tasks=tasks,
-                           task_limit=args.task_limit, texts=texts, held_out_tasks=args.held_out_tasks, timer=timer)
+                           task_limit=args.task_limit, texts=texts, held_out_tasks=args.held_out_tasks, timer=timer,
+                           outcomes=outcomes)
     seconds = timer.seconds.get("evaluate")
-    rows = [_row(args.model or "SmolLM2-135M", metrics, seconds, peak_memory_gib())]
+    rows = [_row(args.model or "SmolLM2-135M", metrics, seconds, peak_memory_gib(), outcomes)]
     _print_summary(rows, tasks)
     _write_json(args.json, rows)
     return 0

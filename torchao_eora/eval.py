@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 from .data import bos_token_id
 
 __all__ = [
-    "Doc", "accuracy_stderr", "perplexity", "load_task_requests", "loglikelihoods", "split_task_docs",
-    "task_calibration_texts", "zero_shot",
+    "Doc", "accuracy_stderr", "paired_difference", "perplexity", "load_task_requests", "loglikelihoods",
+    "split_task_docs", "task_calibration_texts", "zero_shot",
 ]
 
 # Request ids at or above this offset are "unconditional" requests (continuation without the question), used by
@@ -248,6 +248,17 @@ def accuracy_stderr(accuracy: float, n: int) -> float:
     return math.sqrt(accuracy * (1 - accuracy) / (n - 1)) if n > 1 else 0.0
 
 
+def paired_difference(a: Sequence[bool], b: Sequence[bool]) -> tuple[float, float]:
+    """Accuracy of ``a`` minus that of ``b``, scored on the same docs, and its standard error from the per-doc
+    differences (the paired test: docs both get right or both get wrong add no noise)."""
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError(f"paired outcomes need the same docs, at least two: got {len(a)} and {len(b)}")
+    diffs = [float(x) - float(y) for x, y in zip(a, b)]
+    mean = sum(diffs) / len(diffs)
+    variance = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
+    return mean, math.sqrt(variance / len(diffs))
+
+
 def zero_shot(
     model: torch.nn.Module,
     tokenizer,
@@ -256,6 +267,7 @@ def zero_shot(
     batch_size: int = 16,
     progress: bool = True,
     held_out: bool = False,
+    outcomes: dict[str, list[bool]] | None = None,
 ) -> dict[str, float]:
     """Zero-shot accuracy on the first ``limit`` docs of each task (see :func:`load_task_requests`); with
     ``held_out``, on the first ``limit`` docs of each task's evaluation half (:func:`split_task_docs`), the docs a
@@ -266,6 +278,8 @@ def zero_shot(
     ``"lambada"`` has a single choice per doc (the gold last word); its ``"lambada"`` accuracy is the fraction of
     docs whose gold word is the model's greedy continuation, and it has no ``_norm`` variant. ``"<task>_stderr"``
     is the standard error of ``"<task>"`` over the docs (lm-eval's ``acc_stderr``: ``sqrt(p (1 - p) / (n - 1))``).
+    ``outcomes``, when given, receives each task's per-doc correctness in doc order (lm-eval's logged samples): two
+    models scored on the same docs compare paired (:func:`paired_difference`), far tighter than two stderrs.
     """
     metrics: dict[str, float] = {}
     for task in tasks:
@@ -274,17 +288,19 @@ def zero_shot(
             raise ValueError(f"task {task!r} has no docs")
         requests = [pair for doc in docs for pair in zip(doc.contexts, doc.continuations)]
         scores = iter(loglikelihoods(model, tokenizer, requests, batch_size, progress, desc=task))
-        correct = correct_norm = 0
+        hits, correct_norm = [], 0
         for doc in docs:
             doc_scores = [next(scores) for _ in doc.continuations]
             if len(doc_scores) == 1:
-                correct += doc_scores[0][1]
+                hits.append(doc_scores[0][1])
                 continue
             lls = [s for s, _ in doc_scores]
             per_char = [s / max(len(c), 1) for s, c in zip(lls, doc.continuations)]
-            correct += max(range(len(lls)), key=lls.__getitem__) == doc.gold
+            hits.append(max(range(len(lls)), key=lls.__getitem__) == doc.gold)
             correct_norm += max(range(len(per_char)), key=per_char.__getitem__) == doc.gold
-        metrics[task] = correct / len(docs)
+        if outcomes is not None:
+            outcomes[task] = hits
+        metrics[task] = sum(hits) / len(docs)
         metrics[f"{task}_stderr"] = accuracy_stderr(metrics[task], len(docs))
         if any(len(doc.continuations) > 1 for doc in docs):
             metrics[f"{task}_norm"] = correct_norm / len(docs)

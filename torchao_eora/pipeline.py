@@ -125,9 +125,11 @@ def evaluate(
     held_out_tasks: bool = False,
     timer: Timer | None = None,
     progress: bool = True,
+    outcomes: dict[str, list[bool]] | None = None,
 ) -> dict[str, float]:
     """Perplexity on ``texts`` (default: the held-out Wikipedia articles calibration never sees) plus zero-shot
-    accuracies and their standard errors. Windows start with BOS when the tokenizer adds one (Gemma)."""
+    accuracies and their standard errors (``outcomes``, when given, receives the per-doc correctness of each task).
+    Windows start with BOS when the tokenizer adds one (Gemma)."""
     from .ops import reuse_dequantized
 
     timer = timer or Timer()
@@ -140,5 +142,5 @@ def evaluate(
                                         bos_token_id=bos_token_id(tokenizer))
         if tasks:
             metrics.update(zero_shot(model, tokenizer, tasks=tuple(tasks), limit=task_limit, progress=progress,
-                                     held_out=held_out_tasks))
+                                     held_out=held_out_tasks, outcomes=outcomes))
     return metrics
