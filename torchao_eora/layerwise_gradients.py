@@ -245,17 +245,17 @@ class _LayerInputs:
         """The smallest k for which every k-th layer's inputs, plus the k - 1 recomputed while a segment is
         backpropagated, fit ``DISK_SHARE`` of the free disk; a ValueError saying what is needed otherwise."""
         per_layer = sum(h.numel() * h.element_size() for h in hidden)
-        free = shutil.disk_usage(self.dir).free * DISK_SHARE
+        free = shutil.disk_usage(self.dir).free
         needed = {k: (math.ceil(n_layers / k) + k - 1) * per_layer for k in range(1, n_layers + 1)}
-        fitting = [k for k, size in needed.items() if size <= free]
+        fitting = [k for k, size in needed.items() if size <= free * DISK_SHARE]
         if not fitting:
             least = min(needed.values())
             raise ValueError(f"output weighting stores decoder layers' inputs: it needs {least / 2**30:.1f} GiB of "
-                             f"disk in {self.dir.parent} and {free / DISK_SHARE / 2**30:.1f} GiB are free; free some "
+                             f"disk in {self.dir.parent} and {free / 2**30:.1f} GiB are free; free some "
                              "space, calibrate on fewer windows (--calib-samples), or leave out --output-weighting")
         if fitting[0] > 1:
             log.info("output weighting: %.1f GiB free under %s, so every %d-th layer's inputs are stored and the "
-                     "layers between recomputed", free / DISK_SHARE / 2**30, self.dir, fitting[0])
+                     "layers between recomputed", free / 2**30, self.dir, fitting[0])
         return fitting[0]
 
     def has(self, index: int) -> bool:
