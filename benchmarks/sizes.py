@@ -1,6 +1,6 @@
 """Checkpoint sizes with bit-packed intN storage: safetensors bytes of SmolLM2-135M (bf16) compressed with RTN at
-2, 3 and 4 bits (group size 64) and no residual, bf16 rank-64 adapters, or int4 g32 adapters of rank 64, 192 and
-256 (the 2-bit point's).
+2, 3 and 4 bits (group size 64) and adapters given as ``none``, ``bf16 rR`` or ``intN gG rR`` (N bits in groups of
+G values, rank R; default: none, bf16 r64 and int4 g32 at ranks 64, 192 and 256).
 
 Compensation is plain SVD (``compensation="svd"``, data-free): the bytes do not depend on the solver, only on the
 shapes and bit widths, so no calibration and no perplexity is run. Every decoder linear is compressed; the
@@ -13,12 +13,15 @@ its own int8), computed from the packed model's fields.
         --json benchmarks/results/sizes_smollm2.json
     python benchmarks/sizes.py --bits 2 3 --adapters "int4 g32 r192" "int4 g32 r256" \\
         --json benchmarks/results/sizes_smollm2_r256.json
+    python benchmarks/sizes.py --bits 3 --adapters "int4 g32 r192" "int3 g64 r256" "int3 g32 r224" "int2 g64 r384" \\
+        --json benchmarks/results/sizes_smollm2_adapter_widths.json
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import re
 import sys
 import tempfile
 import time
@@ -33,13 +36,24 @@ from torchao_eora.data import load_model
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_io import environment, write_json  # noqa: E402
 
-ADAPTERS = {  # name: EoRAConfig keyword arguments
-    "none": dict(compensation="none"),
-    "bf16 r64": dict(rank=64, compensation="svd"),
-    "int4 g32 r64": dict(rank=64, compensation="svd", adapter_bits=4, adapter_group_size=32),
-    "int4 g32 r192": dict(rank=192, compensation="svd", adapter_bits=4, adapter_group_size=32),
-    "int4 g32 r256": dict(rank=256, compensation="svd", adapter_bits=4, adapter_group_size=32),
-}
+DEFAULT_ADAPTERS = ["none", "bf16 r64", "int4 g32 r64", "int4 g32 r192", "int4 g32 r256"]
+
+
+def adapter_spec(text: str) -> dict:
+    """``none``, ``bf16 rR`` or ``intN gG rR`` -> EoRAConfig keyword arguments."""
+    if text == "none":
+        return dict(compensation="none")
+    match = re.fullmatch(r"(?:bf16|int([2-8]) g(\d+)) r(\d+)", text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"adapter spec {text!r}: use none, 'bf16 rR' or 'intN gG rR' (N in 2..8)")
+    bits, group, rank = match.groups()
+    quantized = dict(adapter_bits=int(bits), adapter_group_size=int(group)) if bits else {}
+    return dict(rank=int(rank), compensation="svd", **quantized)
+
+
+def _checked_spec(text: str) -> str:
+    adapter_spec(text)  # argparse turns its error into a one-line usage message
+    return text
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,8 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="model path (default: the bundled SmolLM2-135M)")
     p.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4], help="base RTN bit widths (default 2 3 4)")
     p.add_argument("--group-size", type=int, default=64, help="base RTN group size (default 64)")
-    p.add_argument("--adapters", nargs="+", default=list(ADAPTERS), choices=list(ADAPTERS),
-                   help="adapter variants (default: all)")
+    p.add_argument("--adapters", nargs="+", default=DEFAULT_ADAPTERS, type=_checked_spec, metavar="SPEC",
+                   help="adapter variants: none, 'bf16 rR' or 'intN gG rR' (default: %(default)s)")
     p.add_argument("--json", default=None, metavar="PATH", help="write the rows as JSON (rewritten after each row)")
     return p.parse_args(argv)
 
@@ -85,6 +99,7 @@ def measure(model: torch.nn.Module, save, label: str) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    specs = {name: adapter_spec(name) for name in args.adapters}
     torch.set_grad_enabled(False)
     original, _ = load_model(args.model)
     original = original.to(torch.bfloat16).eval()
@@ -109,7 +124,7 @@ def main(argv=None) -> int:
     del plain
     for bits in args.bits:
         for name in args.adapters:
-            config = EoRAConfig(base=RTNConfig(bits, args.group_size), **ADAPTERS[name])
+            config = EoRAConfig(base=RTNConfig(bits, args.group_size), **specs[name])
             model = copy.deepcopy(original)
             t0 = time.perf_counter()
             quantize_(model, config, filter_fn=_decoder_linears)

@@ -136,3 +136,15 @@ def test_kernel_bench_dry_run(tmp_path):
     products = [r for r in rows if "M" in r]
     assert {r["kernel"] for r in products} == {"bf16", "ours"} and {r["bits"] for r in products} == {16, 4, 3}
     assert all(r["max_rel_err"] < 1e-5 and "us" not in r for r in products)  # fp32 on CPU; no timings on a dry run
+
+
+def test_sizes_adapter_specs(tiny_dir, tmp_path, monkeypatch):
+    out = tmp_path / "sizes.json"
+    main = _main("sizes.py", monkeypatch)
+    main(["--model", str(tiny_dir), "--bits", "3", "--group-size", "32", "--adapters", "bf16 r8", "int4 g8 r8",
+          "int3 g8 r8", "--json", str(out)])
+    bf16, int4, int3 = (r["adapter_bytes"] for r in _rows(out)[1:])
+    # per value: 16 bits in bf16; N bits + a bf16 scale and an int8 zero point per group of 8 when quantized
+    assert int4 * 16 == bf16 * 7 and int3 * 7 == int4 * 6
+    with pytest.raises(SystemExit):
+        main(["--model", str(tiny_dir), "--adapters", "int4 r8"])
