@@ -148,3 +148,13 @@ def test_sizes_adapter_specs(tiny_dir, tmp_path, monkeypatch):
     assert int4 * 16 == bf16 * 7 and int3 * 7 == int4 * 6
     with pytest.raises(SystemExit):
         main(["--model", str(tiny_dir), "--adapters", "int4 r8"])
+
+
+def test_adapter_quantization(tiny_dir, tmp_path, monkeypatch):
+    out = tmp_path / "aq.json"
+    _main("adapter_quantization.py", monkeypatch)(["--model", str(tiny_dir), "--layers", "0", "--adapters",
+                                                   "int4 g8 r8", "--calib-samples", "2", "--seq-len", "32",
+                                                   "--json", str(out)])
+    row = _rows(out)[0]
+    assert row["modules"] == 7 and row["full precision"] < row["base alone"]
+    assert row["full precision"] < min(row["as solved"], row["B re-solved"], row["quantization-aware"])

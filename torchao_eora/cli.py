@@ -191,7 +191,8 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
                    help="adapter values per scale (A: along in_features, B: along the rank); must divide the rank "
                         "and every in_features (default 32, or the largest power of two that divides the rank)")
     g.add_argument("--no-adapter-resolve", action="store_true",
-                   help="with --adapter-bits: quantize B as solved, without re-solving it against the quantized A")
+                   help="with --adapter-bits: round A and B as solved (min/max), instead of quantizing them for the "
+                        "residual's error (rotation, clip search, closed-form re-solves of B and A)")
     g = p.add_argument_group("calibration")
     g.add_argument("--calib-source", default="wikipedia", choices=["wikipedia", "bbc"],
                    help="calibration text: Wikipedia articles disjoint from the evaluation ones (default), or BBC News")

@@ -46,9 +46,10 @@ class EoRAConfig(AOBaseConfig):
             torchao's intx layout, or None (default) for adapters in the model dtype. Ignored by ``compensation="none"``.
         adapter_group_size: values per scale along each factor's input dimension (``A``: in_features, ``B``: the
             rank); must divide the rank and every in_features (default 32).
-        adapter_resolve: with ``adapter_bits``, re-solve ``B`` in closed form against the quantized ``A`` before
-            quantizing ``B``, so ``B`` absorbs ``A``'s rounding error (default True; same norm as the compensation:
-            activation-weighted for EoRA, plain for SVD).
+        adapter_resolve: with ``adapter_bits``, quantize the factors for the norm the compensation minimises
+            (default True; activation-weighted for EoRA, plain for SVD): a fixed rotation of the rank, a clip search
+            per group, ``B`` re-solved in closed form against the quantized ``A`` and ``A`` against the quantized
+            ``B`` for a few rounds, the best kept (``adapter_quant.py``). False rounds the factors as solved.
         value_moment: what a calibrated base compressor (GPTQ, SparseGPT, Wanda) minimises for ``v_proj`` in
             sequential calibration: ``"attention"`` the error of the attention output, from the inputs mixed by
             the attention probabilities, one moment per kv head's rows (``attention_moments``; the calibration

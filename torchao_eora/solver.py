@@ -455,6 +455,27 @@ def choose_shrinkage(
     return float(grid[int(torch.argmin(errors))])  # argmin returns the first of equal minima: the smaller amount
 
 
+def normal_equations_B(
+    delta: torch.Tensor, A: torch.Tensor, second_moment: torch.Tensor | None = None, *, shrinkage: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``P = delta C A^T`` (out x r) and ``G = A C A^T`` (r x r) in fp64, ``C`` shrunk by ``shrinkage`` (the plain
+    norm, ``C = I``, when ``second_moment`` is None): ``B = P G^+`` is :func:`resolve_B`'s optimum, and for any
+    ``B`` the squared error is ``||delta X^T||^2 - 2 <B, P> + <B G, B>``, so candidates for this ``A`` compare
+    without another in x in product."""
+    d, a = delta.to(torch.float64), A.to(torch.float64)
+    ca = a.T if second_moment is None else _shrunk_product(second_moment, a.T, shrinkage)  # C A^T (in x r)
+    return d @ ca, a @ ca
+
+
+def psd_pinv(gram: torch.Tensor) -> torch.Tensor:
+    """Pseudo-inverse of a symmetric PSD matrix (fp64): eigenvalues below ``n * eps * max`` dropped, so zero rows
+    of a factor (rank-deficient errors, dead channels) give zero columns instead of a division by zero."""
+    values, vectors = _eigh(0.5 * (gram + gram.T))
+    limit = max(gram.shape[0], 1) * _REL_EPS * values.abs().max().clamp_min(0.0) if values.numel() else 0.0
+    inv = torch.where(values > limit, 1.0 / values, torch.zeros_like(values))
+    return (vectors * inv) @ vectors.T
+
+
 def resolve_B(
     delta: torch.Tensor, A: torch.Tensor, second_moment: torch.Tensor | None = None, *, shrinkage: float = 0.0
 ) -> torch.Tensor:
@@ -462,17 +483,11 @@ def resolve_B(
     by ``shrinkage`` as in :func:`shrink`, without forming the shrunk in x in matrix).
 
     ``B = delta C A^T (A C A^T)^+`` (``C = I`` when ``second_moment`` is None: the plain Frobenius norm). Used after
-    ``A`` is quantized, so that ``B`` compensates ``A``'s rounding error. The pseudo-inverse (eigenvalues of the
-    small ``r x r`` matrix below ``r * eps * max`` dropped) keeps zero rows of ``A`` (rank-deficient errors, dead
-    channels) from dividing by zero: their columns of ``B`` come out zero. Returns fp32.
+    ``A`` is quantized, so that ``B`` compensates ``A``'s rounding error. The pseudo-inverse (:func:`psd_pinv`)
+    keeps zero rows of ``A`` from dividing by zero: their columns of ``B`` come out zero. Returns fp32.
     """
-    d, a = delta.to(torch.float64), A.to(torch.float64)
-    ca = a.T if second_moment is None else _shrunk_product(second_moment, a.T, shrinkage)  # C A^T (in x r)
-    gram = a @ ca  # A C A^T (r x r)
-    values, vectors = _eigh(0.5 * (gram + gram.T))
-    limit = max(gram.shape[0], 1) * _REL_EPS * values.abs().max().clamp_min(0.0) if values.numel() else 0.0
-    inv = torch.where(values > limit, 1.0 / values, torch.zeros_like(values))
-    return ((d @ ca) @ (vectors * inv) @ vectors.T).float().contiguous()
+    p, gram = normal_equations_B(delta, A, second_moment, shrinkage=shrinkage)
+    return (p @ psd_pinv(gram)).float().contiguous()
 
 
 def weighted_error(

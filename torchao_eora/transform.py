@@ -103,7 +103,7 @@ def eora_quantize_tensor(
                 break
         compressed, delta, factors = again, delta_again, factors_again
     with timer("solve"):
-        factors = _quantize_adapters(delta, factors, config, moment, amount, weight.dtype)
+        factors = _quantize_adapters(delta, factors, config, moment, amount, weight.dtype, rows)
     return QuantWithLowRank.from_parts(compressed, factors, dtype=weight.dtype)
 
 
@@ -227,14 +227,15 @@ def _solve(
 
 def _quantize_adapters(
     delta: torch.Tensor, factors: LowRankFactors, config: EoRAConfig, moment: torch.Tensor | None, amount: float,
-    dtype: torch.dtype,
+    dtype: torch.dtype, rows: torch.Tensor | None,
 ) -> Union[LowRankFactors, QuantizedFactors]:
-    """intx adapters when the config asks for them; the re-solve of B uses the compensation's own norm."""
+    """intx adapters when the config asks for them, quantized in the compensation's own norm (output weighting's
+    ``rows`` included)."""
     if config.adapter_bits is None or factors.rank == 0:
         return factors
     return quantize_factors(
         delta, factors, config.adapter_bits, config.adapter_group_size, moment,
-        resolve=config.adapter_resolve, dtype=dtype, shrinkage=amount,
+        resolve=config.adapter_resolve, dtype=dtype, shrinkage=amount, row_scale=rows,
     )
 
 
