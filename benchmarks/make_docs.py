@@ -418,15 +418,25 @@ def screen(root: Path):
     name = "screen.json"
     data = _load(root, name)
     base_flags = ("--bits", "--quantizer", "--compensation")
+    adapter_flags = ("--rank", "--adapter-bits", "--adapter-group-size")
 
     def flag(r: dict, option: str, default: str) -> str:
         flags = r["flags"].split()
         return flags[flags.index(option) + 1] if option in flags else default
 
     def option(r: dict) -> str:
-        flags = r["flags"].split()
-        kept = [f for i, f in enumerate(flags) if f not in base_flags and (i == 0 or flags[i - 1] not in base_flags)]
+        flags, shown = r["flags"].split(), base_flags + adapter_flags
+        kept = [f for i, f in enumerate(flags) if f not in shown and (i == 0 or flags[i - 1] not in shown)]
         return " ".join(kept)
+
+    def adapters(r: dict) -> str:
+        """Rows that record the job's ``residual`` ran the quantization-aware adapters; older rows ran the CLI's
+        earlier default adapters (rank 192, int4 g32) and re-solved ``B`` only."""
+        if "residual" in r:
+            rank, layout = re.search(r" r(\d+)", r["residual"]), re.search(r"\((int\d g\d+) adapters", r["residual"])
+            return f"{layout.group(1)} r{rank.group(1)}" if layout else f"full precision r{rank.group(1)}"
+        return f"int{flag(r, '--adapter-bits', '4')} g{flag(r, '--adapter-group-size', '32')} " \
+               f"r{flag(r, '--rank', '192')}, B re-solved"
 
     def key(r: dict) -> tuple:
         return r["model"], r.get("calib_samples", data["args"]["calib_samples"]), flag(r, "--bits", "3"), \
@@ -443,7 +453,7 @@ def screen(root: Path):
     order = {k: i for i, k in enumerate(dict.fromkeys(key(r) for r in fitted))}
     fitted.sort(key=lambda r: (r["model"] != "smollm2", key(r)[1], -int(key(r)[2]), order[key(r)],
                                r is not reference[key(r)]))  # each group's default first
-    header = ["calibration", "held-out tokens", "base", "option", "perplexity", "x original", "gap closed",
+    header = ["calibration", "held-out tokens", "base", "adapters", "option", "perplexity", "x original", "gap closed",
               "vs the group's default", "LAMBADA", "LAMBADA loss recovered", "calibration s", "job s"]
     tables = {}
     for r in fitted:
@@ -462,8 +472,8 @@ def screen(root: Path):
         phases = r["phases_s"]
         windows, tokens = (r.get(k, data["args"][k]) for k in ("calib_samples", "eval_tokens"))
         tables.setdefault(r["model"], []).append([
-            f"{windows} x 512", f"{tokens:,}", f"{key(r)[2]}-bit {key(r)[3].upper()}",
-            f"`{option(r)}`" if option(r) else "(default)", _ppl(r["ppl"]), f"{r['ppl'] / fp['ppl']:.2f}x" if fp
+            f"{windows} x 512", f"{tokens:,}", f"{key(r)[2]}-bit {key(r)[3].upper()}", adapters(r),
+            f"`{option(r)}`" if option(r) else "-", _ppl(r["ppl"]), f"{r['ppl'] / fp['ppl']:.2f}x" if fp
             else "-", gap, diff, lambada, recovered,
             f"{sum(phases.get(k, 0) for k in ('forward', 'moments', 'gradients')):,.0f}", f"{r['wall_s']:,.0f}"])
     parts = [f"**{MODEL_LABELS.get(m, m)}**\n\n" + _table(header, t) for m, t in tables.items()]

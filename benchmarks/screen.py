@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             metrics = {k: v for k, v in summary["rows"][-1].items()
                        if k == "ppl" or any(k == t or k.startswith(t + "_") for t in tasks)}
             rows.append({"model": args.model, "name": name, "flags": " ".join(flags),
+                         "residual": summary["rows"][-1]["model"],  # the job's config, e.g. its adapters
                          "calib_samples": args.calib_samples, "eval_tokens": args.eval_tokens, **metrics,
                          "wall_s": round(wall, 1),
                          "phases_s": {k: round(v, 1) for k, v in summary.get("phases_s", {}).items()},
