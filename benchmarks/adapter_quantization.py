@@ -56,10 +56,10 @@ def _resolved_only(delta, factors, bits, group, moment) -> LowRankFactors:
     return LowRankFactors(qa, qb)
 
 
+@torch.no_grad()  # not set_grad_enabled(False): tests run main inside the test process
 def main(argv=None) -> int:
     args = parse_args(argv)
     specs = [_spec(a) for a in args.adapters]
-    torch.set_grad_enabled(False)
     model, tokenizer = load_model(args.model)
     model = model.eval()
     train, _ = wikipedia_split()

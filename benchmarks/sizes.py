@@ -97,10 +97,10 @@ def measure(model: torch.nn.Module, save, label: str) -> dict:
             "base_bytes": sizes["base"], "adapter_bytes": sizes["adapters"], "other_bytes": sizes["other"]}
 
 
+@torch.no_grad()  # not set_grad_enabled(False): tests run main inside the test process
 def main(argv=None) -> int:
     args = parse_args(argv)
     specs = {name: adapter_spec(name) for name in args.adapters}
-    torch.set_grad_enabled(False)
     original, _ = load_model(args.model)
     original = original.to(torch.bfloat16).eval()
     meta = {"environment": environment(), "args": vars(args), "model": args.model or "SmolLM2-135M (bundled)"}

@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated layer shapes, of {', '.join(SHAPES)} (default llama3-8b)")
     p.add_argument("--base", default="rtn", choices=["rtn", "gptq"], help="base compressor, 3-bit g64 (default rtn)")
     p.add_argument("--rank", type=int, default=None, help="residual rank (default: the CLI's, 192)")
+    p.add_argument("--adapter-bits", type=int, default=None, help="adapter bit width (default: the CLI's, 4)")
+    p.add_argument("--adapter-group-size", type=int, default=None,
+                   help="adapter group size (default: as the CLI picks it, 32 for rank 192)")
     p.add_argument("--form", default="auto", choices=["auto", "randomized", "eigen", "inverse_free"],
                    help="solver form (default auto, the library's default)")
     p.add_argument("--exact", action="store_true",
@@ -68,15 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def default_config(base: str, rank: int | None, form: str):
+def default_config(base: str, rank: int | None, form: str, adapter_bits: int | None = None,
+                   adapter_group_size: int | None = None):
     from torchao_eora import EoRAConfig, GPTQConfig, RTNConfig
     from torchao_eora.cli import DEFAULT_ADAPTER_BITS, DEFAULT_RANK
 
     compressor = GPTQConfig(bits=3, group_size=64) if base == "gptq" else RTNConfig(bits=3, group_size=64)
     rank = rank or DEFAULT_RANK
-    group = next(g for g in (32, 16, 8, 4, 2, 1) if rank % g == 0)  # as the CLI picks it
-    return EoRAConfig(rank=rank, base=compressor, adapter_bits=DEFAULT_ADAPTER_BITS, adapter_group_size=group,
-                      form=form)
+    group = adapter_group_size or next(g for g in (32, 16, 8, 4, 2, 1) if rank % g == 0)  # as the CLI picks it
+    return EoRAConfig(rank=rank, base=compressor, adapter_bits=adapter_bits or DEFAULT_ADAPTER_BITS,
+                      adapter_group_size=group, form=form)
 
 
 def synthetic_moment(n: int, tokens: int, generator: torch.Generator, device) -> "SecondMoment":  # noqa: F821
@@ -152,7 +156,7 @@ def run_shape(name: str, args: argparse.Namespace) -> dict:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shape = SHAPES[name]
-    config = default_config(args.base, args.rank, args.form)
+    config = default_config(args.base, args.rank, args.form, args.adapter_bits, args.adapter_group_size)
     generator = torch.Generator().manual_seed(0)
     moments: dict[str, object] = {}
     modules, timer = [], Timer()
@@ -188,7 +192,7 @@ def run_shape(name: str, args: argparse.Namespace) -> dict:
     forward_s = 2 * per_window * args.calib_windows
     solve = sum(m["solve"] + m["shrinkage"] for m in modules)
     return {"shape": name, **shape, "device": str(device), "base": args.base, "rank": config.rank,
-            "adapter_bits": config.adapter_bits, "form": args.form,
+            "adapter_bits": config.adapter_bits, "adapter_group_size": config.adapter_group_size, "form": args.form,
             "compress_s": round(sum(m["compress"] for m in modules), 1),
             "shrinkage_s": round(sum(m["shrinkage"] for m in modules), 1), "solve_s": round(solve, 1),
             "forward_s": round(forward_s, 3), "forward_windows_timed": args.forward_windows,

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 
@@ -158,3 +159,10 @@ def test_adapter_quantization(tiny_dir, tmp_path, monkeypatch):
     row = _rows(out)[0]
     assert row["modules"] == 7 and row["full precision"] < row["base alone"]
     assert row["full precision"] < min(row["as solved"], row["B re-solved"], row["quantization-aware"])
+
+
+@pytest.fixture(autouse=True)
+def _grad_mode_is_left_as_found():
+    """A benchmark's main runs in the test process: it must not switch autograd off for the tests that follow."""
+    yield
+    assert torch.is_grad_enabled()
