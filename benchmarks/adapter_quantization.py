@@ -26,6 +26,7 @@ from torchao_eora.solver import LowRankFactors
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_io import environment, write_json  # noqa: E402
+from sizes import adapter_spec  # noqa: E402
 
 ADAPTERS = ("int4 g32 r192", "int3 g64 r256")
 
@@ -43,11 +44,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _spec(text: str) -> tuple[int, int, int]:
+    """'intN gG rR' -> (N, G, R), parsed as sizes.py parses it."""
     try:
-        bits, group, rank = text.split()
-        return int(bits.removeprefix("int")), int(group.removeprefix("g")), int(rank.removeprefix("r"))
-    except ValueError:
-        raise SystemExit(f"adapter spec {text!r}: use 'intN gG rR', e.g. 'int4 g32 r192'") from None
+        spec = adapter_spec(text)
+    except argparse.ArgumentTypeError as e:
+        raise SystemExit(str(e)) from None
+    if "adapter_bits" not in spec:
+        raise SystemExit(f"adapter spec {text!r}: use 'intN gG rR', e.g. 'int4 g32 r192'")
+    return spec["adapter_bits"], spec["adapter_group_size"], spec["rank"]
 
 
 def _resolved_only(delta, factors, bits, group, moment) -> LowRankFactors:

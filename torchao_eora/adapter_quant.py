@@ -37,6 +37,7 @@ from torchao.quantization.quant_primitives import (
 )
 
 from .compressors import CompressedWeight, RTNConfig
+from .intx import dequantize_intx
 from .solver import LowRankFactors, normal_equations_B, psd_pinv
 
 # Least-squares rounds after the first quantization (A for the quantized B, then B again); the best round is kept.
@@ -109,9 +110,7 @@ def _clipped(t: torch.Tensor, bits: int, group_size: int) -> CompressedWeight:
         scale, zero = choose_qparams_affine_with_min_max(low * ratio, high * ratio, MappingType.ASYMMETRIC, block,
                                                          torch.int8, qmin, qmax, zero_point_dtype=torch.int8)
         qdata = quantize_affine(t, block, scale, zero, torch.int8, qmin, qmax)
-        step, offset = scale.repeat_interleave(group_size, 1), zero.float().repeat_interleave(group_size, 1)
-        rounded = (qdata.float() - offset) * step
-        error = (rounded - t).square().reshape_as(groups).sum(-1)
+        error = (dequantize_intx(qdata, scale, zero, group_size, torch.float32) - t).square().reshape_as(groups).sum(-1)
         if best is None:
             best = [qdata, scale, zero, error]
             continue
@@ -185,11 +184,12 @@ def quantize_factors(
     best, best_error = None, float("inf")
     for round_ in range(1 + ROUNDS):
         if round_:
-            A = _fit_A(delta, qb.dequantize(dtype), row_scale)
+            A = _fit_A(delta, b_q, row_scale)
         qa = _quantize(A, bits, group_size, dtype, clip=True)
         p, gram = normal_equations_B(delta, qa.dequantize(dtype), second_moment, shrinkage=shrinkage)
         qb = _quantize((p @ psd_pinv(gram)).float(), bits, group_size, dtype, clip=True)
-        error = _error_terms(qb.dequantize(dtype), p, gram, row_scale)
+        b_q = qb.dequantize(dtype)
+        error = _error_terms(b_q, p, gram, row_scale)
         if error < best_error:
             best, best_error = QuantizedFactors(qa, qb), error
     return best
